@@ -1,0 +1,17 @@
+"""prefix-kernels: fused GPU kernels for prefix-tuning.
+
+Importing the package is light: the Triton kernels load on first use.
+"""
+__version__ = "0.1.0"
+
+__all__ = ["prefix_attention", "reference_prefix_attention"]
+
+
+def __getattr__(name):
+    if name == "prefix_attention":
+        from .ops.prefix_attention import prefix_attention
+        return prefix_attention
+    if name == "reference_prefix_attention":
+        from .ops.reference import reference_prefix_attention
+        return reference_prefix_attention
+    raise AttributeError(f"module 'prefix_kernels' has no attribute {name!r}")

@@ -1,0 +1,62 @@
+"""Plain PyTorch semantics of prefix attention: the test oracle and the CPU path.
+
+It materializes the concatenated keys, the repeated GQA heads and the mask on purpose: it is
+meant to be obviously right, not fast.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def visible_keys_mask(sq: int, sk: int, key_padding_mask: torch.Tensor | None, causal: bool,
+                      device: torch.device) -> torch.Tensor:
+    """[B or 1, 1, Sq, Sk] bool: may query i see own key j (the prefix is always visible).
+
+    Query i sits at key position Sk - Sq + i (bottom-right causal alignment).
+    """
+    allowed = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if causal:
+        qpos = torch.arange(sq, device=device)[:, None] + (sk - sq)
+        allowed = torch.arange(sk, device=device)[None, :] <= qpos
+    allowed = allowed[None, None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :].to(torch.bool)
+    return allowed
+
+
+def reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None,
+                               key_padding_mask=None, scale=None, causal=True, upcast=True):
+    """Same arguments as `prefix_kernels.prefix_attention`.
+
+    upcast=True computes half-precision inputs in float32 and casts the result back (the CPU
+    path); upcast=False computes in the input dtype (PyTorch's own same-dtype error, which the
+    tests use as the yardstick for the kernels).
+    """
+    if prefix_k.dim() == 3:
+        prefix_k, prefix_v = prefix_k[None], prefix_v[None]
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    if prefix_index is None:
+        prefix_index = torch.zeros(b, dtype=torch.long, device=q.device)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out_dtype = q.dtype
+    compute_dtype = torch.float32 if (upcast and q.dtype in (torch.float16, torch.bfloat16)) else q.dtype
+
+    pk = prefix_k[prefix_index.to(q.device).long()]          # [B, Hkv, P, D]; backward sums rows
+    pv = prefix_v[prefix_index.to(q.device).long()]
+    keys = torch.cat([pk, k], dim=2).to(compute_dtype)
+    values = torch.cat([pv, v], dim=2).to(compute_dtype)
+    group = hq // hkv
+    keys = keys.repeat_interleave(group, dim=1)
+    values = values.repeat_interleave(group, dim=1)
+
+    scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale
+    own_visible = visible_keys_mask(sq, sk, key_padding_mask, causal, q.device)
+    p = prefix_k.shape[2]
+    prefix_visible = torch.ones(own_visible.shape[:-1] + (p,), dtype=torch.bool, device=q.device)
+    visible = torch.cat([prefix_visible, own_visible], dim=-1)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, values).to(out_dtype)
