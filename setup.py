@@ -1,0 +1,23 @@
+"""Packaging entry point.
+
+The CUDA extension in csrc/ is built ahead of time only when asked (PREFIX_KERNELS_BUILD_CUDA=1);
+otherwise it is JIT-built on first use (prefix_kernels/ops/_build.py). This file never probes
+the GPU and never downloads anything.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("PREFIX_KERNELS_BUILD_CUDA") == "1":
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    ext_modules = [CUDAExtension("prefix_kernels._C", sources,
+                                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]})]
+    cmdclass = {"build_ext": BuildExtension}
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
