@@ -531,7 +531,7 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
             s_kpm_b, s_kpm_n, *do.stride(), *dq.stride(),
             h, h // hkv, sq, sk, p, scale * LOG2E, scale, bucket, **flags, **meta)
 
-    dpk = dpv = prefix_k.new_empty(0)
+    dpk, dpv = prefix_k.new_empty(0), prefix_v.new_empty(0)
     if need_dkv or need_prefix:
         splits = _prefix_splits(sq, b * hkv, p, need_dkv, q.device) if need_prefix else 1
         part_shape = (b, hkv, splits, p, d) if need_prefix else (0,)

@@ -1,0 +1,263 @@
+"""The fused prefix-attention op against the float64 reference: output and all five gradients."""
+import math
+import warnings
+
+import pytest
+import torch
+
+import prefix_kernels as pk
+from prefix_kernels.ops.reference import reference_prefix_attention
+from conftest import kernel_device, requires_gpu
+
+
+def make_inputs(B=2, H=4, HKV=2, SQ=19, SK=None, D=32, P=7, N=3, dtype=torch.float32,
+                device="cpu", padding=None, mixed=True, hf_layout=False, fully_padded_row=False):
+    SK = SQ if SK is None else SK
+    if hf_layout:   # HF hands attention [B, S, H, D] transposed: non-contiguous strides
+        q = torch.randn(B, SQ, H, D, device=device, dtype=dtype).transpose(1, 2)
+        k = torch.randn(B, SK, HKV, D, device=device, dtype=dtype).transpose(1, 2)
+        v = torch.randn(B, SK, HKV, D, device=device, dtype=dtype).transpose(1, 2)
+    else:
+        q = torch.randn(B, H, SQ, D, device=device, dtype=dtype)
+        k = torch.randn(B, HKV, SK, D, device=device, dtype=dtype)
+        v = torch.randn(B, HKV, SK, D, device=device, dtype=dtype)
+    bank_k = torch.randn(N, HKV, P, D, device=device, dtype=dtype)
+    bank_v = torch.randn(N, HKV, P, D, device=device, dtype=dtype)
+    index = None
+    if mixed:
+        index = torch.tensor([(2 * b) % N for b in range(B)], device=device)
+    mask = None
+    if padding is not None:
+        mask = torch.ones(B, SK, dtype=torch.bool, device=device)
+        for b in range(B):
+            pad = (3 * b + 2) % max(SK, 1)
+            if padding == "left":
+                mask[b, :pad] = False
+            elif padding == "right":
+                mask[b, SK - pad:] = False
+            elif padding == "holes":
+                mask[b] = torch.rand(SK, device=device) > 0.3
+        if fully_padded_row:
+            mask[-1] = False
+    tensors = [t.requires_grad_() for t in (q, k, v, bank_k, bank_v)]
+    return tensors, index, mask
+
+
+def run(tensors, index, mask, grad_out, backend, causal=True, **kw):
+    out = pk.prefix_attention(*tensors, prefix_index=index, key_padding_mask=mask, causal=causal,
+                              backend=backend, **kw)
+    needs = [t for t in tensors if t.requires_grad]
+    grads = torch.autograd.grad(out, needs, grad_out)
+    return out, grads
+
+
+def reference_fp64(tensors, index, mask, grad_out, causal=True, scale=None):
+    leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+    out = reference_prefix_attention(*leaves, index, mask, scale, causal)
+    needs = [t for t in leaves if t.requires_grad]
+    return out, torch.autograd.grad(out, needs, grad_out.double())
+
+
+NAMES = ["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"]
+
+# Odd shapes on purpose: lengths that are no multiple of any block, Sq=1, P=1, P>S, Sq<Sk,
+# GQA 4:1, MQA, padding on either side and in holes, fully padded rows, head dims needing padding.
+CASES = {
+    "base_gqa2": dict(),
+    "sq1_decode": dict(SQ=1, SK=37),
+    "sq_lt_sk_chunk": dict(SQ=13, SK=45, padding="left"),
+    "p1": dict(P=1, SQ=33),
+    "p_gt_s": dict(P=40, SQ=9),
+    "gqa4": dict(H=8, HKV=2, SQ=35, padding="right"),
+    "mqa": dict(H=4, HKV=1, SQ=21, P=17),
+    "mha": dict(H=2, HKV=2, SQ=50, B=3, N=3),
+    "left_pad_full_row": dict(B=3, SQ=29, padding="left", fully_padded_row=True),
+    "holes": dict(SQ=31, padding="holes"),
+    "hf_strides": dict(SQ=23, hf_layout=True, padding="right"),
+    "head_dim_24": dict(D=24, SQ=18),
+    "head_dim_80": dict(D=80, SQ=17, H=2, HKV=1),
+    "single_entry_no_index": dict(N=1, mixed=False, SQ=26),
+    "sq_gt_sk": dict(SQ=20, SK=11),
+}
+
+
+# Non-causal on a representative subset, to keep CI short.
+MATRIX = [(c, True) for c in CASES] + [
+    (c, False) for c in ("base_gqa2", "sq1_decode", "holes", "p_gt_s", "left_pad_full_row")]
+
+
+@pytest.mark.parametrize("case, causal", MATRIX, ids=[f"{c}-{'causal' if k else 'full'}" for c, k in MATRIX])
+def test_kernels_match_fp64_reference(case, causal):
+    device = kernel_device()
+    tensors, index, mask = make_inputs(device=device, **CASES[case])
+    grad_out = torch.randn_like(tensors[0])
+    out, grads = run(tensors, index, mask, grad_out, "triton", causal=causal)
+    ref_out, ref_grads = reference_fp64(tensors, index, mask, grad_out, causal=causal)
+    for name, got, want in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=3e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_unused_bank_entries_get_zero_gradient():
+    device = kernel_device()
+    tensors, _, mask = make_inputs(B=3, N=4, SQ=17, device=device, padding="right")
+    index = torch.tensor([0, 2, 0], device=device)
+    out, grads = run(tensors, index, mask, torch.randn_like(tensors[0]), "triton")
+    for g in grads[3:]:
+        assert g[1].abs().max() == 0 and g[3].abs().max() == 0
+        assert g[0].abs().max() > 0 and g[2].abs().max() > 0
+
+
+def test_fully_padded_row_attends_only_to_its_prefix():
+    device = kernel_device()
+    tensors, index, _ = make_inputs(B=2, SQ=9, device=device)
+    mask = torch.zeros(2, 9, dtype=torch.bool, device=device)
+    out = pk.prefix_attention(*tensors, prefix_index=index, key_padding_mask=mask, backend="triton")
+    q, _, _, bank_k, bank_v = tensors
+    for b in range(2):
+        kb = bank_k[index[b]].repeat_interleave(2, 0)
+        vb = bank_v[index[b]].repeat_interleave(2, 0)
+        expect = torch.softmax(q[b] @ kb.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ vb
+        torch.testing.assert_close(out[b], expect, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["prefix_only", "q_and_prefix", "kv_only"])
+def test_only_requested_gradients_are_computed(which):
+    device = kernel_device()
+    tensors, index, mask = make_inputs(SQ=21, device=device, padding="left")
+    wanted = {"prefix_only": (3, 4), "q_and_prefix": (0, 3, 4), "kv_only": (1, 2)}[which]
+    for i, t in enumerate(tensors):
+        t.requires_grad_(i in wanted)
+    grad_out = torch.randn_like(tensors[0])
+    _, grads = run(tensors, index, mask, grad_out, "triton")
+    _, ref_grads = reference_fp64(tensors, index, mask, grad_out)
+    assert len(grads) == len(wanted)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=3e-5)
+
+
+def test_gradients_are_bitwise_deterministic():
+    device = kernel_device()
+    tensors, index, mask = make_inputs(B=4, SQ=40, N=2, device=device, padding="right")
+    grad_out = torch.randn_like(tensors[0])
+    first = run(tensors, index, mask, grad_out, "triton")[1]
+    second = run(tensors, index, mask, grad_out, "triton")[1]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_single_prefix_3d_bank_matches_one_entry_bank():
+    device = kernel_device()
+    (q, k, v, bk, bv), _, _ = make_inputs(N=1, mixed=False, SQ=15, device=device)
+    out3 = pk.prefix_attention(q, k, v, bk[0], bv[0], backend="triton")
+    out4 = pk.prefix_attention(q, k, v, bk, bv, backend="triton")
+    torch.testing.assert_close(out3, out4, rtol=0, atol=0)
+
+
+def test_reference_gradcheck():
+    tensors, index, mask = make_inputs(B=2, H=2, HKV=1, SQ=4, SK=6, D=3, P=2, N=3,
+                                       dtype=torch.float64, padding="left")
+    fn = lambda *t: reference_prefix_attention(*t, index, mask, None, True)
+    assert torch.autograd.gradcheck(fn, tuple(tensors), eps=1e-6, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_traces_the_op():
+    device = kernel_device()
+    tensors, index, mask = make_inputs(SQ=17, device=device, padding="right")
+    index = index.to(device)
+
+    def f(q, k, v, bk, bv):
+        return pk.prefix_attention(q, k, v, bk, bv, prefix_index=index, key_padding_mask=mask,
+                                   backend="triton").sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    got = torch.autograd.grad(compiled(*tensors), tensors)
+    want = torch.autograd.grad(f(*tensors), tensors)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_backend_on_cpu_is_the_reference():
+    tensors, index, mask = make_inputs(SQ=5)
+    out = pk.prefix_attention(*tensors, prefix_index=index, key_padding_mask=mask)
+    want = reference_prefix_attention(*tensors, index, mask)
+    if not torch.cuda.is_available():
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_unsupported_dtype_falls_back_with_one_warning():
+    device = kernel_device()
+    tensors, index, mask = make_inputs(SQ=5, D=8, dtype=torch.float64, device=device)
+    from prefix_kernels.ops import prefix_attention as op_module
+    op_module._warn_once.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = pk.prefix_attention(*tensors, prefix_index=index, backend="triton")
+        pk.prefix_attention(*tensors, prefix_index=index, backend="triton")
+    messages = [str(w.message) for w in caught if "falling back" in str(w.message)]
+    assert len(messages) == 1 and "float64" in messages[0]
+    torch.testing.assert_close(out, reference_prefix_attention(*tensors, index, None))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda a: a.update(q=a["q"][0]), "q must be a 4-D tensor"),
+    (lambda a: a.update(k=a["k"][:, :, :-1], v=a["v"][:, :, :-1], key_padding_mask=None,
+                        q=a["q"][:, :3]), "multiple of key/value heads"),
+    (lambda a: a.update(v=a["v"][:, :, :-1]), "must have the same shape"),
+    (lambda a: a.update(prefix_k=a["prefix_k"][:, :1], prefix_v=a["prefix_v"][:, :1]), "Hkv=2"),
+    (lambda a: a.update(prefix_k=a["prefix_k"].half(), prefix_v=a["prefix_v"].half()), "dtype"),
+    (lambda a: a.update(prefix_index=torch.tensor([0, 3])), "bank has 3 entries"),
+    (lambda a: a.update(prefix_index=torch.tensor([-1, 0])), "values in [-1, 0]"),
+    (lambda a: a.update(prefix_index=torch.tensor([0.0, 1.0])), "int32/int64"),
+    (lambda a: a.update(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), "key_padding_mask must be"),
+    (lambda a: a.update(prefix_k=a["prefix_k"][:, :, :0], prefix_v=a["prefix_v"][:, :, :0]), "P >= 1"),
+    (lambda a: a.update(backend="cuda"), "backend must be"),
+])
+def test_bad_input_raises_a_named_error(mutate, message):
+    (q, k, v, bk, bv), index, mask = make_inputs(SQ=6, padding="right")
+    args = dict(q=q, k=k, v=v, prefix_k=bk, prefix_v=bv, prefix_index=index, key_padding_mask=mask,
+                backend="reference")
+    mutate(args)
+    with pytest.raises(ValueError, match=__import__("re").escape(message)):
+        pk.prefix_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("prefix_k"),
+                            args.pop("prefix_v"), **args)
+
+
+def test_triton_backend_on_cpu_without_interpreter_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tensors, index, _ = make_inputs(SQ=4)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        pk.prefix_attention(*tensors, prefix_index=index, backend="triton")
+
+
+# -- GPU only: low precision judged as flash-attention does --------------------------------------
+
+GPU_CASES = [
+    dict(B=2, H=8, HKV=2, SQ=203, D=64, P=32, N=3),
+    dict(B=2, H=8, HKV=8, SQ=113, D=80, P=7, N=2, padding="left", fully_padded_row=True),
+    dict(B=2, H=4, HKV=1, SQ=257, D=96, P=1, N=3, padding="right"),
+    dict(B=3, H=8, HKV=2, SQ=1, SK=300, D=128, P=45, N=3),
+    dict(B=2, H=8, HKV=2, SQ=100, SK=777, D=128, P=300, N=3, padding="holes"),
+    dict(B=2, H=4, HKV=2, SQ=129, D=256, P=16, N=2, hf_layout=True),
+    dict(B=1, H=32, HKV=8, SQ=1024, D=128, P=32, N=1),
+]
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", range(len(GPU_CASES)))
+def test_low_precision_error_at_most_twice_pytorchs(case, dtype):
+    tensors, index, mask = make_inputs(device="cuda", dtype=dtype, **GPU_CASES[case])
+    grad_out = torch.randn_like(tensors[0])
+    out, grads = run(tensors, index, mask, grad_out, "triton")
+    ref_out, ref_grads = reference_fp64(tensors, index, mask, grad_out)
+    # PyTorch's own same-dtype computation of the same function
+    low = [t.detach().clone().requires_grad_() for t in tensors]
+    pt_out = reference_prefix_attention(*low, index, mask, upcast=False)
+    pt_grads = torch.autograd.grad(pt_out, low, grad_out)
+    for name, got, pt, want in zip(NAMES, (out, *grads), (pt_out, *pt_grads), (ref_out, *ref_grads)):
+        ours = (got.double() - want).abs().max().item()
+        theirs = (pt.double() - want).abs().max().item()
+        assert math.isfinite(ours)
+        assert ours <= 2 * theirs + 1e-4 * want.abs().max().item(), f"{name}: {ours:.3e} vs torch {theirs:.3e}"
