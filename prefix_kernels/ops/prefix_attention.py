@@ -416,27 +416,54 @@ def _config(block_m, block_n, warps, stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-# Starting points: FlexAttention's H100 defaults (fwd 128x64, 8 warps, 3 stages at D=128;
-# bwd 64x128 for dK/dV and 128x64 for dQ), plus neighbours for autotune to pick from.
-_FWD_CONFIGS = [_config(128, 64, 8, 3), _config(128, 128, 8, 3), _config(64, 64, 4, 3),
-                _config(128, 32, 4, 3), _config(64, 32, 4, 2)]
-_DKDV_CONFIGS = [_config(64, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 128, 4, 3),
-                 _config(32, 64, 4, 2), _config(16, 32, 4, 2)]
-_DQ_CONFIGS = [_config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(128, 32, 4, 3),
-               _config(64, 32, 4, 2), _config(32, 16, 4, 2)]
+# Per kernel and head-dim class: the default first (FlexAttention's H100 defaults: fwd 128x64,
+# 8 warps, 3 stages at D=128; bwd 64x128 for dK/dV and 128x64 for dQ), then the neighbours
+# autotune may pick instead. fp32 runs exact (ieee) dots and gets small tiles.
+_CANDIDATES = {
+    "fwd": {"fp32": [_config(64, 32, 4, 2), _config(32, 32, 4, 2)],
+            64: [_config(128, 128, 4, 3), _config(128, 64, 4, 3), _config(64, 64, 4, 3), _config(128, 64, 8, 3)],
+            128: [_config(128, 64, 8, 3), _config(128, 128, 8, 3), _config(128, 64, 4, 3), _config(64, 64, 4, 3)],
+            256: [_config(64, 32, 4, 3), _config(64, 64, 8, 2), _config(128, 32, 8, 2)]},
+    "dq": {"fp32": [_config(32, 32, 4, 2), _config(64, 32, 4, 2)],
+           64: [_config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(128, 32, 4, 3), _config(64, 128, 8, 2)],
+           128: [_config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(128, 32, 8, 3), _config(64, 32, 4, 3)],
+           256: [_config(64, 64, 8, 2), _config(64, 32, 4, 2), _config(32, 64, 4, 2)]},
+    "dkdv": {"fp32": [_config(16, 32, 4, 2), _config(32, 32, 4, 2)],
+             64: [_config(64, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 128, 4, 3), _config(128, 128, 8, 2)],
+             128: [_config(64, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 128, 4, 3), _config(64, 128, 8, 2)],
+             256: [_config(64, 64, 8, 2), _config(32, 64, 4, 2), _config(32, 32, 4, 2)]},
+}
 # 16x16 blocks under the interpreter: small test shapes then span several blocks.
-_INTERPRET_CONFIGS = [_config(16, 16, 4, 1)]
+_INTERPRET_CONFIG = _config(16, 16, 4, 1)
 _TUNE_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "HAS_KPM"]
+
+
+def _autotune_enabled() -> bool:
+    # PREFIX_KERNELS_AUTOTUNE=0 takes each default untimed (tests, quick runs).
+    return os.environ.get("PREFIX_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def _head_dim_class(head_dim: int, dtype) -> object:
+    if dtype == torch.float32:
+        return "fp32"
+    return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel_name: str):
-    """The kernel wrapped in an autotuner (one small config under the interpreter)."""
+    """The kernel wrapped in an autotuner over the candidates of the call's head-dim class."""
     kernel = {"fwd": _prefix_attn_fwd, "dq": _prefix_attn_bwd_dq, "dkdv": _prefix_attn_bwd_dkdv}[kernel_name]
-    configs = {"fwd": _FWD_CONFIGS, "dq": _DQ_CONFIGS, "dkdv": _DKDV_CONFIGS}[kernel_name]
     if _interpreting():
-        configs = _INTERPRET_CONFIGS
-    return triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
+        return triton.autotune(configs=[_INTERPRET_CONFIG], key=_TUNE_KEY)(kernel)
+    table = _CANDIDATES[kernel_name]
+    every = [c for configs in table.values() for c in configs]
+
+    def candidates(configs, named_args, **kwargs):
+        cls = _head_dim_class(kwargs["HEAD_DIM"], named_args["Q"].dtype)
+        return table[cls] if _autotune_enabled() else table[cls][:1]
+
+    return triton.autotune(configs=every, key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": candidates})(kernel)
 
 
 def _seq_bucket(n: int) -> int:

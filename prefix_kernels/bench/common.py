@@ -1,0 +1,88 @@
+"""What every benchmark needs: the environment record, timing, a table, JSON and a plot."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def environment() -> dict:
+    """GPU name, versions and git commit, stored beside every figure."""
+    env = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})",
+        "cuda": torch.version.cuda,
+        "git_commit": git_commit(),
+    }
+    for name in ("triton", "transformers", "peft"):
+        try:
+            env[name] = __import__(name).__version__
+        except ImportError:
+            env[name] = None
+    return env
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("PREFIX_KERNELS_GIT_COMMIT")
+
+
+def device_slug(env: dict) -> str:
+    name = env["device"].lower()
+    for word in ("nvidia", "geforce"):
+        name = name.replace(word, "")
+    return "-".join(part for part in "".join(c if c.isalnum() else " " for c in name).split()) or "cpu"
+
+
+def results_dir() -> Path:
+    here = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    path = Path(os.environ.get("PREFIX_KERNELS_RESULTS", here))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def time_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100, grad_to_none=None) -> float:
+    """Median milliseconds of fn: CUDA events through do_bench on the GPU, a host clock on CPU."""
+    if torch.cuda.is_available():
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                                       return_mode="median")
+    fn()
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1000
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        for t in grad_to_none or ():
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def write_json(name: str, payload: dict) -> Path:
+    path = results_dir() / name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
