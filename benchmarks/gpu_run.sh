@@ -8,7 +8,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WAR
 for step in "$@"; do
   echo "=== $step"
   case $step in
-    tests) PREFIX_KERNELS_AUTOTUNE=0 timeout 300 python3 -m pytest -q -x tests/test_prefix_attention.py 2>&1 | tail -25 | tee $OUT/tests.log ;;
+    tests) PREFIX_KERNELS_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:logging tests/test_prefix_attention.py > $OUT/tests.log 2>&1; grep -E "^(FAILED|ERROR|E  )|passed|failed" $OUT/tests.log | head -30 ;;
+    profile) timeout 200 python3 benchmarks/profile_attention.py 2>&1 | tee $OUT/profile.log ;;
     attention) TRITON_PRINT_AUTOTUNING=1 timeout 420 python3 benchmarks/bench_attention.py 2>&1 | tee $OUT/bench_attention.log | grep -v "^shapes" ;;
     *) echo "unknown step $step" ;;
   esac

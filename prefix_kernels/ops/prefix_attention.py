@@ -523,8 +523,8 @@ def _reduce_prefix_partials(part, prefix_index, num_entries, dtype):
         if num_entries > 1:
             total = torch.cat([total, total.new_zeros((num_entries - 1,) + total.shape[1:])])
     else:
-        one_hot = torch.zeros(num_entries, part.shape[0], device=part.device, dtype=torch.float32)
-        one_hot[prefix_index.long(), torch.arange(part.shape[0], device=part.device)] = 1.0
+        entries = torch.arange(num_entries, device=part.device)
+        one_hot = (entries[:, None] == prefix_index[None, :]).to(torch.float32)   # [N, B]
         total = (one_hot @ per_row.flatten(1)).view((num_entries,) + per_row.shape[1:])
     return total.to(dtype)
 
@@ -692,11 +692,15 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, b
         if prefix_index.shape != (b,) or prefix_index.dtype not in (torch.int32, torch.int64):
             fail(f"prefix_index must be an int32/int64 tensor of shape [{b}], got "
                  f"{prefix_index.dtype} {tuple(prefix_index.shape)}")
-        if not torch.compiler.is_compiling():
-            # One host sync on CUDA; pass prefix_index on the CPU to avoid it.
+        if prefix_index.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = int(prefix_index.min()), int(prefix_index.max())
             if lo < 0 or hi >= pk.shape[0]:
                 fail(f"prefix_index has values in [{lo}, {hi}] but the bank has {pk.shape[0]} entries")
+        elif prefix_index.device.type != "cpu":
+            # Checked on the device without a host sync (a sync per layer cost 2x at
+            # B8 S1024 on the H200); a CPU prefix_index gets the ValueError instead.
+            torch._assert_async(((prefix_index >= 0) & (prefix_index < pk.shape[0])).all(),
+                                "prefix_kernels: prefix_index out of range of the prefix bank")
     if key_padding_mask is not None:
         if key_padding_mask.shape != (b, k.shape[2]):
             fail(f"key_padding_mask must be [batch={b}, Sk={k.shape[2]}], got {tuple(key_padding_mask.shape)}")
@@ -722,7 +726,8 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padd
         prefix_k, prefix_v: the bank, (num_entries, heads_kv, prefix_len, head_dim), or
             (heads_kv, prefix_len, head_dim) for a single prefix. Same dtype as q.
         prefix_index: (batch,) int: bank entry of each row; None means entry 0 for every row.
-            On CUDA its range is checked with one host sync; pass it on the CPU to avoid that.
+            Out-of-range values raise ValueError when it is on the CPU (moved to the GPU
+            without a sync); a CUDA prefix_index is checked on the device (device-side assert).
         key_padding_mask: (batch, seqlen_k) bool or 0/1 ints, True = real token. Prefix slots are
             never masked, so a fully padded row still attends to its prefix.
         scale: softmax scale, default 1/sqrt(head_dim).
