@@ -10,6 +10,7 @@ for step in "$@"; do
   case $step in
     tests) PREFIX_KERNELS_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:logging tests/test_prefix_attention.py > $OUT/tests.log 2>&1; grep -E "^(FAILED|ERROR|E  )|passed|failed" $OUT/tests.log | head -30 ;;
     profile) timeout 200 python3 benchmarks/profile_attention.py 2>&1 | tee $OUT/profile.log ;;
+    host) timeout 200 python3 benchmarks/profile_host.py 2>&1 | tee $OUT/host.log | cut -c1-160 ;;
     attention) TRITON_PRINT_AUTOTUNING=1 timeout 420 python3 benchmarks/bench_attention.py 2>&1 | tee $OUT/bench_attention.log | grep -v "^shapes" ;;
     *) echo "unknown step $step" ;;
   esac

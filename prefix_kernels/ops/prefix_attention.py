@@ -517,12 +517,12 @@ def _prefix_splits(sq, rows, p, own_grad, device):
 
 def _reduce_prefix_partials(part, prefix_index, num_entries, dtype):
     """[B, Hkv, SPLITS, P, D] fp32 partials -> [N, Hkv, P, D], summed in a fixed order."""
-    per_row = part.sum(dim=2)
     if prefix_index is None:
-        total = per_row.sum(dim=0, keepdim=True)
+        total = part.sum(dim=(0, 2))[None]
         if num_entries > 1:
             total = torch.cat([total, total.new_zeros((num_entries - 1,) + total.shape[1:])])
     else:
+        per_row = part.sum(dim=2)
         entries = torch.arange(num_entries, device=part.device)
         one_hot = (entries[:, None] == prefix_index[None, :]).to(torch.float32)   # [N, B]
         total = (one_hot @ per_row.flatten(1)).view((num_entries,) + per_row.shape[1:])
@@ -632,15 +632,36 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.causal = scale, causal
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _grads(ctx, grad_out, launch_backward):
     q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dq, need_dkv, need_prefix = need[0], need[1] or need[2], need[3] or need[4]
-    dq, dk, dv, dpk, dpv = _prefix_attention_bwd(
+    dq, dk, dv, dpk, dpv = launch_backward(
         grad_out, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
         ctx.scale, ctx.causal, need_dq, need_dkv, need_prefix)
     return (dq if need_dq else None, dk if need[1] else None, dv if need[2] else None,
             dpk if need[3] else None, dpv if need[4] else None, None, None, None, None)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    return _grads(ctx, grad_out, _prefix_attention_bwd)
+
+
+class _PrefixAttention(torch.autograd.Function):
+    """The eager path: the same launchers without the custom-op dispatch, which cost ~45 us
+    per call on the host (fwd 61 us vs 16 us for a trivial op, torch 2.13, CPU)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal):
+        out, lse = _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
+                                   scale, causal)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse)
+        ctx.scale, ctx.causal = scale, causal
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _grads(ctx, grad_out, _launch_backward)
 
 
 _prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -758,12 +779,13 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padd
 
     if prefix_k.dim() == 3:
         prefix_k, prefix_v = prefix_k[None], prefix_v[None]
-    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-        key_padding_mask = key_padding_mask != 0
-    if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask.view(torch.uint8)   # same bytes, a type Triton loads
+    if key_padding_mask is not None and key_padding_mask.dtype != torch.uint8:
+        key_padding_mask = (key_padding_mask != 0).to(torch.uint8)    # [B, Sk] bytes: tiny
     if prefix_index is not None:
         prefix_index = prefix_index.to(q.device, non_blocking=True)
-    out, _ = _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-                                   float(scale), bool(causal))
-    return out
+    if torch.compiler.is_compiling():
+        out, _ = _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index,
+                                       key_padding_mask, float(scale), bool(causal))
+        return out
+    return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
+                                  float(scale), bool(causal))
