@@ -158,26 +158,6 @@ def _prefix_attn_fwd(
 
 
 @triton.jit
-def _bwd_delta(O, DO, DELTA,
-               stride_ob, stride_oh, stride_om, stride_od,
-               stride_dob, stride_doh, stride_dom, stride_dod,
-               H, SQ, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta = rowsum(O * dO), the softmax-gradient correction term, in fp32."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < SQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
-                + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh * SQ + offs_m, tl.sum(o * do, 1), mask=offs_m < SQ)
-
-
-@triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
                   stride_vd, kpm_base, stride_kpm_n, lo, hi, n_limit, q_pos, offs_d, qk_scale,
                   CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -208,20 +188,24 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, s
 
 @triton.jit
 def _prefix_attn_bwd_dq(
-    Q, K, V, PK, PV, PIDX, KPM, DO, LSE, DELTA, DQ,
+    Q, K, V, PK, PV, PIDX, KPM, O, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pkn, stride_pkh, stride_pkp, stride_pkd,
     stride_pvn, stride_pvh, stride_pvp, stride_pvd,
     stride_kpm_b, stride_kpm_n,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, G, SQ, SK, P, qk_scale, sm_scale, SEQ_BUCKET,
-    HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    DQ_GRAD: tl.constexpr, HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dQ of one query block, and delta = rowsum(O * dO) for the dK/dV kernel launched next
+    (computed here rather than in a kernel of its own: one launch less per backward).
+    With DQ_GRAD False only delta is written."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -240,8 +224,13 @@ def _prefix_attn_bwd_dq(
                    + offs_d[None, :] * stride_qd, m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
     do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
                     + offs_d[None, :] * stride_dod, m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
+    o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                   + offs_d[None, :] * stride_od, m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * SQ + offs_m, delta, mask=m_ok)
+    if not DQ_GRAD:
+        return
     lse = tl.load(LSE + pid_bh * SQ + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(DELTA + pid_bh * SQ + offs_m, mask=m_ok, other=0.0)
     q_pos = offs_m + (SK - SQ)
     kpm_base = KPM + b * stride_kpm_b
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -435,7 +424,9 @@ _CANDIDATES = {
 }
 # 16x16 blocks under the interpreter: small test shapes then span several blocks.
 _INTERPRET_CONFIG = _config(16, 16, 4, 1)
-_TUNE_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "HAS_KPM"]
+_TUNE_KEY = {"fwd": ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "HAS_KPM"],
+             "dq": ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "HAS_KPM", "DQ_GRAD"],
+             "dkdv": ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "HAS_KPM", "PREFIX_GRAD", "OWN_GRAD"]}
 
 
 def _autotune_enabled() -> bool:
@@ -454,7 +445,7 @@ def _tuned(kernel_name: str):
     """The kernel wrapped in an autotuner over the candidates of the call's head-dim class."""
     kernel = {"fwd": _prefix_attn_fwd, "dq": _prefix_attn_bwd_dq, "dkdv": _prefix_attn_bwd_dkdv}[kernel_name]
     if _interpreting():
-        return triton.autotune(configs=[_INTERPRET_CONFIG], key=_TUNE_KEY)(kernel)
+        return triton.autotune(configs=[_INTERPRET_CONFIG], key=_TUNE_KEY[kernel_name])(kernel)
     table = _CANDIDATES[kernel_name]
     every = [c for configs in table.values() for c in configs]
 
@@ -462,8 +453,27 @@ def _tuned(kernel_name: str):
         cls = _head_dim_class(kwargs["HEAD_DIM"], named_args["Q"].dtype)
         return table[cls] if _autotune_enabled() else table[cls][:1]
 
-    return triton.autotune(configs=every, key=_TUNE_KEY,
+    return triton.autotune(configs=every, key=_TUNE_KEY[kernel_name],
                            prune_configs_by={"early_config_prune": candidates})(kernel)
+
+
+_KERNELS = {"fwd": _prefix_attn_fwd, "dq": _prefix_attn_bwd_dq, "dkdv": _prefix_attn_bwd_dkdv}
+_CHOSEN: dict = {}
+
+
+def _launch(kernel_name, grid, args, constexprs, dtype):
+    """Launch with the config autotune chose for this key, skipping triton's Autotuner.run on
+    later calls: it cost ~70 us of host time per launch (H200 host, triton 3.6), which left
+    the GPU idle at B16 S1024 D64 (1.06 ms host vs 0.6 ms GPU per forward+backward)."""
+    key = (kernel_name, dtype, args[-1], *sorted(constexprs.items()))   # args[-1]: SEQ_BUCKET
+    config = _CHOSEN.get(key)
+    if config is None:
+        tuner = _tuned(kernel_name)
+        tuner[grid](*args, **constexprs)
+        _CHOSEN[key] = tuner.best_config
+        return
+    _KERNELS[kernel_name][grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
+                                num_stages=config.num_stages)
 
 
 def _seq_bucket(n: int) -> int:
@@ -490,14 +500,13 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
     out = torch.empty_like(q)
     lse = torch.empty((b, h, sq), device=q.device, dtype=torch.float32)
     kpm, s_kpm_b, s_kpm_n = _kpm_args(key_padding_mask, q)
-    grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
-    _tuned("fwd")[grid](
-        q, k, v, prefix_k, prefix_v, prefix_index if prefix_index is not None else q, kpm, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
-        s_kpm_b, s_kpm_n, *out.stride(),
-        h, h // hkv, sq, sk, p, scale * LOG2E, _seq_bucket(max(sq, sk)),
-        HAS_PIDX=prefix_index is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
-        **_common_meta(q, k, prefix_k))
+    _launch("fwd", lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h),
+            (q, k, v, prefix_k, prefix_v, prefix_index if prefix_index is not None else q, kpm, out, lse,
+             *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
+             s_kpm_b, s_kpm_n, *out.stride(),
+             h, h // hkv, sq, sk, p, scale * LOG2E, _seq_bucket(max(sq, sk))),
+            dict(HAS_PIDX=prefix_index is not None, HAS_KPM=key_padding_mask is not None,
+                 CAUSAL=causal, **_common_meta(q, k, prefix_k)), q.dtype)
     return out, lse
 
 
@@ -541,22 +550,16 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
     flags = dict(HAS_PIDX=prefix_index is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal)
 
     delta = torch.empty_like(lse)
-    block_d = meta["BLOCK_D"]
-    delta_rows = 16 if _interpreting() else max(16, min(128, 16384 // block_d))
-    _bwd_delta[(triton.cdiv(sq, delta_rows), b * h)](
-        out, do, delta, *out.stride(), *do.stride(), h, sq,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=delta_rows)
-
     dq = torch.empty_like(q) if need_dq else q.new_empty(0)
     dk = torch.empty_like(k) if need_dkv else k.new_empty(0)
     dv = torch.empty_like(v) if need_dkv else v.new_empty(0)
-    if need_dq:
-        grid = lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h)
-        _tuned("dq")[grid](
-            q, k, v, prefix_k, prefix_v, pidx, kpm, do, lse, delta, dq,
-            *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
-            s_kpm_b, s_kpm_n, *do.stride(), *dq.stride(),
-            h, h // hkv, sq, sk, p, scale * LOG2E, scale, bucket, **flags, **meta)
+    dq_arg = dq if need_dq else q
+    _launch("dq", lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h),
+            (q, k, v, prefix_k, prefix_v, pidx, kpm, out, do, lse, delta, dq_arg,
+             *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
+             s_kpm_b, s_kpm_n, *out.stride(), *do.stride(), *dq_arg.stride(),
+             h, h // hkv, sq, sk, p, scale * LOG2E, scale, bucket),
+            dict(DQ_GRAD=need_dq, **flags, **meta), q.dtype)
 
     dpk, dpv = prefix_k.new_empty(0), prefix_v.new_empty(0)
     if need_dkv or need_prefix:
@@ -572,14 +575,14 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
             own_programs = triton.cdiv(sk, m["BLOCK_N"]) if need_dkv else 0
             return (prefix_programs + own_programs, b * hkv)
 
-        _tuned("dkdv")[grid](
-            q, k, v, prefix_k, prefix_v, pidx, kpm, do, lse, delta, dk_arg, dv_arg, part_k, part_v,
-            *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
-            s_kpm_b, s_kpm_n, *do.stride(), *dk_arg.stride(), *dv_arg.stride(),
-            hkv, h // hkv, sq, sk, p, scale * LOG2E, scale, bucket,
-            SPLITS=splits, PREFIX_GRAD=need_prefix, OWN_GRAD=need_dkv,
-            # out-of-range own keys need masking only without the causal mask (it hides them)
-            KEEP_MASK=key_padding_mask is not None or not causal, **flags, **meta)
+        _launch("dkdv", grid,
+                (q, k, v, prefix_k, prefix_v, pidx, kpm, do, lse, delta, dk_arg, dv_arg, part_k, part_v,
+                 *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
+                 s_kpm_b, s_kpm_n, *do.stride(), *dk_arg.stride(), *dv_arg.stride(),
+                 hkv, h // hkv, sq, sk, p, scale * LOG2E, scale, bucket),
+                dict(SPLITS=splits, PREFIX_GRAD=need_prefix, OWN_GRAD=need_dkv,
+                     # out-of-range own keys need masking only without the causal mask
+                     KEEP_MASK=key_padding_mask is not None or not causal, **flags, **meta), q.dtype)
         if need_prefix:
             dpk = _reduce_prefix_partials(part_k, prefix_index, n, prefix_k.dtype)
             dpv = _reduce_prefix_partials(part_v, prefix_index, n, prefix_v.dtype)
