@@ -103,3 +103,176 @@ def test_peft_parity_projection():
                          ("proj_in_bias", "transform.0.bias"), ("proj_out_weight", "transform.2.weight"),
                          ("proj_out_bias", "transform.2.bias")):
         assert_close(getattr(bank, ours).grad[0], grads_ref[theirs], atol=1e-6, what=ours)
+
+
+# -- several prefixes in one batch --------------------------------------------------------
+
+def _row_weights(logits):
+    return torch.randn(logits.shape, generator=torch.Generator().manual_seed(5))
+
+
+def test_mixed_prefix_batch_equals_rows_alone():
+    model = tiny_model("llama")
+    bank = pk.patch_model(model, P, num_prefixes=3, names=["a", "b", "c"], backend="reference")
+    ids, mask, _ = padded_batch(batch=3)
+    prefix_ids = ["c", "a", "c"]
+    out = model(input_ids=ids, attention_mask=mask, prefix_ids=prefix_ids).logits
+    (out * _row_weights(out)).sum().backward()
+    batch_grad = bank.prefix.grad.clone()
+    bank.prefix.grad = None
+    weights = _row_weights(out)
+    for row, name in enumerate(prefix_ids):
+        alone = model(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1], prefix_ids=[name]).logits
+        assert_close(out[row:row + 1], alone, what=f"row {row}")
+        (alone * weights[row:row + 1]).sum().backward()
+    assert_close(batch_grad, bank.prefix.grad, atol=1e-5, what="bank grad")
+    assert batch_grad[:, :, 1].abs().sum() == 0     # entry "b" is used by no row
+
+
+def test_prefix_ids_as_tensor_and_ints():
+    model = tiny_model("qwen2")
+    pk.patch_model(model, P, num_prefixes=2, backend="reference")
+    ids, mask, _ = padded_batch(batch=2)
+    by_name = model(input_ids=ids, attention_mask=mask, prefix_ids=["1", "0"]).logits
+    by_tensor = model(input_ids=ids, attention_mask=mask, prefix_ids=torch.tensor([1, 0])).logits
+    assert torch.equal(by_name, by_tensor)
+    with pytest.raises(ValueError, match="pass prefix_ids"):
+        model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="no prefix named 'x'"):
+        model(input_ids=ids, attention_mask=mask, prefix_ids=["x", "0"])
+    with pytest.raises(ValueError, match="out of range"):
+        model(input_ids=ids, attention_mask=mask, prefix_ids=[2, 0])
+    with pytest.raises(ValueError, match="batch has 2 rows"):
+        model(input_ids=ids, attention_mask=mask, prefix_ids=[0, 0, 1])
+
+
+# -- the KV cache and generation --------------------------------------------------------------
+
+def test_cache_holds_only_real_tokens():
+    model = tiny_model("llama")
+    pk.patch_model(model, P, backend="reference")
+    ids, mask, _ = padded_batch()
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    assert out.past_key_values.get_seq_length() == ids.shape[1]
+    step = model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1),
+                 past_key_values=out.past_key_values, use_cache=True)
+    assert step.past_key_values.get_seq_length() == ids.shape[1] + 1
+
+
+def _generate_positions(mask):
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_greedy_generate_matches_peft_forward(family):
+    """generate's tokens and step logits equal PEFT's forward on the growing sequence.
+
+    Compared against PEFT's forward with generate's position ids (PEFT shifts them by P, as we do)
+    rather than PEFT's generate: with transformers 5.24 the cache is passed as `cache=` and PEFT
+    0.21's generate silently drops the prefix (it works on 5.17, and matches there too).
+    """
+    peft_model = peft_prefix_model(family)
+    model, _ = patched_like_peft(family, peft_model)
+    ids, mask, _ = padded_batch(batch=2, seq=6)
+    mask[1] = 1
+    new = 4
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    full_mask = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        ref = peft_model(input_ids=out.sequences, attention_mask=full_mask,
+                         position_ids=_generate_positions(full_mask)).logits   # PEFT adds P itself
+    for t, step_logits in enumerate(out.logits):
+        assert_close(step_logits, ref[:, ids.shape[1] - 1 + t], what=f"step {t}")
+    assert torch.equal(out.sequences[:, ids.shape[1]:], ref[:, ids.shape[1] - 1:-1].argmax(-1))
+    assert out.past_key_values.get_seq_length() == out.sequences.shape[1] - 1
+
+
+def test_generate_mixed_prefixes_beam_and_sampling():
+    """Per-row prefixes survive generate's row expansion (beams, num_return_sequences)."""
+    model = tiny_model("llama")
+    pk.patch_model(model, P, num_prefixes=2, names=["x", "y"], backend="reference")
+    ids, mask, _ = padded_batch(batch=2, seq=6)
+    mask[1] = 1     # generation takes left padding only
+    beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=3,
+                           do_sample=False, prefix_ids=["y", "x"], pad_token_id=0)
+    for row, name in enumerate(["y", "x"]):
+        alone = model.generate(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1], max_new_tokens=3,
+                               num_beams=3, do_sample=False, prefix_ids=[name], pad_token_id=0)
+        assert torch.equal(beams[row:row + 1, -3:], alone[:, -3:])
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=True,
+                         num_return_sequences=2, prefix_ids=["y", "x"], output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+    seqs = out.sequences
+    full_mask = torch.cat([mask.repeat_interleave(2, 0), torch.ones(4, 3, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        ref = model(input_ids=seqs, attention_mask=full_mask, position_ids=_generate_positions(full_mask),
+                    prefix_ids=["y", "y", "x", "x"]).logits
+    for t, step_logits in enumerate(out.logits):
+        assert_close(step_logits, ref[:, ids.shape[1] - 1 + t], what=f"sampling step {t}")
+
+
+# -- gradient checkpointing ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("reentrant,projection", [(False, 16), (True, None)])
+def test_gradient_checkpointing_same_gradients(reentrant, projection):
+    ids, mask, labels = padded_batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model("llama")
+        bank = pk.patch_model(model, P, projection_hidden=projection, backend="reference")
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append([p.grad.clone() for p in bank.parameters()])
+    for plain, ckpt in zip(*grads):
+        assert plain.abs().max() > 0
+        assert_close(ckpt, plain, atol=1e-6, what="checkpointed grad")
+
+
+def test_reentrant_checkpointing_with_projection_raises():
+    model = tiny_model("llama")
+    pk.patch_model(model, P, projection_hidden=16, backend="reference")
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    ids, mask, labels = padded_batch()
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+# -- unpatching --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_unpatch_restores_model_bit_for_bit(family):
+    model = tiny_model(family)
+    ids, mask, _ = padded_batch()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    attn = model.config._attn_implementation
+    trainable = [p.requires_grad for p in model.parameters()]
+    state_keys = set(model.state_dict())
+    pk.patch_model(model, P, backend="reference")
+    with torch.no_grad():
+        patched = model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(patched, before)
+    pk.unpatch_model(model)
+    with torch.no_grad():
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(after, before)
+    assert model.config._attn_implementation == attn
+    assert [p.requires_grad for p in model.parameters()] == trainable
+    assert set(model.state_dict()) == state_keys
+    assert "generate" not in model.__dict__ and not hasattr(model, "prefix_bank")
+    with pytest.raises(ValueError, match="not patched"):
+        pk.unpatch_model(model)
+
+
+def test_patch_touches_only_the_instance_and_freezes_base():
+    patched, other = tiny_model("llama"), tiny_model("llama")
+    bank = pk.patch_model(patched, P, backend="reference")
+    assert other.config._attn_implementation == "sdpa"
+    trainable = {n for n, p in patched.named_parameters() if p.requires_grad}
+    assert trainable == {"prefix_bank.prefix"} and bank.prefix.requires_grad
+    with pytest.raises(ValueError, match="already patched"):
+        pk.patch_model(patched, P)

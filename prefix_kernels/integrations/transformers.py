@@ -233,15 +233,33 @@ def _before_forward(model, args, kwargs):
     batch, seq = x.shape[0], x.shape[1]
     state.index = _resolve_index(state, ids, batch, from_generate)
     state.prefix = state.bank.materialize(model.get_input_embeddings().weight.dtype)
+    if state.prefix.grad_fn is not None and _reentrant_checkpointing(model):
+        raise ValueError("gradient checkpointing with use_reentrant=True runs each layer's backward on its "
+                         "own, which cannot share the prefix computed once per step (MLP "
+                         "reparameterization or a dtype cast of the bank); use the default "
+                         "gradient_checkpointing_enable() (use_reentrant=False)")
     kwargs["position_ids"] = _positions(state, model, kwargs, batch, seq, x.device)
     return (), kwargs
+
+
+def _checkpointing(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in (model, getattr(model, "base_model", model)))
+
+
+def _reentrant_checkpointing(model) -> bool:
+    if not (torch.is_grad_enabled() and model.training and _checkpointing(model)):
+        return False
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if func is not None:
+            return bool(getattr(func, "keywords", {}).get("use_reentrant", False))
+    return False
 
 
 def _inputs_require_grad(model, module, inputs, output):
     """With gradient checkpointing the layers' inputs must require grad, or no prefix gradient
     flows through the checkpointed layers (the reentrant variant drops them)."""
-    if torch.is_grad_enabled() and model.training and any(
-            getattr(m, "gradient_checkpointing", False) for m in (model, getattr(model, "base_model", model))):
+    if torch.is_grad_enabled() and model.training and _checkpointing(model):
         output.requires_grad_(True)
 
 
