@@ -276,3 +276,158 @@ def test_patch_touches_only_the_instance_and_freezes_base():
     assert trainable == {"prefix_bank.prefix"} and bank.prefix.requires_grad
     with pytest.raises(ValueError, match="already patched"):
         pk.patch_model(patched, P)
+
+
+# -- save / load --------------------------------------------------------------------------------
+
+def test_save_load_round_trip_several_entries(tmp_path):
+    model = tiny_model("llama")
+    bank = pk.patch_model(model, P, num_prefixes=2, names=["default", "task"], backend="reference")
+    ids, mask, _ = padded_batch(batch=2)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask, prefix_ids=["task", "default"]).logits
+    written = bank.save_pretrained(str(tmp_path))
+    assert written == [str(tmp_path), str(tmp_path / "task")]
+    fresh = tiny_model("llama")
+    pk.load_prefix(fresh, str(tmp_path), backend="reference")
+    pk.load_prefix(fresh, str(tmp_path / "task"), name="task")
+    assert pk.get_prefix_bank(fresh).names == ["default", "task"]
+    with torch.no_grad():
+        after = fresh(input_ids=ids, attention_mask=mask, prefix_ids=["task", "default"]).logits
+    assert torch.equal(after, before)
+
+
+def test_peft_saved_adapter_loads_and_matches_peft(tmp_path):
+    peft_model = peft_prefix_model("qwen3")
+    peft_model.save_pretrained(str(tmp_path))
+    ids, mask, _ = padded_batch()
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, attention_mask=mask).logits
+    model = tiny_model("qwen3")
+    pk.load_prefix(model, str(tmp_path), backend="reference")
+    with torch.no_grad():
+        assert_close(model(input_ids=ids, attention_mask=mask).logits, expected, what="logits")
+
+
+def test_our_adapter_loads_in_peft_and_folds_the_mlp(tmp_path):
+    """An MLP-reparameterized bank saves the folded prefix; PEFT and a plain bank load it alike."""
+    from peft import PeftModel
+
+    model = tiny_model("gpt2")
+    pk.patch_model(model, P, projection_hidden=24, backend="reference")
+    ids, mask, _ = padded_batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    pk.get_prefix_bank(model).save_pretrained(str(tmp_path))
+    peft_model = PeftModel.from_pretrained(tiny_model("gpt2"), str(tmp_path))
+    plain = tiny_model("gpt2")
+    pk.load_prefix(plain, str(tmp_path), backend="reference")
+    with torch.no_grad():
+        assert_close(peft_model(input_ids=ids, attention_mask=mask).logits, expected, what="PEFT")
+        assert_close(plain(input_ids=ids, attention_mask=mask).logits, expected, what="plain bank")
+
+
+def test_load_rejects_mismatched_adapter(tmp_path):
+    peft_prefix_model("llama").save_pretrained(str(tmp_path))
+    model = tiny_model("llama", num_hidden_layers=3)
+    with pytest.raises(ValueError, match="num_layers is 2 in the adapter but 3 here"):
+        pk.load_prefix(model, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
+        pk.load_prefix(model, str(tmp_path / "nowhere"))
+
+
+def test_init_from_text_tokens():
+    model = tiny_model("llama")
+    token_ids = [5, 9, 11]
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([(token_ids * 2)[:P]]), use_cache=True).past_key_values
+    bank = pk.patch_model(model, P, init=token_ids, backend="reference")
+    assert torch.equal(bank.prefix[1, 0, 0], cache.layers[1].keys[0])
+    assert torch.equal(bank.prefix[0, 1, 0], cache.layers[0].values[0])
+    with pytest.raises(ValueError, match="needs tokenizer"):
+        pk.patch_model(tiny_model("llama"), P, init="some words")
+
+
+# -- what is not supported raises --------------------------------------------------------------
+
+@pytest.mark.parametrize("family,config_cls,match", [
+    ("falcon", "FalconConfig", "'falcon' .*attention registry"),
+    ("bloom", "BloomConfig", "'bloom' .*attention registry"),
+])
+def test_unsupported_family_raises(family, config_cls, match):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config = getattr(transformers, config_cls)(vocab_size=128, hidden_size=64, num_hidden_layers=1,
+                                               num_attention_heads=4)
+    with pytest.raises(NotImplementedError, match=match):
+        pk.patch_model(AutoModelForCausalLM.from_config(config), P)
+
+
+def test_softcapping_raises():
+    with pytest.raises(NotImplementedError, match="attn_logit_softcapping"):
+        pk.patch_model(tiny_model("gemma2", attn_logit_softcapping=50.0), P)
+
+
+def test_sliding_window_exceeded_raises():
+    model = tiny_model("mistral", sliding_window=8)
+    pk.patch_model(model, 3, backend="reference")
+    ids = torch.randint(0, 128, (1, 5))
+    model(input_ids=ids)                                   # 5 + 3 slots fit a window of 8
+    with pytest.raises(ValueError, match="sliding window of 8"):
+        model(input_ids=torch.randint(0, 128, (1, 6)))
+
+
+def test_attention_dropout_in_training_raises():
+    model = tiny_model("gpt2", attn_pdrop=0.1)
+    pk.patch_model(model, P, backend="reference")
+    ids, mask, labels = padded_batch()
+    model(input_ids=ids, attention_mask=mask)              # eval: no dropout
+    model.train()
+    with pytest.raises(ValueError, match="attention dropout p=0.1"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def test_bad_inputs_raise():
+    model = tiny_model("gpt2")
+    pk.patch_model(model, P, backend="reference")
+    with pytest.raises(ValueError, match="need 133 positions but gpt2 has 128"):
+        model(input_ids=torch.zeros(1, 128, dtype=torch.long))
+    ids = torch.zeros(1, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="packed sequences"):
+        model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]))
+    with pytest.raises(ValueError, match="4-D attention mask"):
+        model(input_ids=ids, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
+
+
+# -- dtypes and compilation ----------------------------------------------------------------------
+
+def test_bf16_close_to_fp32_as_peft_is():
+    """bf16 patched vs fp32 patched errs no more than 2x PEFT's own bf16 error (+ a small floor)."""
+    ids, mask, _ = padded_batch()
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        peft_model = peft_prefix_model("llama").to(dtype)
+        model, _ = patched_like_peft("llama", peft_model)
+        model.to(dtype)
+        with torch.no_grad():
+            results[dtype] = (model(input_ids=ids, attention_mask=mask).logits.float(),
+                              peft_model(input_ids=ids, attention_mask=mask).logits.float())
+    ours_err = (results[torch.bfloat16][0] - results[torch.float32][1]).abs().max()
+    peft_err = (results[torch.bfloat16][1] - results[torch.float32][1]).abs().max()
+    assert peft_err > 0 and ours_err <= 2 * peft_err + 1e-3, (ours_err, peft_err)
+
+
+def test_torch_compile_matches_eager():
+    model = tiny_model("llama")
+    bank = pk.patch_model(model, P, backend="reference")
+    ids, mask, labels = padded_batch()
+    eager = model(input_ids=ids, attention_mask=mask, labels=labels)
+    eager.loss.backward()
+    eager_grad = bank.prefix.grad.clone()
+    bank.prefix.grad = None
+    compiled = torch.compile(model, backend="aot_eager")
+    out = compiled(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    assert_close(out.logits, eager.logits, what="compiled logits")
+    assert_close(bank.prefix.grad, eager_grad, atol=1e-6, what="compiled grad")
