@@ -431,3 +431,46 @@ def test_torch_compile_matches_eager():
     out.loss.backward()
     assert_close(out.logits, eager.logits, what="compiled logits")
     assert_close(bank.prefix.grad, eager_grad, atol=1e-6, what="compiled grad")
+
+
+# -- training ------------------------------------------------------------------------------------
+
+def _train_losses(backend, steps=4):
+    model = tiny_model("llama")
+    torch.manual_seed(3)
+    bank = pk.patch_model(model, 4, num_prefixes=2, backend=backend)
+    model.train()
+    opt = torch.optim.AdamW(bank.parameters(), lr=3e-2)
+    ids, mask, labels = padded_batch(batch=2, seq=6)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, prefix_ids=[1, 0]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_convergence_reference_and_kernels_match_step_by_step():
+    assert INTERPRETING, "run the tests with TRITON_INTERPRET=1 set (the Triton kernels run on the CPU)"
+    reference, kernels = _train_losses("reference"), _train_losses("triton")
+    assert reference[-1] < reference[0] - 0.05       # it learns
+    torch.testing.assert_close(torch.tensor(kernels), torch.tensor(reference), atol=1e-5, rtol=1e-5)
+
+
+def test_hf_trainer_trains_only_the_prefix(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model("llama")
+    bank = pk.patch_model(model, P, backend="reference")
+    frozen = {n: p.clone() for n, p in model.named_parameters() if n != "prefix_bank.prefix"}
+    start = bank.prefix.detach().clone()
+    ids, mask, labels = padded_batch(batch=4)
+    rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                             logging_steps=1, remove_unused_columns=False)
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    assert not torch.equal(bank.prefix.detach(), start)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
