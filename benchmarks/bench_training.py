@@ -48,7 +48,8 @@ def build_case(case: str, config, prefix_len: int, device, dtype):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(device)
+    with torch.device(device):     # initialize on the GPU: a CPU init of 1.1B weights takes tens of seconds
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     model.train()
     if case == "prefix-kernels":
         import prefix_kernels as pk

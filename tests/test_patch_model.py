@@ -95,14 +95,33 @@ def test_peft_parity_projection():
     enc = peft_model.prompt_encoder["default"]
     bank.set_projection(0, enc.embedding.weight, enc.transform[0].weight, enc.transform[0].bias,
                         enc.transform[2].weight, enc.transform[2].bias)
+    calls = []
+    materialize = bank.materialize
+    bank.materialize = lambda *a, **k: calls.append(1) or materialize(*a, **k)
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
+    assert len(calls) == 1          # the MLP runs once per step, not once per layer or row
     assert_close(out.logits, logits_ref, what="logits")
     assert_close(out.loss, loss_ref, what="loss")
     for ours, theirs in (("embedding", "embedding.weight"), ("proj_in_weight", "transform.0.weight"),
                          ("proj_in_bias", "transform.0.bias"), ("proj_out_weight", "transform.2.weight"),
                          ("proj_out_bias", "transform.2.bias")):
         assert_close(getattr(bank, ours).grad[0], grads_ref[theirs], atol=1e-6, what=ours)
+
+
+def test_position_offset_zero():
+    """position_offset=0 puts real tokens at 0..S-1: PEFT gives that with position_ids shifted by -P."""
+    ids, mask, _ = padded_batch()
+    peft_model = peft_prefix_model("llama")
+    positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, attention_mask=mask, position_ids=positions - P).logits
+        shifted = peft_model(input_ids=ids, attention_mask=mask).logits
+    model, _ = patched_like_peft("llama", peft_model, position_offset=0)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).logits
+    assert_close(out, expected, what="offset 0")
+    assert not torch.allclose(out, shifted, atol=1e-3)
 
 
 # -- several prefixes in one batch --------------------------------------------------------
@@ -239,6 +258,41 @@ def test_reentrant_checkpointing_with_projection_raises():
     ids, mask, labels = padded_batch()
     with pytest.raises(ValueError, match="use_reentrant=False"):
         model(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+# -- layers without a prefix fall through to SDPA -----------------------------------------------
+
+@pytest.mark.parametrize("causal,sq,sk", [(True, 3, 7), (True, 5, 5), (False, 4, 6)])
+def test_fall_through_matches_plain_attention(causal, sq, sk):
+    from prefix_kernels.integrations.transformers import prefix_attention_forward
+
+    class Cross(torch.nn.Module):
+        is_causal, is_cross_attention, training = causal, not causal, False
+    q, k, v = torch.randn(2, 4, sq, 8), torch.randn(2, 4, sk, 8), torch.randn(2, 4, sk, 8)
+    keep = torch.ones(2, sk, dtype=torch.bool)
+    keep[0, :2] = False
+    out, _ = prefix_attention_forward(Cross(), q, k, v, keep, scaling=0.5)
+    scores = (q @ k.transpose(-1, -2)) * 0.5
+    visible = keep[:, None, None, :]
+    if causal:
+        visible = visible & (torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + sk - sq)
+    expected = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ v
+    seen = visible.expand(2, 4, sq, sk).any(-1).transpose(1, 2)     # rows that see some key
+    assert_close(out[seen], expected.transpose(1, 2)[seen], what="fall-through")
+
+
+def test_gpt2_cross_attention_falls_through_with_its_mask():
+    model = tiny_model("gpt2", add_cross_attention=True)
+    pk.patch_model(model, P, backend="reference")
+    ids, mask, _ = padded_batch()
+    enc = torch.randn(3, 4, 64)
+    enc_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, encoder_hidden_states=enc, encoder_attention_mask=enc_mask)
+        enc2 = enc.clone()
+        enc2[enc_mask == 0] = 100.0          # masked encoder states must not matter
+        out2 = model(input_ids=ids, attention_mask=mask, encoder_hidden_states=enc2, encoder_attention_mask=enc_mask)
+    assert_close(out2.logits, out.logits, what="masked encoder states")
 
 
 # -- unpatching --------------------------------------------------------------------------------
