@@ -452,6 +452,8 @@ def test_bad_inputs_raise():
         model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]))
     with pytest.raises(ValueError, match="4-D attention mask"):
         model(input_ids=ids, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="static/preallocated cache"):
+        model.generate(input_ids=ids, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
 
 
 # -- dtypes and compilation ----------------------------------------------------------------------
@@ -517,14 +519,17 @@ def test_hf_trainer_trains_only_the_prefix(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     model = tiny_model("llama")
-    bank = pk.patch_model(model, P, backend="reference")
+    bank = pk.patch_model(model, P, num_prefixes=3, backend="reference")
     frozen = {n: p.clone() for n, p in model.named_parameters() if n != "prefix_bank.prefix"}
     start = bank.prefix.detach().clone()
     ids, mask, labels = padded_batch(batch=4)
-    rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(4)]
+    # a multi-task batch: each row names its prefix; entry 2 is never used
+    rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i], "prefix_ids": i % 2}
+            for i in range(4)]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
                              learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
                              logging_steps=1, remove_unused_columns=False)
     Trainer(model=model, args=args, train_dataset=rows).train()
-    assert not torch.equal(bank.prefix.detach(), start)
+    moved = (bank.prefix.detach() - start).abs().flatten(3).amax(-1)    # [L, 2, N, Hkv]
+    assert (moved[:, :, :2] > 0).all() and (moved[:, :, 2] == 0).all()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)

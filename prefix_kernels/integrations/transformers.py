@@ -195,6 +195,11 @@ def _resolve_index(state, ids, batch, from_generate):
 def _positions(state, model, kwargs, batch, seq, device):
     offset = state.offset
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if getattr(cache, "is_compileable", False):
+        # a static cache holds max_cache_len slots, filled or not: the kernel's bottom-right causal
+        # alignment needs the keys to end at the last query
+        raise NotImplementedError(f"{type(cache).__name__} (a static/preallocated cache) is not supported by the "
+                                  "patched model; use the default dynamic cache")
     past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
     if state.family.absolute_positions:
         limit = model.config.max_position_embeddings
