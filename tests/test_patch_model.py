@@ -533,3 +533,22 @@ def test_hf_trainer_trains_only_the_prefix(tmp_path):
     moved = (bank.prefix.detach() - start).abs().flatten(3).amax(-1)    # [L, 2, N, Hkv]
     assert (moved[:, :, :2] > 0).all() and (moved[:, :, 2] == 0).all()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+# -- on a GPU: the compiled Triton kernels ------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
+def test_cuda_kernels_match_peft(family):
+    ids, mask, labels = (t.cuda() for t in padded_batch(batch=3, seq=37))
+    peft_model = peft_prefix_model(family).cuda()
+    logits_ref, loss_ref, grads_ref = peft_run(peft_model, ids, mask, labels)
+    model, bank = patched_like_peft(family, peft_model, backend="triton")
+    model.cuda()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    # fp32 runs the kernels' dots in IEEE precision: only summation order differs from PEFT/SDPA
+    assert_close(out.logits, logits_ref, atol=1e-4, rtol=1e-4, what="logits")
+    assert_close(bank_to_peft_flat(bank.prefix.grad[:, :, 0]), grads_ref["embedding.weight"], atol=1e-5, rtol=1e-4,
+                 what="prefix grad")
