@@ -113,7 +113,9 @@ def tokenize(rows, tokenizer, max_tokens: int, source: str) -> list[tuple[list[i
     examples = []
     for i, row in enumerate(rows):
         prompt = tokenizer.encode(row["prompt"])
-        completion = tokenizer.encode(row["completion"]) + [tokenizer.eos_token_id]
+        completion = tokenizer.encode(row["completion"])
+        if tokenizer.eos_token_id is not None:     # learn to stop after the completion
+            completion.append(tokenizer.eos_token_id)
         ids = prompt + completion
         if len(ids) > max_tokens:
             where = f"{source}:{row.get('_line', i + 1)}"
@@ -196,7 +198,8 @@ def run(args) -> dict:
     demo = args.model is None and args.data is None
     if (args.model is None) != (args.data is None):
         raise ValueError("pass both --model and --data, or neither for the built-in demo")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # the demo is a CPU demo; a real run takes the GPU when there is one
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not demo else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(args.seed)
     if demo:
