@@ -182,7 +182,7 @@ def _generate_positions(mask):
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma3_text"])
 def test_greedy_generate_matches_peft_forward(family):
     """generate's tokens and step logits equal PEFT's forward on the growing sequence.
 
