@@ -557,16 +557,22 @@ def test_cuda_kernels_match_peft(family):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_torch_compile_and_bf16_training_step():
-    model = tiny_model("llama", dtype=torch.bfloat16).cuda()
-    bank = pk.patch_model(model, P, num_prefixes=2, backend="triton")
-    model.train()
+    """bf16 eager and inductor-compiled steps, each judged against an fp32 run: the compiled one
+    errs no more than twice the eager one (+ a small floor)."""
     ids, mask, labels = (t.cuda() for t in padded_batch(batch=3, seq=37))
-    eager = model(input_ids=ids, attention_mask=mask, labels=labels, prefix_ids=[1, 0, 1])
-    eager.loss.backward()
-    eager_grad = bank.prefix.grad.clone()
-    bank.prefix.grad = None
-    compiled = torch.compile(model)
-    out = compiled(input_ids=ids, attention_mask=mask, labels=labels, prefix_ids=[1, 0, 1])
-    out.loss.backward()
-    assert_close(out.loss.float(), eager.loss.float(), atol=2e-2, rtol=2e-2, what="compiled loss")
-    assert_close(bank.prefix.grad, eager_grad, atol=1e-3, rtol=5e-2, what="compiled grad")
+
+    def step(dtype, compile_model):
+        model = tiny_model("llama").to(device="cuda", dtype=dtype)
+        torch.manual_seed(7)
+        bank = pk.patch_model(model, P, num_prefixes=2, backend="triton")
+        model.train()
+        run = torch.compile(model) if compile_model else model
+        loss = run(input_ids=ids, attention_mask=mask, labels=labels, prefix_ids=[1, 0, 1]).loss
+        loss.backward()
+        return loss.float(), bank.prefix.grad.float()
+
+    ref_loss, ref_grad = step(torch.float32, False)
+    eager_loss, eager_grad = step(torch.bfloat16, False)
+    comp_loss, comp_grad = step(torch.bfloat16, True)
+    assert (comp_loss - ref_loss).abs() <= 2 * (eager_loss - ref_loss).abs() + 1e-3
+    assert (comp_grad - ref_grad).abs().max() <= 2 * (eager_grad - ref_grad).abs().max() + 1e-5
