@@ -187,11 +187,18 @@ def plot(results, path):
         rows = [r for r in results[shape] if "error" not in r]
         names = [r["case"] for r in rows]
         colors = ["tab:green" if n == "prefix-kernels" else "tab:gray" for n in names]
+        floor = next((r for r in rows if r["case"] == "floor"), None)
         axes[0][col].bar(names, [r["tokens_per_s"] for r in rows], color=colors)
-        axes[0][col].set_title(f"{shape}: tokens/s")
+        axes[0][col].set_title(f"{shape}: tokens/s (higher is better)")
         peaks = [r["peak_gib"] or 0.0 for r in rows]
         axes[1][col].bar(names, peaks, color=colors)
-        axes[1][col].set_title(f"{shape}: peak GiB")
+        axes[1][col].set_title(f"{shape}: peak GiB (lower is better)")
+        if floor is not None:      # the target: the floor's speed and memory
+            axes[0][col].axhline(floor["tokens_per_s"], color="k", ls="--", lw=1)
+            if floor["peak_gib"]:
+                axes[1][col].axhline(floor["peak_gib"], color="k", ls="--", lw=1)
+        if not any(peaks):
+            axes[1][col].text(0.5, 0.5, "not measured (no CUDA)", ha="center", transform=axes[1][col].transAxes)
         for ax in (axes[0][col], axes[1][col]):
             ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
