@@ -4,7 +4,10 @@ Importing the package is light: the Triton kernels load on first use.
 """
 __version__ = "0.1.0"
 
-__all__ = ["prefix_attention", "reference_prefix_attention"]
+__all__ = ["prefix_attention", "reference_prefix_attention", "patch_model", "unpatch_model",
+           "load_prefix", "PrefixBank"]
+
+_INTEGRATION = ("patch_model", "unpatch_model", "load_prefix", "get_prefix_bank")
 
 
 def __getattr__(name):
@@ -14,4 +17,10 @@ def __getattr__(name):
     if name == "reference_prefix_attention":
         from .ops.reference import reference_prefix_attention
         return reference_prefix_attention
+    if name in _INTEGRATION:
+        from .integrations import transformers as _hf
+        return getattr(_hf, name)
+    if name == "PrefixBank":
+        from .bank import PrefixBank
+        return PrefixBank
     raise AttributeError(f"module 'prefix_kernels' has no attribute {name!r}")

@@ -1,0 +1,437 @@
+"""Prefix-tune a Hugging Face causal LM through the fused op, with nothing copied from its code.
+
+`patch_model` registers one attention function and one mask function with transformers'
+`AttentionInterface` / `AttentionMaskInterface` under ATTENTION_NAME and switches only the given
+instance's config to that name. Per forward, a pre-hook on the model resolves `prefix_ids`,
+runs the bank (its MLP, if any) once, and shifts the position ids by the prefix offset; every
+attention layer then reads its [N, Hkv, P, D] view of the bank inside the fused op. The KV cache
+holds only real tokens.
+
+Semantics follow PEFT's prefix tuning: prefix keys carry no rotary embedding, and real tokens
+sit at positions offset..offset+S-1 (offset = P by default, where PEFT's forward puts them).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..bank import PrefixBank, peft_flat_to_bank, read_peft_prefix
+
+ATTENTION_NAME = "prefix_kernels"   # must not contain flash/sdpa/flex/paged: transformers special-cases those
+_STATE_ATTR = "_prefix_kernels_state"
+_LINK_ATTR = "_prefix_kernels_link"
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between supported model families."""
+    positions: str = "arange"           # how the model derives position ids when none are passed
+    absolute_positions: bool = False    # a learned position table: bounded length
+
+
+FAMILIES = {
+    "llama": Family(), "mistral": Family(), "qwen2": Family(), "qwen3": Family(),
+    "gemma": Family(), "gemma2": Family(), "gemma3_text": Family(), "phi3": Family(),
+    "gpt_neox": Family(),
+    "gpt2": Family(absolute_positions=True),
+    # OPT numbers positions by the cumulative attention mask (left padding aware)
+    "opt": Family(positions="mask_cumsum", absolute_positions=True),
+}
+
+_OUTSIDE_REGISTRY = ("falcon", "bloom", "mpt", "gpt_bigcode", "gptj", "codegen", "rwkv", "mamba")
+
+
+class _PatchState:
+    """Everything a patched model owns; lives on the model instance, never globally."""
+
+    def __init__(self, model, bank, family, offset, backend):
+        self.bank, self.family, self.offset, self.backend = bank, family, offset, backend
+        self.original_attn = model.config._attn_implementation
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.handles, self.linked = [], []
+        self.forward_args = [n for n, p in inspect.signature(model.forward).parameters.items()
+                             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        # set by each forward's pre-hook and read by every layer (also when gradient
+        # checkpointing recomputes a layer during backward, before the next forward)
+        self.index = None
+        self.prefix = None
+        self.generate_ids = None
+
+
+@dataclass
+class _LayerLink:
+    state: _PatchState
+    layer_idx: int
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------
+# The registered attention and mask functions
+# --------------------------------------------------------------------------------------------
+
+def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask=None, **kwargs):
+    """Mask function: the 2-D key padding mask [B, kv_length] (True = real token), or None.
+
+    Causality, the prefix and the bottom-right alignment are the kernel's; sliding windows are
+    checked in the attention function.
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+    if mask.shape[-1] < kv_length:
+        mask = torch.nn.functional.pad(mask, (0, kv_length - mask.shape[-1]), value=False)
+    if not torch.compiler.is_compiling() and bool(mask.all()):
+        return None     # no padding: the kernel skips the mask loads
+    return mask
+
+
+def _fall_through(module, query, key, value, attention_mask, **kwargs):
+    """SDPA for layers without a prefix (cross-attention): our 2-D mask becomes SDPA's 4-D one."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ..ops.reference import visible_keys_mask
+
+    causal = getattr(module, "is_causal", True) and not getattr(module, "is_cross_attention", False)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        attention_mask = (visible_keys_mask(query.shape[2], key.shape[2], attention_mask, causal, query.device)
+                          if causal else attention_mask[:, None, None, :].to(torch.bool))
+    elif attention_mask is None and causal and query.shape[2] != key.shape[2]:
+        attention_mask = visible_keys_mask(query.shape[2], key.shape[2], None, True, query.device)
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
+def prefix_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                             sliding_window=None, softcap=None, **kwargs):
+    """Attention function: query [B, Hq, Sq, D], key/value [B, Hkv, Sk, D] (after the cache
+    update, before any GQA repeat) -> ([B, Sq, Hq, D], None)."""
+    link = module.__dict__.get(_LINK_ATTR)
+    if link is None or getattr(module, "is_cross_attention", False):
+        return _fall_through(module, query, key, value, attention_mask, dropout=dropout,
+                             scaling=scaling, softcap=softcap, **kwargs)
+    state, name = link.state, type(module).__name__
+    if state.prefix is None:
+        raise RuntimeError(f"{name} runs the prefix attention outside the patched model's forward; "
+                           "call the patched model itself (model(...) or model.generate(...))")
+    if softcap is not None:
+        raise ValueError(f"{name}: attention logit softcapping ({softcap}) is not implemented by the "
+                         "prefix kernels; set config.attn_logit_softcapping = None before patching")
+    if dropout:
+        raise ValueError(f"{name}: attention dropout p={dropout} in training is not implemented by the "
+                         "prefix kernels; build the model with attention dropout 0 (attention_dropout / "
+                         "attn_pdrop = 0.0) or call model.eval()")
+    p = state.bank.prefix_len
+    if sliding_window is not None and key.shape[2] + p > sliding_window:
+        raise ValueError(f"{name} (layer {link.layer_idx}) has a sliding window of {sliding_window}, but "
+                         f"{key.shape[2]} tokens + {p} prefix slots exceed it: the kernel has no window. "
+                         "Keep sequence + prefix within the window")
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"{name} got a {attention_mask.dim()}-D attention mask: the patched model takes "
+                             "a 2-D [batch, seq] padding mask (1 = real token); 4-D masks are not supported")
+        if attention_mask.shape[-1] != key.shape[2]:
+            raise ValueError(f"{name}: padding mask covers {attention_mask.shape[-1]} keys but the layer has "
+                             f"{key.shape[2]}; static/offloaded caches are not supported, use the default "
+                             "dynamic cache")
+    layer = state.prefix[link.layer_idx]
+    prefix_k, prefix_v = layer[0], layer[1]
+    if prefix_k.dtype != query.dtype:     # autocast: q in the compute dtype, bank in the model dtype
+        prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
+    if key.dtype != query.dtype:
+        key, value = key.to(query.dtype), value.to(query.dtype)
+    from ..ops.prefix_attention import prefix_attention
+
+    out = prefix_attention(query, key, value, prefix_k, prefix_v, prefix_index=state.index,
+                           key_padding_mask=attention_mask, scale=scaling, causal=True,
+                           backend=state.backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    # both registries must know the name: with no mask function the model passes mask=None
+    AttentionInterface.register(ATTENTION_NAME, prefix_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, _padding_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-forward state: prefix ids, the materialized bank, shifted positions
+# --------------------------------------------------------------------------------------------
+
+def _resolve_index(state, ids, batch, from_generate):
+    bank = state.bank
+    if ids is None:
+        if bank.num_entries > 1:
+            raise ValueError(f"the prefix bank has {bank.num_entries} entries {bank.names}: pass "
+                             "prefix_ids=[...] (one name or index per row) to model(...) or generate(...)")
+        return None     # entry 0 for every row
+    if isinstance(ids, (str, int)):
+        ids = [ids] * batch
+    if isinstance(ids, torch.Tensor):
+        index = ids.reshape(-1).long()
+        if index.numel() == 1 and batch > 1:
+            index = index.expand(batch)
+    else:
+        index = bank.indices(list(ids))
+    if index.shape[0] != batch:
+        # generate repeats each row for beams / num_return_sequences (repeat_interleave)
+        if from_generate and batch % index.shape[0] == 0:
+            index = index.repeat_interleave(batch // index.shape[0])
+        else:
+            raise ValueError(f"prefix_ids has {index.shape[0]} entries but the batch has {batch} rows")
+    return index
+
+
+def _positions(state, model, kwargs, batch, seq, device):
+    offset = state.offset
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if getattr(cache, "is_compileable", False):
+        # a static cache holds max_cache_len slots, filled or not: the kernel's bottom-right causal
+        # alignment needs the keys to end at the last query
+        raise NotImplementedError(f"{type(cache).__name__} (a static/preallocated cache) is not supported by the "
+                                  "patched model; use the default dynamic cache")
+    past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    if state.family.absolute_positions:
+        limit = model.config.max_position_embeddings
+        if past + seq + offset > limit:
+            raise ValueError(f"{past + seq} tokens at position offset {offset} need {past + seq + offset} "
+                             f"positions but {model.config.model_type} has {limit}; shorten the input, or "
+                             "patch with a smaller position_offset")
+    position_ids = kwargs.get("position_ids")
+    mask = kwargs.get("attention_mask")
+    if position_ids is not None:
+        if mask is None and seq > 1 and position_ids.dim() == 2 and not torch.compiler.is_compiling():
+            if bool((position_ids.diff(dim=-1) != 1).any()):
+                raise ValueError("position_ids restart inside a row (packed sequences): the patched model "
+                                 "does not support packing; pass one sequence per row with an attention mask")
+        return position_ids + offset
+    if state.family.positions == "mask_cumsum" and mask is not None and mask.dim() == 2:
+        real = mask.long()
+        pos = (real.cumsum(-1) * real - 1)[:, past:]
+        return torch.where(real[:, past:] > 0, pos + offset, pos)   # padding keeps -1, as PEFT's
+    return torch.arange(past, past + seq, device=device)[None] + offset
+
+
+def _before_forward(model, args, kwargs):
+    state = model.__dict__[_STATE_ATTR]
+    for name, value in zip(state.forward_args, args):
+        kwargs[name] = value
+    ids = kwargs.pop("prefix_ids", None)
+    from_generate = ids is None and state.generate_ids is not None
+    if from_generate:
+        ids = state.generate_ids
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None:
+        raise ValueError("the patched model needs input_ids or inputs_embeds")
+    batch, seq = x.shape[0], x.shape[1]
+    state.index = _resolve_index(state, ids, batch, from_generate)
+    state.prefix = state.bank.materialize(model.get_input_embeddings().weight.dtype)
+    if state.prefix.grad_fn is not None and _reentrant_checkpointing(model):
+        raise ValueError("gradient checkpointing with use_reentrant=True runs each layer's backward on its "
+                         "own, which cannot share the prefix computed once per step (MLP "
+                         "reparameterization or a dtype cast of the bank); use the default "
+                         "gradient_checkpointing_enable() (use_reentrant=False)")
+    kwargs["position_ids"] = _positions(state, model, kwargs, batch, seq, x.device)
+    return (), kwargs
+
+
+def _checkpointing(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in (model, getattr(model, "base_model", model)))
+
+
+def _reentrant_checkpointing(model) -> bool:
+    if not (torch.is_grad_enabled() and model.training and _checkpointing(model)):
+        return False
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if func is not None:
+            return bool(getattr(func, "keywords", {}).get("use_reentrant", False))
+    return False
+
+
+def _inputs_require_grad(model, module, inputs, output):
+    """With gradient checkpointing the layers' inputs must require grad, or no prefix gradient
+    flows through the checkpointed layers (the reentrant variant drops them)."""
+    if torch.is_grad_enabled() and model.training and _checkpointing(model):
+        output.requires_grad_(True)
+
+
+def _generate_with_prefix(state, original, *args, prefix_ids=None, **kwargs):
+    if prefix_ids is not None and not isinstance(prefix_ids, torch.Tensor):
+        prefix_ids = [prefix_ids] if isinstance(prefix_ids, (str, int)) else list(prefix_ids)
+        prefix_ids = state.bank.indices(prefix_ids)
+    state.generate_ids = prefix_ids
+    try:
+        return original(*args, **kwargs)
+    finally:
+        state.generate_ids = None
+
+
+# --------------------------------------------------------------------------------------------
+# patch / unpatch / load
+# --------------------------------------------------------------------------------------------
+
+def _check_supported(model) -> Family:
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        why = (" (its attention does not go through transformers' attention registry)"
+               if model_type in _OUTSIDE_REGISTRY else "")
+        raise NotImplementedError(f"prefix-kernels cannot patch model_type {model_type!r}{why}; supported: "
+                                  f"{', '.join(sorted(FAMILIES))}")
+    if getattr(config, "is_encoder_decoder", False) or not getattr(config, "is_causal", True):
+        raise NotImplementedError(f"{model_type}: only causal decoder-only models are supported")
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise NotImplementedError(f"{model_type}: attention logit softcapping (config.attn_logit_softcapping="
+                                  f"{softcap}) is not implemented by the prefix kernels; set it to None "
+                                  "before patching (this changes the model's outputs)")
+    return FAMILIES[model_type]
+
+
+def _attention_modules(model):
+    modules = [m for m in model.modules()
+               if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
+               and not getattr(m, "is_cross_attention", False)]
+    num_layers = model.config.num_hidden_layers
+    if sorted(m.layer_idx for m in modules) != list(range(num_layers)):
+        raise NotImplementedError(f"{model.config.model_type}: found self-attention modules for layers "
+                                  f"{sorted(m.layer_idx for m in modules)}, expected 0..{num_layers - 1}")
+    return modules
+
+
+def _geometry(model, modules):
+    config = model.config
+    hkv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(modules[0], "head_dim", None) or getattr(modules[0], "head_size", None)
+    if head_dim is None:
+        head_dim = config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, hkv, head_dim
+
+
+@torch.no_grad()
+def _prefix_from_text(model, init, tokenizer, prefix_len, num_layers):
+    """Li & Liang's init from real words: the unpatched model's keys/values of a text, [L, 2, Hkv, P, D]."""
+    if isinstance(init, str):
+        if tokenizer is None:
+            raise ValueError("init from text needs tokenizer=...; or pass init as a list of token ids")
+        ids = tokenizer(init, add_special_tokens=False)["input_ids"]
+    else:
+        ids = list(init)
+    if not ids:
+        raise ValueError("init text is empty after tokenization")
+    ids = (ids * prefix_len)[:prefix_len]    # repeat short texts to fill every slot
+    device = model.get_input_embeddings().weight.device
+    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+    cache = out.past_key_values
+    return torch.stack([torch.stack([cache.layers[i].keys[0], cache.layers[i].values[0]])
+                        for i in range(num_layers)]).float()
+
+
+def patch_model(model, num_prefix_tokens: int = 32, *, projection_hidden: int | None = None,
+                init="random", position_offset: int | None = None, num_prefixes: int = 1,
+                names=None, tokenizer=None, backend: str = "auto") -> PrefixBank:
+    """Freeze `model` and prefix-tune it through the fused op; returns the trainable PrefixBank.
+
+    Args:
+        model: a transformers causal LM of a supported family (see FAMILIES).
+        num_prefix_tokens: P, prefix slots per layer.
+        projection_hidden: None, or the hidden size of Li & Liang's MLP reparameterization.
+        init: "random", "zeros", or a text (with tokenizer=...) / list of token ids whose keys and
+            values (from the unpatched model) initialize the prefix.
+        position_offset: position of the first real token; None = P (PEFT's convention), 0 = none.
+        num_prefixes / names: a bank of several prefixes (names default to "default" for one,
+            "0".."N-1" for several); choose per row with model(..., prefix_ids=[...]).
+        backend: the op's backend ("auto", "triton", "reference").
+    """
+    if _STATE_ATTR in model.__dict__:
+        raise ValueError("the model is already patched; call unpatch_model(model) first")
+    family = _check_supported(model)
+    modules = _attention_modules(model)
+    num_layers, hkv, head_dim = _geometry(model, modules)
+    if names is None:
+        names = ["default"] if num_prefixes == 1 else [str(i) for i in range(num_prefixes)]
+    elif num_prefixes not in (1, len(names)):
+        raise ValueError(f"num_prefixes={num_prefixes} but {len(names)} names were given")
+    if not (isinstance(init, str) and init in ("random", "zeros")) and not isinstance(init, torch.Tensor):
+        init = _prefix_from_text(model, init, tokenizer, num_prefix_tokens, num_layers)
+    device = model.get_input_embeddings().weight.device
+    bank = PrefixBank(num_layers, hkv, head_dim, num_prefix_tokens, names=names,
+                      projection_hidden=projection_hidden, init=init, device=device)
+    offset = num_prefix_tokens if position_offset is None else int(position_offset)
+
+    _register()
+    state = _PatchState(model, bank, family, offset, backend)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.prefix_bank = bank      # a submodule: optimizers, .to() and Trainer see it
+    for module in modules:
+        module.__dict__[_LINK_ATTR] = _LayerLink(state, module.layer_idx)
+        state.linked.append(module)
+    model.__dict__[_STATE_ATTR] = state
+    state.handles.append(model.register_forward_pre_hook(_before_forward, with_kwargs=True))
+    state.handles.append(model.get_input_embeddings().register_forward_hook(
+        functools.partial(_inputs_require_grad, model)))
+    model.__dict__["generate"] = functools.partial(_generate_with_prefix, state, model.generate)
+    model.config._attn_implementation = ATTENTION_NAME
+    return bank
+
+
+def unpatch_model(model):
+    """Undo patch_model: the original attention, trainability, methods; the bank is detached."""
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        raise ValueError("the model is not patched by prefix-kernels")
+    for handle in state.handles:
+        handle.remove()
+    for module in state.linked:
+        module.__dict__.pop(_LINK_ATTR, None)
+    del model.prefix_bank
+    model.__dict__.pop("generate", None)
+    model.config._attn_implementation = state.original_attn
+    for param, requires_grad in state.requires_grad:
+        param.requires_grad_(requires_grad)
+    del model.__dict__[_STATE_ATTR]
+    return model
+
+
+def get_prefix_bank(model) -> PrefixBank:
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        raise ValueError("the model is not patched by prefix-kernels")
+    return state.bank
+
+
+def load_prefix(model, directory: str, name: str | None = None, **patch_kwargs) -> PrefixBank:
+    """Load a prefix-tuning adapter (ours or PEFT's) into bank entry `name` (default "default").
+
+    An unpatched model is patched first (P from the adapter; `patch_kwargs` go to patch_model).
+    An existing entry of that name is overwritten, otherwise a new entry is added.
+    """
+    config, flat = read_peft_prefix(directory)
+    if _STATE_ATTR not in model.__dict__:
+        patch_model(model, config["num_virtual_tokens"], init="zeros", names=[name or "default"], **patch_kwargs)
+    bank = get_prefix_bank(model)
+    want = {"num_layers": bank.num_layers, "token_dim": bank.token_dim, "num_attention_heads": bank.num_kv_heads,
+            "num_virtual_tokens": bank.prefix_len}
+    wrong = {k: (config.get(k), v) for k, v in want.items() if config.get(k) != v}
+    if wrong:
+        raise ValueError(f"adapter {directory!r} does not fit this model's prefix bank: "
+                         + ", ".join(f"{k} is {a} in the adapter but {b} here" for k, (a, b) in wrong.items()))
+    name = name or "default"
+    if name not in bank.names:
+        bank.add_entry(name)
+    bank.set_entry(name, peft_flat_to_bank(flat, bank.num_layers, bank.num_kv_heads, bank.head_dim))
+    return bank

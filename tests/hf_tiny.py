@@ -1,0 +1,70 @@
+"""Tiny random models of every supported family (hidden 64, 2 layers, vocab 128), built from configs."""
+import torch
+
+VOCAB = 128
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=128)
+
+
+def tiny_config(family: str, **overrides):
+    import transformers as tf
+
+    if family == "llama":
+        cfg = tf.LlamaConfig(**_COMMON, num_key_value_heads=2)
+    elif family == "mistral":
+        cfg = tf.MistralConfig(**_COMMON, num_key_value_heads=2, sliding_window=64)
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(**_COMMON, num_key_value_heads=2)
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=16)
+    elif family == "gemma":
+        cfg = tf.GemmaConfig(**_COMMON, num_key_value_heads=2, head_dim=16)
+    elif family == "gemma2":
+        cfg = tf.Gemma2Config(**_COMMON, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                              sliding_window=64, attn_logit_softcapping=None, final_logit_softcapping=30.0)
+    elif family == "gemma3_text":
+        cfg = tf.Gemma3TextConfig(**_COMMON, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                                  sliding_window=64, layer_types=["sliding_attention", "full_attention"])
+    elif family == "phi3":
+        cfg = tf.Phi3Config(**_COMMON, num_key_value_heads=2, pad_token_id=0)
+    elif family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                            attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, scale_attn_by_inverse_layer_idx=True)
+    elif family == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(**_COMMON, rotary_pct=0.5, attention_dropout=0.0, hidden_dropout=0.0)
+    elif family == "opt":
+        cfg = tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
+                           dropout=0.0, attention_dropout=0.0, pad_token_id=1)
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2",
+            "gpt_neox", "opt"]
+
+
+def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
+    """A random tiny model in eval mode; the same seed gives the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    attn = "eager" if family == "gemma2" else "sdpa"    # transformers gives Gemma2 no SDPA path
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), attn_implementation=attn,
+                                             dtype=dtype)
+    return model.eval()
+
+
+def padded_batch(batch=3, seq=7, seed=1):
+    """input_ids, attention_mask, labels: row 0 left-padded, row 1 right-padded, the rest full."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, :2] = 0
+    if batch > 1:
+        mask[1, -3:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
