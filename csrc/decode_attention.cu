@@ -90,6 +90,9 @@ struct Cfg {
   static constexpr int K_STEPS = HEAD_DIM / 16;
   static constexpr int D_TILES = HEAD_DIM / 8;               // n8 tiles of the output
   static constexpr int DIMS_PER_THREAD = HEAD_DIM / ROW_THREADS;
+  static constexpr int COMBINE_UNROLL = 64 / DIMS_PER_THREAD;  // 16 float4 loads in flight
+  // The tile loads unrolled keep every address live: 255 registers and spills at D=256.
+  static constexpr int LOAD_UNROLL = HEAD_DIM == 256 ? 1 : BLOCK_N * HEAD_DIM / 8 / NUM_THREADS;
   static constexpr int O_ROW = HEAD_DIM + 4;                 // fp32 epilogue row (+16 B)
   // At D=256 the Q fragments (64 registers) would push the kernel past 255 registers into
   // spills (ptxas -v, nvcc 13.0): there Q stays in shared memory, re-read by ldmatrix per tile.
@@ -235,11 +238,13 @@ __device__ void combine_chunk(const DecodeParams& p, int64_t row_base, int chunk
   float acc[C::DIMS_PER_THREAD];
 #pragma unroll
   for (int j = 0; j < C::DIMS_PER_THREAD; ++j) acc[j] = 0.f;
+  // Every split wrote finite values for a good row (zeros where it saw nothing), so no branch:
+  // unrolled, 16 float4 loads per thread are in flight instead of one L2 round trip per split.
+  const float* src0 = p.part_o + row_id * splits * HEAD_DIM + part * C::DIMS_PER_THREAD;
+#pragma unroll C::COMBINE_UNROLL
   for (int s = 0; s < splits; ++s) {
     const float w = sm_w[row * MAX_SPLITS + s];
-    if (w == 0.f) continue;  // a split with no visible key for this row
-    const float4* src = reinterpret_cast<const float4*>(
-        p.part_o + (row_id * splits + s) * HEAD_DIM + part * C::DIMS_PER_THREAD);
+    const float4* src = reinterpret_cast<const float4*>(src0 + s * HEAD_DIM);
 #pragma unroll
     for (int j = 0; j < C::DIMS_PER_THREAD / 4; ++j) {
       const float4 x = __ldcg(src + j);
@@ -346,9 +351,7 @@ __global__ void __launch_bounds__(NUM_THREADS, Cfg<HEAD_DIM>::MIN_BLOCKS)
     const uint32_t sk = smem_base + (tile % C::STAGES) * C::STAGE_BYTES;
     const uint32_t sv = sk + C::TILE_BYTES;
     const int key0 = t_begin + tile * BLOCK_N;
-    // Not unrolled: cp.async does not wait, and an unrolled loop keeps every address live
-    // (255 registers and spills at D=256, ptxas -v).
-#pragma unroll 1
+#pragma unroll C::LOAD_UNROLL
     for (int it = 0; it < C::LOADS_PER_THREAD; ++it) {
       const int c = tid + it * NUM_THREADS;
       const int row = c / C::CHUNKS_PER_ROW;
@@ -616,14 +619,17 @@ DeviceInfo device_info(int device) {
 }
 
 // flash-attention's num_splits_heuristic: fill whole waves of resident blocks, no more splits
-// than needed, and never two split counts giving the same tiles per split.
+// than needed, and never two split counts giving the same work per split. Work comes in units
+// of 256 keys (flash-attention's split granularity at D=64): thinner splits pay more in fixed
+// cost (prologue latency, the partials, the combine) than they gain in parallelism.
+constexpr int SPLIT_UNIT = 4 * BLOCK_N;
 int choose_num_splits(int64_t base_blocks, int max_keys, const DeviceInfo& info) {
   const int64_t slots = static_cast<int64_t>(info.sms) * info.blocks_per_sm;
   if (base_blocks >= slots * 4 / 5) return 1;
-  const int n_tiles = std::max(1, (max_keys + BLOCK_N - 1) / BLOCK_N);
-  const int max_splits = std::min(MAX_SPLITS, n_tiles);
+  const int n_units = std::max(1, (max_keys + SPLIT_UNIT - 1) / SPLIT_UNIT);
+  const int max_splits = std::min(MAX_SPLITS, n_units);
   auto eligible = [&](int s) {
-    return s == 1 || (n_tiles + s - 1) / s != (n_tiles + s - 2) / (s - 1);
+    return s == 1 || (n_units + s - 1) / s != (n_units + s - 2) / (s - 1);
   };
   float eff[MAX_SPLITS + 1] = {};
   float best = 0.f;
