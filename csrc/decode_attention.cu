@@ -1,0 +1,859 @@
+// Split-KV decode attention over a prefix bank + a static KV cache (flash-decoding).
+//
+// Per row b, KV head hk: the "virtual" key sequence is the P slots of the row's bank entry
+// (always visible) followed by the row's cache keys 0..len-1. Query i of the Sq new tokens
+// sits at cache position len - Sq + i and sees the cache keys at or before it.
+//
+// One block = one (row, KV head, 16-query-row chunk, split of the keys). The chunk's rows are
+// the G query heads x Sq queries of the GQA group (row r = g * Sq + i), so each K/V tile is read
+// from memory once for the whole group. Tiles of 64 keys stream global -> shared with 16-byte
+// cp.async, STAGES deep; each of the 4 warps takes 16 keys of a tile and runs its own online
+// softmax on tensor cores (mma.sync m16n8k16, fp32 accumulators); the warps merge at the end.
+// Splits write a partial (out, log2-sum-exp) per row; the last block of a (row, head, chunk)
+// to finish merges them (a per-stream counter that the last block resets), or a separate
+// combine kernel does when no counter buffer is given.
+//
+// Layout of this file: device helpers -> split kernel -> combine -> host launcher.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+
+namespace prefix_kernels {
+namespace {
+
+constexpr int NUM_WARPS = 4;
+constexpr int NUM_THREADS = NUM_WARPS * 32;
+constexpr int M_TILE = 16;                   // query rows per block: one mma m16 tile
+constexpr int WARP_N = 16;                   // keys per warp per tile: one k16 step of P @ V
+constexpr int BLOCK_N = NUM_WARPS * WARP_N;  // keys per pipeline stage
+constexpr int MAX_SPLITS = 128;
+constexpr int ROW_THREADS = NUM_THREADS / M_TILE;  // epilogue: 8 threads per query row
+constexpr float LOG2E = 1.4426950408889634f;
+
+static_assert(NUM_THREADS % M_TILE == 0 && ROW_THREADS == 8, "epilogue maps 8 threads per row");
+
+struct DecodeParams {
+  const void* q;             // [B, Hq, Sq, D] contiguous
+  const void* k;             // [B, Hkv, Smax, D], last dim contiguous
+  const void* v;
+  const void* pk;            // [N, Hkv, P, D], last dim contiguous
+  const void* pv;
+  const int* seqlens;        // [B] int32
+  const int* prefix_index;   // [B] int32, or null: entry 0 for every row
+  void* out;                 // [B, Hq, Sq, D] contiguous
+  float* part_o;             // [B*Hq*Sq, splits, D] fp32, normalized per split
+  float* part_lse;           // [B*Hq*Sq, splits] log2-sum-exp of the split's scaled scores
+  int* counters;             // [B*Hkv*m_chunks] zeros, or null: separate combine kernel
+
+  int64_t k_stride_b, k_stride_h, k_stride_n;
+  int64_t v_stride_b, v_stride_h, v_stride_n;
+  int64_t pk_stride_n, pk_stride_h, pk_stride_p;
+  int64_t pv_stride_n, pv_stride_h, pv_stride_p;
+
+  int num_kv_heads;
+  int seqlen_q;
+  int rows_per_head;   // M = G * Sq: query rows of one (row, KV head)
+  int m_chunks;        // ceil(M / M_TILE)
+  int max_cache_len;   // Smax
+  int prefix_len;      // P
+  int num_entries;     // N
+  int num_splits;
+  float scale_log2;    // softmax scale * log2(e): scores go through exp2
+};
+
+template <int HEAD_DIM>
+struct Cfg {
+  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256, "head_dim 64/128/256");
+  // Bytes in flight per SM matter most for a memory-bound kernel: 4 stages x 18 KB at D=64
+  // (3 blocks/SM), 3 x 34 KB at D=128 (2 blocks/SM), 3 x 66 KB at D=256 (1 block/SM).
+  static constexpr int STAGES = HEAD_DIM == 64 ? 4 : 3;
+  static constexpr int MIN_BLOCKS = HEAD_DIM == 64 ? 3 : (HEAD_DIM == 128 ? 2 : 1);
+  // +8 elements (16 B) per shared row: the 8 rows an ldmatrix reads land in distinct banks.
+  static constexpr int ROW = HEAD_DIM + 8;
+  static constexpr int TILE_BYTES = BLOCK_N * ROW * 2;       // one of K or V, 2-byte elements
+  static constexpr int STAGE_BYTES = 2 * TILE_BYTES;
+  static constexpr int CHUNKS_PER_ROW = HEAD_DIM / 8;        // 16-byte chunks per key row
+  static constexpr int LOADS_PER_THREAD = BLOCK_N * CHUNKS_PER_ROW / NUM_THREADS;
+  static constexpr int K_STEPS = HEAD_DIM / 16;
+  static constexpr int D_TILES = HEAD_DIM / 8;               // n8 tiles of the output
+  static constexpr int DIMS_PER_THREAD = HEAD_DIM / ROW_THREADS;
+  static constexpr int COMBINE_UNROLL = 64 / DIMS_PER_THREAD;  // 16 float4 loads in flight
+  // The tile loads unrolled keep every address live: 255 registers and spills at D=256.
+  static constexpr int LOAD_UNROLL = HEAD_DIM == 256 ? 1 : BLOCK_N * HEAD_DIM / 8 / NUM_THREADS;
+  static constexpr int O_ROW = HEAD_DIM + 4;                 // fp32 epilogue row (+16 B)
+  // At D=256 the Q fragments (64 registers) would push the kernel past 255 registers into
+  // spills (ptxas -v, nvcc 13.0): there Q stays in shared memory, re-read by ldmatrix per tile.
+  static constexpr bool Q_IN_SMEM = HEAD_DIM == 256;
+  static constexpr int Q_BYTES = Q_IN_SMEM ? M_TILE * ROW * 2 : 0;
+  static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES + Q_BYTES;  // Q after the stages
+  static constexpr int EPI_O_FLOATS = NUM_WARPS * M_TILE * O_ROW;
+  static constexpr int EPI_BYTES = (EPI_O_FLOATS + M_TILE * MAX_SPLITS) * 4;
+  static constexpr int SMEM_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
+  static_assert(BLOCK_N * CHUNKS_PER_ROW % NUM_THREADS == 0, "whole loads per thread");
+  static_assert(DIMS_PER_THREAD % 4 == 0, "float4 epilogue");
+  static_assert(SMEM_BYTES <= 227 * 1024, "fits one Hopper SM");
+};
+
+// -- element type: packing, conversion, the tensor-core instruction --
+
+template <typename T>
+struct TypeOps;
+
+template <>
+struct TypeOps<__half> {
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);  // .x (low 16 bits) = a: the lower column
+    uint32_t u;
+    memcpy(&u, &h, 4);
+    return u;
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct TypeOps<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    uint32_t u;
+    memcpy(&u, &h, 4);
+    return u;
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ void cp_async_16(uint32_t smem_addr, const void* gmem, int src_bytes) {
+  // src_bytes = 0 reads nothing and zero-fills: out-of-range keys become finite zeros.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem),
+               "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr)
+               : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t smem_addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr)
+               : "memory");
+}
+
+__device__ __forceinline__ uint32_t load_u32(const void* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
+
+// Store n floats (a multiple of 8) as T with 16-byte stores.
+template <typename T, int N>
+__device__ __forceinline__ void store_row_chunk(T* dst, const float (&v)[N], float mul) {
+  static_assert(N % 8 == 0, "16-byte stores");
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j) {
+    uint4 u;
+    u.x = TypeOps<T>::pack(v[8 * j + 0] * mul, v[8 * j + 1] * mul);
+    u.y = TypeOps<T>::pack(v[8 * j + 2] * mul, v[8 * j + 3] * mul);
+    u.z = TypeOps<T>::pack(v[8 * j + 4] * mul, v[8 * j + 5] * mul);
+    u.w = TypeOps<T>::pack(v[8 * j + 6] * mul, v[8 * j + 7] * mul);
+    reinterpret_cast<uint4*>(dst)[j] = u;
+  }
+}
+
+// -- combine: merge the splits of one 16-row chunk into the output --
+// 8 threads per row (consecutive lanes); sm_w holds [M_TILE][MAX_SPLITS] weights.
+template <typename T, int HEAD_DIM>
+__device__ void combine_chunk(const DecodeParams& p, int64_t row_base, int chunk, float* sm_w) {
+  using C = Cfg<HEAD_DIM>;
+  const int row = threadIdx.x / ROW_THREADS;
+  const int part = threadIdx.x % ROW_THREADS;
+  const int r = chunk * M_TILE + row;
+  const bool row_ok = r < p.rows_per_head;
+  const int64_t row_id = row_base + r;
+  const int splits = p.num_splits;
+  const float* lse = p.part_lse + row_id * splits;
+
+  // Partials were written by other blocks of this grid: __ldcg reads them from L2, not L1.
+  float mx = -INFINITY;
+  if (row_ok)
+    for (int s = part; s < splits; s += ROW_THREADS) mx = fmaxf(mx, __ldcg(lse + s));
+#pragma unroll
+  for (int off = ROW_THREADS / 2; off > 0; off /= 2)
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  const float m_use = mx == -INFINITY ? 0.f : mx;
+  float sum = 0.f;
+  if (row_ok) {
+    for (int s = part; s < splits; s += ROW_THREADS) {
+      const float w = exp2f(__ldcg(lse + s) - m_use);  // empty split: lse = -inf -> 0
+      sm_w[row * MAX_SPLITS + s] = w;
+      sum += w;
+    }
+  }
+#pragma unroll
+  for (int off = ROW_THREADS / 2; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  __syncwarp();  // a row's weights are written and read by the same 8 lanes of one warp
+  if (!row_ok) return;
+
+  float acc[C::DIMS_PER_THREAD];
+#pragma unroll
+  for (int j = 0; j < C::DIMS_PER_THREAD; ++j) acc[j] = 0.f;
+  // Every split wrote finite values for a good row (zeros where it saw nothing), so no branch:
+  // unrolled, 16 float4 loads per thread are in flight instead of one L2 round trip per split.
+  const float* src0 = p.part_o + row_id * splits * HEAD_DIM + part * C::DIMS_PER_THREAD;
+#pragma unroll C::COMBINE_UNROLL
+  for (int s = 0; s < splits; ++s) {
+    const float w = sm_w[row * MAX_SPLITS + s];
+    const float4* src = reinterpret_cast<const float4*>(src0 + s * HEAD_DIM);
+#pragma unroll
+    for (int j = 0; j < C::DIMS_PER_THREAD / 4; ++j) {
+      const float4 x = __ldcg(src + j);
+      acc[4 * j + 0] += w * x.x;
+      acc[4 * j + 1] += w * x.y;
+      acc[4 * j + 2] += w * x.z;
+      acc[4 * j + 3] += w * x.w;
+    }
+  }
+  T* dst = static_cast<T*>(p.out) + row_id * HEAD_DIM + part * C::DIMS_PER_THREAD;
+  store_row_chunk<T>(dst, acc, sum > 0.f ? 1.f / sum : 0.f);
+}
+
+// --------------------------------------------------------------------------------------------
+// The split kernel
+// --------------------------------------------------------------------------------------------
+
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(NUM_THREADS, Cfg<HEAD_DIM>::MIN_BLOCKS)
+    decode_split_kernel(const DecodeParams p) {
+  using C = Cfg<HEAD_DIM>;
+  using Ops = TypeOps<T>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float sm_max[NUM_WARPS][M_TILE];
+  __shared__ float sm_sum[NUM_WARPS][M_TILE];
+  __shared__ int sm_is_last;
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int gid = lane / 4;  // mma fragment: row group
+  const int tig = lane % 4;  // mma fragment: thread in group
+  const int chunk = blockIdx.x % p.m_chunks;  // chunks of one split are adjacent: KV reuse in L2
+  const int split = blockIdx.x / p.m_chunks;
+  const int hk = blockIdx.y;
+  const int b = blockIdx.z;
+
+  // -- the row's key range and this split's part of it --
+  int seqlen = p.seqlens[b];
+  int entry = p.prefix_index != nullptr ? p.prefix_index[b] : 0;
+  // Values are not checked on the host (that would sync): a bad row reads nothing, gets NaN.
+  const bool bad = seqlen < 0 || seqlen > p.max_cache_len || entry < 0 || entry >= p.num_entries;
+  if (bad) {
+    seqlen = 0;
+    entry = 0;
+  }
+  const int total = p.prefix_len + seqlen;
+  const int keys_per_split = ceil_div(ceil_div(total, p.num_splits), BLOCK_N) * BLOCK_N;
+  const int64_t split_begin = static_cast<int64_t>(split) * keys_per_split;
+  const int t_begin = split_begin < total ? static_cast<int>(split_begin) : total;
+  const int t_end = imin(t_begin + keys_per_split, total);
+  const int num_tiles = ceil_div(t_end - t_begin, BLOCK_N);
+
+  const T* k_head = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+  const T* v_head = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+  const T* pk_head = static_cast<const T*>(p.pk) + entry * p.pk_stride_n + hk * p.pk_stride_h;
+  const T* pv_head = static_cast<const T*>(p.pv) + entry * p.pv_stride_n + hk * p.pv_stride_h;
+  const int64_t row_base = (static_cast<int64_t>(b) * p.num_kv_heads + hk) * p.rows_per_head;
+
+  int bound[2];  // per fragment row (gid, gid + 8): the last visible virtual key
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = chunk * M_TILE + gid + 8 * h;
+    const int i = r % p.seqlen_q;
+    const int last_visible = imax(p.prefix_len - 1, p.prefix_len + seqlen - p.seqlen_q + i);
+    bound[h] = imin(last_visible, t_end - 1);
+  }
+
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t sq_base = smem_base + C::STAGES * C::STAGE_BYTES;  // Q tile when Q_IN_SMEM
+
+  // -- Q as mma A fragments: in registers, loaded once (rows gid, gid + 8 of the chunk), or
+  //    staged in shared memory with the first tile's cp.async group --
+  uint32_t qf[C::Q_IN_SMEM ? 1 : C::K_STEPS][4];
+  if constexpr (C::Q_IN_SMEM) {
+#pragma unroll
+    for (int it = 0; it < M_TILE * C::CHUNKS_PER_ROW / NUM_THREADS; ++it) {
+      const int c = tid + it * NUM_THREADS;
+      const int row = c / C::CHUNKS_PER_ROW;
+      const int col = (c % C::CHUNKS_PER_ROW) * 8;
+      const int r = chunk * M_TILE + row;
+      const bool ok = r < p.rows_per_head;
+      const T* src = static_cast<const T*>(p.q) + (ok ? (row_base + r) * HEAD_DIM + col : 0);
+      cp_async_16(sq_base + (row * C::ROW + col) * 2, src, ok ? 16 : 0);
+    }
+  } else {
+    const int r0 = chunk * M_TILE + gid;
+    const bool ok0 = r0 < p.rows_per_head;
+    const bool ok1 = r0 + 8 < p.rows_per_head;
+    const T* q0 = static_cast<const T*>(p.q) + (row_base + r0) * HEAD_DIM;
+    const T* q1 = q0 + 8 * HEAD_DIM;
+#pragma unroll
+    for (int kk = 0; kk < C::K_STEPS; ++kk) {
+      const int c = kk * 16 + 2 * tig;
+      qf[kk][0] = ok0 ? load_u32(q0 + c) : 0u;
+      qf[kk][1] = ok1 ? load_u32(q1 + c) : 0u;
+      qf[kk][2] = ok0 ? load_u32(q0 + c + 8) : 0u;
+      qf[kk][3] = ok1 ? load_u32(q1 + c + 8) : 0u;
+    }
+  }
+
+  // -- one tile: 64 keys of K and V, 16 bytes per cp.async; a tile may straddle prefix/cache --
+  auto load_tile = [&](int tile) {
+    const uint32_t sk = smem_base + (tile % C::STAGES) * C::STAGE_BYTES;
+    const uint32_t sv = sk + C::TILE_BYTES;
+    const int key0 = t_begin + tile * BLOCK_N;
+#pragma unroll C::LOAD_UNROLL
+    for (int it = 0; it < C::LOADS_PER_THREAD; ++it) {
+      const int c = tid + it * NUM_THREADS;
+      const int row = c / C::CHUNKS_PER_ROW;
+      const int col = (c % C::CHUNKS_PER_ROW) * 8;
+      const int key = key0 + row;
+      const T* ksrc = pk_head;  // any valid address: nothing is read when bytes = 0
+      const T* vsrc = pv_head;
+      int bytes = 0;
+      if (key < t_end) {
+        bytes = 16;
+        if (key < p.prefix_len) {
+          ksrc = pk_head + key * p.pk_stride_p + col;
+          vsrc = pv_head + key * p.pv_stride_p + col;
+        } else {
+          const int64_t n = key - p.prefix_len;
+          ksrc = k_head + n * p.k_stride_n + col;
+          vsrc = v_head + n * p.v_stride_n + col;
+        }
+      }
+      const uint32_t off = (row * C::ROW + col) * 2;
+      cp_async_16(sk + off, ksrc, bytes);
+      cp_async_16(sv + off, vsrc, bytes);
+    }
+  };
+
+  float o[C::D_TILES][4];
+#pragma unroll
+  for (int nd = 0; nd < C::D_TILES; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};  // this thread's share; summed over the quad at the end
+
+#pragma unroll
+  for (int s = 0; s < C::STAGES - 1; ++s) {
+    if (s < num_tiles) load_tile(s);
+    cp_async_commit();  // empty groups too: the wait count below stays exact
+  }
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    cp_async_wait<C::STAGES - 2>();  // this tile's group has landed (for this thread) ...
+    __syncthreads();  // ... for all threads; and every warp is done with the stage reused next
+    if (tile + C::STAGES - 1 < num_tiles) load_tile(tile + C::STAGES - 1);
+    cp_async_commit();
+
+    const int key0 = t_begin + tile * BLOCK_N + warp * WARP_N;
+    if (key0 >= t_end) continue;  // warp-uniform: this warp's 16 keys are all past the split
+    const uint32_t sk =
+        smem_base + (tile % C::STAGES) * C::STAGE_BYTES + warp * WARP_N * C::ROW * 2;
+    const uint32_t sv = sk + C::TILE_BYTES;
+
+    // -- S = Q K^T: x4 ldmatrix gives the B fragments of both n8 key tiles for a k16 step --
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    {
+      const int krow = (lane & 7) + ((lane >> 4) << 3);
+      const int kcol = ((lane >> 3) & 1) * 8;
+#pragma unroll
+      for (int kk = 0; kk < C::K_STEPS; ++kk) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, sk + (krow * C::ROW + kk * 16 + kcol) * 2);
+        if constexpr (C::Q_IN_SMEM) {
+          // matrices (rows 0-7 | 8-15) x (cols k0 | k0+8) are the A fragment's a0, a1, a2, a3
+          const int qrow = (lane & 7) + ((lane >> 3) & 1) * 8;
+          const int qcol = (lane >> 4) * 8;
+          ldmatrix_x4(qf[0], sq_base + (qrow * C::ROW + kk * 16 + qcol) * 2);
+          Ops::mma(s[0], qf[0], kb[0], kb[1]);
+          Ops::mma(s[1], qf[0], kb[2], kb[3]);
+        } else {
+          Ops::mma(s[0], qf[kk], kb[0], kb[1]);
+          Ops::mma(s[1], qf[kk], kb[2], kb[3]);
+        }
+      }
+    }
+
+    // -- mask (split end, causal among the new queries), online softmax in base 2 --
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key0 + nt * 8 + 2 * tig + (e & 1);
+        s[nt][e] = key <= bound[e >> 1] ? s[nt][e] * p.scale_log2 : -INFINITY;
+      }
+    float m_use[2], alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_max[h], mx);
+      // a row with nothing visible yet stays at -inf: exponentiate against 0, not -inf (NaN)
+      m_use[h] = m_new == -INFINITY ? 0.f : m_new;
+      alpha[h] = exp2f(row_max[h] - m_use[h]);
+      row_max[h] = m_new;
+      row_sum[h] *= alpha[h];
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - m_use[e >> 1]);
+        row_sum[e >> 1] += s[nt][e];
+      }
+#pragma unroll
+    for (int nd = 0; nd < C::D_TILES; ++nd) {
+      o[nd][0] *= alpha[0];
+      o[nd][1] *= alpha[0];
+      o[nd][2] *= alpha[1];
+      o[nd][3] *= alpha[1];
+    }
+
+    // -- O += P V: the S accumulators are already the A fragment layout of a k16 step --
+    uint32_t pa[4];
+    pa[0] = Ops::pack(s[0][0], s[0][1]);
+    pa[1] = Ops::pack(s[0][2], s[0][3]);
+    pa[2] = Ops::pack(s[1][0], s[1][1]);
+    pa[3] = Ops::pack(s[1][2], s[1][3]);
+    {
+      const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8;
+      const int vcol = (lane >> 4) * 8;
+#pragma unroll
+      for (int nd = 0; nd < C::D_TILES / 2; ++nd) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, sv + (vrow * C::ROW + nd * 16 + vcol) * 2);
+        Ops::mma(o[2 * nd], pa, vb[0], vb[1]);
+        Ops::mma(o[2 * nd + 1], pa, vb[2], vb[3]);
+      }
+    }
+  }
+
+  // -- merge the 4 warps' states; the pipeline's shared memory is free from here --
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
+    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
+  }
+  if (tig == 0) {
+    sm_max[warp][gid] = row_max[0];
+    sm_max[warp][gid + 8] = row_max[1];
+    sm_sum[warp][gid] = row_sum[0];
+    sm_sum[warp][gid + 8] = row_sum[1];
+  }
+  __syncthreads();
+  float* sm_o = reinterpret_cast<float*>(smem_raw);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = gid + 8 * h;
+    float m_blk = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w) m_blk = fmaxf(m_blk, sm_max[w][row]);
+    const float f = row_max[h] == -INFINITY ? 0.f : exp2f(row_max[h] - m_blk);
+    float* dst = sm_o + (warp * M_TILE + row) * C::O_ROW + 2 * tig;
+#pragma unroll
+    for (int nd = 0; nd < C::D_TILES; ++nd)
+      *reinterpret_cast<float2*>(dst + nd * 8) = make_float2(o[nd][2 * h] * f, o[nd][2 * h + 1] * f);
+  }
+  __syncthreads();
+
+  const int row = tid / ROW_THREADS;
+  const int part = tid % ROW_THREADS;
+  float m_blk = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < NUM_WARPS; ++w) m_blk = fmaxf(m_blk, sm_max[w][row]);
+  float l_blk = 0.f;
+#pragma unroll
+  for (int w = 0; w < NUM_WARPS; ++w)
+    if (sm_max[w][row] != -INFINITY) l_blk += sm_sum[w][row] * exp2f(sm_max[w][row] - m_blk);
+  float acc[C::DIMS_PER_THREAD];
+#pragma unroll
+  for (int j = 0; j < C::DIMS_PER_THREAD; j += 4) {
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w) {
+      const float4 x = *reinterpret_cast<const float4*>(
+          sm_o + (w * M_TILE + row) * C::O_ROW + part * C::DIMS_PER_THREAD + j);
+      a.x += x.x;
+      a.y += x.y;
+      a.z += x.z;
+      a.w += x.w;
+    }
+    acc[j] = a.x;
+    acc[j + 1] = a.y;
+    acc[j + 2] = a.z;
+    acc[j + 3] = a.w;
+  }
+  const int r = chunk * M_TILE + row;
+  const bool row_ok = r < p.rows_per_head;
+  const int64_t row_id = row_base + r;
+
+  if (p.num_splits == 1) {
+    if (row_ok) {
+      // split 0 holds the prefix, always visible: l_blk > 0 for every good row
+      T* dst = static_cast<T*>(p.out) + row_id * HEAD_DIM + part * C::DIMS_PER_THREAD;
+      store_row_chunk<T>(dst, acc, bad ? NAN : 1.f / l_blk);
+    }
+    return;
+  }
+
+  if (row_ok) {
+    const int64_t slot = row_id * p.num_splits + split;
+    const float mul = bad ? NAN : (l_blk > 0.f ? 1.f / l_blk : 0.f);
+    float4* dst = reinterpret_cast<float4*>(p.part_o + slot * HEAD_DIM + part * C::DIMS_PER_THREAD);
+#pragma unroll
+    for (int j = 0; j < C::DIMS_PER_THREAD / 4; ++j)
+      dst[j] = make_float4(acc[4 * j] * mul, acc[4 * j + 1] * mul, acc[4 * j + 2] * mul,
+                           acc[4 * j + 3] * mul);
+    if (part == 0)  // a bad row: lse 0 and NaN values, so the combine returns NaN
+      p.part_lse[slot] = bad ? 0.f : (l_blk > 0.f ? m_blk + log2f(l_blk) : -INFINITY);
+  }
+  if (p.counters == nullptr) return;  // block-uniform: the separate combine kernel merges
+
+  // -- the last block of this (row, head, chunk) merges all splits (threadFenceReduction) --
+  __threadfence();  // this block's partials are visible device-wide before it is counted
+  __syncthreads();
+  const int64_t counter = (static_cast<int64_t>(b) * p.num_kv_heads + hk) * p.m_chunks + chunk;
+  if (tid == 0) sm_is_last = atomicAdd(p.counters + counter, 1) == p.num_splits - 1;
+  __syncthreads();
+  if (!sm_is_last) return;
+  __threadfence();
+  combine_chunk<T, HEAD_DIM>(p, row_base, chunk, sm_o + C::EPI_O_FLOATS);
+  if (tid == 0) p.counters[counter] = 0;  // ready for the next launch on this stream
+}
+
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(NUM_THREADS) decode_combine_kernel(const DecodeParams p) {
+  __shared__ float sm_w[M_TILE * MAX_SPLITS];
+  const int chunk = blockIdx.x;
+  const int64_t row_base = (static_cast<int64_t>(blockIdx.z) * p.num_kv_heads + blockIdx.y) *
+                           p.rows_per_head;
+  combine_chunk<T, HEAD_DIM>(p, row_base, chunk, sm_w);
+}
+
+// --------------------------------------------------------------------------------------------
+// Host side
+// --------------------------------------------------------------------------------------------
+
+constexpr int MAX_DEVICES = 64;
+
+struct DeviceInfo {
+  int sms = 0;
+  int blocks_per_sm = 0;
+};
+
+// Per kernel instantiation and device: raise the shared-memory limit once, read the occupancy.
+template <typename T, int HEAD_DIM>
+DeviceInfo device_info(int device) {
+  static DeviceInfo cache[MAX_DEVICES];
+  TORCH_CHECK(device >= 0 && device < MAX_DEVICES, "decode_attention: device index ", device,
+              " out of range");
+  DeviceInfo& info = cache[device];
+  if (info.sms == 0) {
+    using C = Cfg<HEAD_DIM>;
+    auto kernel = decode_split_kernel<T, HEAD_DIM>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        C::SMEM_BYTES));
+    int sms = 0, blocks = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, NUM_THREADS,
+                                                                 C::SMEM_BYTES));
+    TORCH_CHECK(blocks > 0, "decode_attention: the head_dim ", HEAD_DIM, " kernel needs ",
+                C::SMEM_BYTES, " bytes of shared memory per block, more than this GPU has");
+    info.blocks_per_sm = blocks;
+    info.sms = sms;  // written last: a concurrent caller sees either 0 or a complete entry
+  }
+  return info;
+}
+
+// flash-attention's num_splits_heuristic: fill whole waves of resident blocks, no more splits
+// than needed, and never two split counts giving the same work per split. Work comes in units
+// of 256 keys (flash-attention's split granularity at D=64): thinner splits pay more in fixed
+// cost (prologue latency, the partials, the combine) than they gain in parallelism.
+constexpr int SPLIT_UNIT = 4 * BLOCK_N;
+int choose_num_splits(int64_t base_blocks, int max_keys, const DeviceInfo& info) {
+  const int64_t slots = static_cast<int64_t>(info.sms) * info.blocks_per_sm;
+  if (base_blocks >= slots * 4 / 5) return 1;
+  const int n_units = std::max(1, (max_keys + SPLIT_UNIT - 1) / SPLIT_UNIT);
+  const int max_splits = std::min(MAX_SPLITS, n_units);
+  auto eligible = [&](int s) {
+    return s == 1 || (n_units + s - 1) / s != (n_units + s - 2) / (s - 1);
+  };
+  float eff[MAX_SPLITS + 1] = {};
+  float best = 0.f;
+  for (int s = 1; s <= max_splits; ++s) {
+    if (!eligible(s)) continue;
+    const float waves = static_cast<float>(base_blocks * s) / slots;
+    eff[s] = waves / std::ceil(waves);
+    best = std::max(best, eff[s]);
+  }
+  for (int s = 1; s <= max_splits; ++s)
+    if (eligible(s) && eff[s] >= 0.85f * best) return s;
+  return 1;
+}
+
+void check_rows_16b(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.stride(-1) == 1, "decode_attention: ", name,
+              " must be contiguous in head_dim (stride(-1) == 1), got strides ", t.strides());
+  for (int d = 0; d < t.dim() - 1; ++d)
+    TORCH_CHECK(t.size(d) <= 1 || t.stride(d) % 8 == 0, "decode_attention: ", name,
+                " needs strides that are multiples of 8 elements (16-byte rows), got ",
+                t.strides());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "decode_attention: ", name,
+              " must start on a 16-byte boundary");
+}
+
+template <typename T, int HEAD_DIM>
+void run_decode(DecodeParams& p, int64_t requested_splits, int64_t max_keys, int batch,
+                int device, const at::Tensor& q, std::optional<at::Tensor>& part_o,
+                std::optional<at::Tensor>& part_lse, bool fused_combine, cudaStream_t stream) {
+  using C = Cfg<HEAD_DIM>;
+  const DeviceInfo info = device_info<T, HEAD_DIM>(device);
+  const int64_t base_blocks = static_cast<int64_t>(batch) * p.num_kv_heads * p.m_chunks;
+  int splits = requested_splits > 0
+                   ? static_cast<int>(std::min<int64_t>(requested_splits, MAX_SPLITS))
+                   : choose_num_splits(base_blocks, static_cast<int>(max_keys), info);
+  p.num_splits = splits;
+  if (splits > 1) {
+    const int64_t rows = static_cast<int64_t>(batch) * p.num_kv_heads * p.rows_per_head;
+    part_o = at::empty({rows, splits, HEAD_DIM}, q.options().dtype(at::kFloat));
+    part_lse = at::empty({rows, splits}, q.options().dtype(at::kFloat));
+    p.part_o = part_o->data_ptr<float>();
+    p.part_lse = part_lse->data_ptr<float>();
+  }
+  if (!fused_combine || splits == 1) p.counters = nullptr;
+  TORCH_CHECK(static_cast<int64_t>(splits) * p.m_chunks <= INT32_MAX, "decode_attention: grid too large");
+  const dim3 grid(splits * p.m_chunks, p.num_kv_heads, batch);
+  decode_split_kernel<T, HEAD_DIM><<<grid, NUM_THREADS, C::SMEM_BYTES, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1 && p.counters == nullptr) {
+    const dim3 cgrid(p.m_chunks, p.num_kv_heads, batch);
+    decode_combine_kernel<T, HEAD_DIM><<<cgrid, NUM_THREADS, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T>
+void run_for_head_dim(int head_dim, DecodeParams& p, int64_t requested_splits, int64_t max_keys,
+                      int batch, int device, const at::Tensor& q,
+                      std::optional<at::Tensor>& part_o, std::optional<at::Tensor>& part_lse,
+                      bool fused_combine, cudaStream_t stream) {
+  switch (head_dim) {
+    case 64:
+      run_decode<T, 64>(p, requested_splits, max_keys, batch, device, q, part_o, part_lse,
+                        fused_combine, stream);
+      break;
+    case 128:
+      run_decode<T, 128>(p, requested_splits, max_keys, batch, device, q, part_o, part_lse,
+                         fused_combine, stream);
+      break;
+    case 256:
+      run_decode<T, 256>(p, requested_splits, max_keys, batch, device, q, part_o, part_lse,
+                         fused_combine, stream);
+      break;
+    default:
+      TORCH_CHECK(false, "decode_attention: head_dim must be 64, 128 or 256, got ", head_dim);
+  }
+}
+
+}  // namespace
+
+#define PK_STRINGIFY_ARGS(...) #__VA_ARGS__
+#define PK_STRINGIFY(...) PK_STRINGIFY_ARGS(__VA_ARGS__)
+
+// The SASS targets this object was built for, e.g. "900": lets Python reject a prebuilt
+// extension that carries no code for the current GPU.
+std::string decode_compiled_archs() {
+#ifdef __CUDA_ARCH_LIST__
+  return PK_STRINGIFY(__CUDA_ARCH_LIST__);
+#else
+  return "";
+#endif
+}
+
+at::Tensor decode_attention_fwd(const at::Tensor& q, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                const std::optional<at::Tensor>& prefix_index, double scale,
+                                int64_t num_splits, int64_t max_seqlen,
+                                const std::optional<at::Tensor>& counters) {
+  // -- shapes --
+  TORCH_CHECK(q.dim() == 4, "decode_attention: q must be [B, Hq, Sq, D], got ", q.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4,
+              "decode_attention: k_cache and v_cache must be [B, Hkv, Smax, D], got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "decode_attention: k_cache ", k_cache.sizes(),
+              " and v_cache ", v_cache.sizes(), " differ");
+  TORCH_CHECK(prefix_k.dim() == 4 && prefix_k.sizes() == prefix_v.sizes(),
+              "decode_attention: prefix_k and prefix_v must both be [N, Hkv, P, D], got ",
+              prefix_k.sizes(), " and ", prefix_v.sizes());
+  const int64_t batch = q.size(0), hq = q.size(1), sq = q.size(2), d = q.size(3);
+  const int64_t hkv = k_cache.size(1), smax = k_cache.size(2);
+  const int64_t n_entries = prefix_k.size(0), plen = prefix_k.size(2);
+  TORCH_CHECK(k_cache.size(0) == batch && k_cache.size(3) == d, "decode_attention: k_cache ",
+              k_cache.sizes(), " does not match q ", q.sizes(), " in batch or head_dim");
+  TORCH_CHECK(hkv >= 1 && hq % hkv == 0, "decode_attention: query heads (", hq,
+              ") must be a multiple of KV heads (", hkv, ")");
+  TORCH_CHECK(prefix_k.size(1) == hkv && prefix_k.size(3) == d, "decode_attention: prefix_k ",
+              prefix_k.sizes(), " must have Hkv=", hkv, " and head_dim=", d);
+  TORCH_CHECK(plen >= 1 && n_entries >= 1, "decode_attention: the bank needs N >= 1 entries and "
+              "P >= 1 slots, got ", prefix_k.sizes());
+  TORCH_CHECK(sq >= 1, "decode_attention: q needs at least one query (Sq >= 1)");
+  TORCH_CHECK(d == 64 || d == 128 || d == 256, "decode_attention: head_dim must be 64, 128 or "
+              "256, got ", d);
+  TORCH_CHECK(batch <= 65535 && hkv <= 65535, "decode_attention: batch and KV heads must be "
+              "<= 65535 (grid limits), got ", batch, " and ", hkv);
+  TORCH_CHECK(smax <= INT32_MAX - plen, "decode_attention: cache too long");
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == batch &&
+                  cache_seqlens.scalar_type() == at::kInt,
+              "decode_attention: cache_seqlens must be int32 [", batch, "], got ",
+              cache_seqlens.scalar_type(), " ", cache_seqlens.sizes());
+  if (prefix_index.has_value())
+    TORCH_CHECK(prefix_index->dim() == 1 && prefix_index->size(0) == batch &&
+                    prefix_index->scalar_type() == at::kInt,
+                "decode_attention: prefix_index must be int32 [", batch, "], got ",
+                prefix_index->scalar_type(), " ", prefix_index->sizes());
+
+  // -- dtypes, devices, layouts --
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16,
+              "decode_attention: q must be float16 or bfloat16, got ", dtype);
+  for (const at::Tensor* t : {&k_cache, &v_cache, &prefix_k, &prefix_v})
+    TORCH_CHECK(t->scalar_type() == dtype, "decode_attention: all of q, k_cache, v_cache, "
+                "prefix_k, prefix_v must share one dtype, got ", t->scalar_type(), " vs ", dtype);
+  TORCH_CHECK(q.is_cuda(), "decode_attention: q must be a CUDA tensor");
+  for (const at::Tensor* t : {&k_cache, &v_cache, &prefix_k, &prefix_v, &cache_seqlens})
+    TORCH_CHECK(t->device() == q.device(), "decode_attention: every tensor must be on ",
+                q.device(), ", found one on ", t->device());
+  if (prefix_index.has_value())
+    TORCH_CHECK(prefix_index->device() == q.device(), "decode_attention: prefix_index is on ",
+                prefix_index->device(), ", q on ", q.device());
+  TORCH_CHECK(q.is_contiguous(), "decode_attention: q must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0,
+              "decode_attention: q must start on a 16-byte boundary");
+  TORCH_CHECK(cache_seqlens.is_contiguous(), "decode_attention: cache_seqlens must be contiguous");
+  if (prefix_index.has_value())
+    TORCH_CHECK(prefix_index->is_contiguous(), "decode_attention: prefix_index must be contiguous");
+  check_rows_16b(k_cache, "k_cache");
+  check_rows_16b(v_cache, "v_cache");
+  check_rows_16b(prefix_k, "prefix_k");
+  check_rows_16b(prefix_v, "prefix_v");
+  TORCH_CHECK(num_splits >= 0 && num_splits <= MAX_SPLITS, "decode_attention: num_splits must "
+              "be in [0, ", MAX_SPLITS, "] (0 = automatic), got ", num_splits);
+
+  const int64_t rows_per_head = (hq / hkv) * sq;
+  const int64_t m_chunks = (rows_per_head + M_TILE - 1) / M_TILE;
+  TORCH_CHECK(rows_per_head <= INT32_MAX / 2, "decode_attention: too many query rows per head");
+  const bool fused_combine = counters.has_value();
+  if (fused_combine) {
+    TORCH_CHECK(counters->scalar_type() == at::kInt && counters->is_contiguous() &&
+                    counters->device() == q.device(),
+                "decode_attention: counters must be a contiguous int32 tensor on ", q.device());
+    TORCH_CHECK(counters->numel() >= batch * hkv * m_chunks, "decode_attention: counters needs ",
+                batch * hkv * m_chunks, " entries, got ", counters->numel());
+  }
+
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (batch == 0 || hq == 0) return out;
+
+  c10::cuda::CUDAGuard device_guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
+
+  DecodeParams p{};
+  p.q = q.data_ptr();
+  p.k = k_cache.data_ptr();
+  p.v = v_cache.data_ptr();
+  p.pk = prefix_k.data_ptr();
+  p.pv = prefix_v.data_ptr();
+  p.seqlens = cache_seqlens.data_ptr<int>();
+  p.prefix_index = prefix_index.has_value() ? prefix_index->data_ptr<int>() : nullptr;
+  p.out = out.data_ptr();
+  p.counters = fused_combine ? counters->data_ptr<int>() : nullptr;
+  p.k_stride_b = k_cache.stride(0);
+  p.k_stride_h = k_cache.stride(1);
+  p.k_stride_n = k_cache.stride(2);
+  p.v_stride_b = v_cache.stride(0);
+  p.v_stride_h = v_cache.stride(1);
+  p.v_stride_n = v_cache.stride(2);
+  p.pk_stride_n = prefix_k.stride(0);
+  p.pk_stride_h = prefix_k.stride(1);
+  p.pk_stride_p = prefix_k.stride(2);
+  p.pv_stride_n = prefix_v.stride(0);
+  p.pv_stride_h = prefix_v.stride(1);
+  p.pv_stride_p = prefix_v.stride(2);
+  p.num_kv_heads = static_cast<int>(hkv);
+  p.seqlen_q = static_cast<int>(sq);
+  p.rows_per_head = static_cast<int>(rows_per_head);
+  p.m_chunks = static_cast<int>(m_chunks);
+  p.max_cache_len = static_cast<int>(smax);
+  p.prefix_len = static_cast<int>(plen);
+  p.num_entries = static_cast<int>(std::min<int64_t>(n_entries, INT32_MAX));
+  p.scale_log2 = static_cast<float>(scale) * LOG2E;
+
+  const int64_t hint = max_seqlen > 0 ? std::min(max_seqlen, smax) : smax;
+  std::optional<at::Tensor> part_o, part_lse;  // kept alive until the launches are queued
+  const int device = q.get_device();
+  if (dtype == at::kHalf)
+    run_for_head_dim<__half>(static_cast<int>(d), p, num_splits, plen + hint,
+                             static_cast<int>(batch), device, q, part_o, part_lse, fused_combine,
+                             stream);
+  else
+    run_for_head_dim<__nv_bfloat16>(static_cast<int>(d), p, num_splits, plen + hint,
+                                    static_cast<int>(batch), device, q, part_o, part_lse,
+                                    fused_combine, stream);
+  return out;
+}
+
+}  // namespace prefix_kernels
