@@ -131,7 +131,7 @@ def environment(device) -> dict:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        commit = os.environ.get("PREFIX_KERNELS_GIT_COMMIT", "unknown")   # a copy without .git
     return {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor()})",
             "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
             "peft": peft_version, "git_commit": commit, "python": platform.python_version(),
