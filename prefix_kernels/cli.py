@@ -27,7 +27,12 @@ def _bench(argv):
     return importlib.import_module(BENCHES[argv[0]]).main(argv[1:])
 
 
-COMMANDS = {"bench": _bench, "info": _info}
+def _train(argv):
+    from . import train
+    return train.main(argv)
+
+
+COMMANDS = {"bench": _bench, "train": _train, "info": _info}
 
 
 def main(argv=None):
@@ -35,6 +40,7 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: prefix-kernels {" + ",".join(COMMANDS) + "} ...\n"
               "  bench attention   side-by-side attention benchmark (the main job)\n"
+              "  train             prefix-tune a model on prompt/completion JSONL (no args: a CPU demo)\n"
               "  info              versions, GPU and git commit", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:])
