@@ -6,7 +6,9 @@
 //
 // One block = one (row, KV head, 16-query-row chunk, split of the keys). The chunk's rows are
 // the G query heads x Sq queries of the GQA group (row r = g * Sq + i), so each K/V tile is read
-// from memory once for the whole group. Tiles of 64 keys stream global -> shared with 16-byte
+// from memory once for the whole group (when G * Sq > 16, each 16-row chunk is a block of its
+// own; the chunks of one split are launched side by side, so their repeated reads hit L2).
+// Tiles of 64 keys stream global -> shared with 16-byte
 // cp.async, STAGES deep; each of the 4 warps takes 16 keys of a tile and runs its own online
 // softmax on tensor cores (mma.sync m16n8k16, fp32 accumulators); the warps merge at the end.
 // Splits write a partial (out, log2-sum-exp) per row; the last block of a (row, head, chunk)
