@@ -8,9 +8,9 @@
 // the G query heads x Sq queries of the GQA group (row r = g * Sq + i), so each K/V tile is read
 // from memory once for the whole group (when G * Sq > 16, each 16-row chunk is a block of its
 // own; the chunks of one split are launched side by side, so their repeated reads hit L2).
-// Tiles of 64 keys stream global -> shared with 16-byte
-// cp.async, STAGES deep; each of the 4 warps takes 16 keys of a tile and runs its own online
-// softmax on tensor cores (mma.sync m16n8k16, fp32 accumulators); the warps merge at the end.
+// Tiles of 64 keys stream global -> shared with 16-byte cp.async, STAGES deep; each of the 4
+// warps takes 16 keys of a tile and runs its own online softmax on tensor cores (mma.sync
+// m16n8k16, fp32 accumulators); the warps merge at the end.
 // Splits write a partial (out, log2-sum-exp) per row; the last block of a (row, head, chunk)
 // to finish merges them (a per-stream counter that the last block resets), or a separate
 // combine kernel does when no counter buffer is given.
