@@ -222,8 +222,7 @@ def test_extension_is_unavailable_without_gpu_or_when_disabled(monkeypatch):
 
 def test_build_key_names_versions_and_arch():
     from prefix_kernels.ops import _build
-    sources = [_build.csrc_dir() / name for name in _build._SOURCES]
-    key = _build._build_key("90", sources)
+    key = _build._build_key("90")
     assert "sm90" in key and "torch" in key and key.startswith("pk")
     assert _build._arch_flags("90") == ["-gencode=arch=compute_90,code=sm_90"]
 
@@ -233,8 +232,7 @@ def test_import_builds_nothing():
     import subprocess
     import sys
     code = ("import sys, prefix_kernels; from prefix_kernels.ops import decode; "
-            "assert 'prefix_kernels.ops._build' not in sys.modules, 'imported _build'; "
-            "assert 'torch.utils.cpp_extension' not in sys.modules, 'imported cpp_extension'")
+            "assert 'prefix_kernels.ops._build' not in sys.modules, 'imported _build'")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=root,
                    env={**os.environ, "PYTHONPATH": root})

@@ -33,7 +33,8 @@ import torch
 
 log = logging.getLogger("prefix_kernels")
 
-_SOURCES = ("decode_attention.cu", "bindings.cpp")
+_SOURCES = ("decode_attention.cu", "bindings.cpp")      # compiled; headers beside them included
+_HASHED = ("*.cu", "*.cuh", "*.cpp", "*.h")
 
 
 def csrc_dir() -> Path:
@@ -64,18 +65,18 @@ def _arch_flags(arch: str) -> list[str]:
     return [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
 
 
-def _source_hash(paths: list[Path]) -> str:
+def _source_hash(directory: Path) -> str:
     digest = hashlib.sha256()
-    for path in paths:
+    for path in sorted(p for pattern in _HASHED for p in directory.glob(pattern)):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 
-def _build_key(arch: str, sources: list[Path]) -> str:
+def _build_key(arch: str) -> str:
     from .. import __version__
     raw = (f"pk{__version__}-torch{torch.__version__}-cu{torch.version.cuda}-sm{arch}-"
-           f"{_source_hash(sources)}")
+           f"{_source_hash(csrc_dir())}")
     return re.sub(r"[^A-Za-z0-9_.-]", "_", raw)
 
 
@@ -121,7 +122,7 @@ def _jit_build() -> ModuleType:
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError("nvcc not found: set CUDA_HOME to the CUDA toolkit")
     arch = _device_arch()
-    key = _build_key(arch, sources)
+    key = _build_key(arch)
     build_dir = _cache_root() / key
     build_dir.mkdir(parents=True, exist_ok=True)
     verbose = os.environ.get("PREFIX_KERNELS_VERBOSE_BUILD") == "1"
