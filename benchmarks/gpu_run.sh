@@ -10,6 +10,7 @@ for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
     optests) PREFIX_KERNELS_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:logging tests/test_prefix_attention.py > $OUT/optests.log 2>&1; summary $OUT/optests.log ;;
+    optests-quick) PREFIX_KERNELS_AUTOTUNE=0 timeout 120 python3 -m pytest -q -p no:logging tests/test_prefix_attention.py -k "unused or determin or poisons or mha or gqa4" > $OUT/optests.log 2>&1; summary $OUT/optests.log ;;
     optests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:logging tests/test_prefix_attention.py -k "gpu or low_precision or compile or determin or only_requested or unused" > $OUT/optests.log 2>&1; summary $OUT/optests.log ;;
     hftests-gpu) timeout 300 python3 -m pytest -q -p no:logging -m gpu tests/test_patch_model.py > $OUT/hftests.log 2>&1; summary $OUT/hftests.log ;;
     decodetests-gpu) timeout 400 python3 -m pytest -q -p no:logging -m gpu tests/test_decode.py > $OUT/decodetests.log 2>&1; summary $OUT/decodetests.log ;;

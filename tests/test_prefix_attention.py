@@ -223,6 +223,19 @@ def test_bad_input_raises_a_named_error(mutate, message):
                             args.pop("prefix_v"), **args)
 
 
+def test_out_of_range_entry_on_the_device_poisons_only_its_row():
+    # A device-resident prefix_index is not checked on the host (a sync per layer); the kernel
+    # clamps its reads and makes that row NaN instead of silently wrong.
+    device = kernel_device()
+    tensors, index, _ = make_inputs(B=3, SQ=9, N=3, device=device)
+    bad = torch.tensor([0, 7, 2], device=device)
+    from prefix_kernels.ops.prefix_attention import _PrefixAttention
+    out = _PrefixAttention.apply(*tensors, bad, None, 1 / math.sqrt(tensors[0].shape[-1]), True)
+    assert torch.isnan(out[1]).all()
+    want = reference_prefix_attention(*tensors, torch.tensor([0, 0, 2], device=device))
+    torch.testing.assert_close(out[[0, 2]], want[[0, 2]], rtol=1e-4, atol=1e-5)
+
+
 def test_triton_backend_on_cpu_without_interpreter_says_what_to_do(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     tensors, index, _ = make_inputs(SQ=4)
