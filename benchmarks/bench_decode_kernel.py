@@ -24,11 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,6 +33,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from prefix_kernels.bench import common  # noqa: E402
 from prefix_kernels.ops import decode as dec  # noqa: E402
 from prefix_kernels.ops.reference import reference_prefix_attention  # noqa: E402
 
@@ -52,39 +49,16 @@ L2_BUSTING_BYTES = 512 << 20
 # Environment, timing
 # --------------------------------------------------------------------------------------------
 
-def git_commit() -> str | None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("PREFIX_KERNELS_GIT_COMMIT")
-
-
 def environment() -> dict:
-    import triton
-    return {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "git_commit": git_commit(),
-    }
+    return common.environment()
 
 
 def slug(name: str) -> str:
-    name = name.lower().replace("nvidia", "")
-    return "-".join("".join(c if c.isalnum() else " " for c in name).split()) or "gpu"
+    return common.device_slug({"device": name})
 
 
 def results_dir() -> Path:
-    path = Path(os.environ.get("PREFIX_KERNELS_RESULTS", ROOT / "benchmarks" / "results"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return common.results_dir()
 
 
 def bench_ms(fn) -> float:

@@ -21,8 +21,6 @@ import argparse
 import gc
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -115,27 +113,11 @@ def run_case(case, config, batch, seq, prefix_len, device, dtype, warmup, steps)
 
 
 def environment(device) -> dict:
-    import transformers
+    from prefix_kernels.bench.common import environment as common_environment
 
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        import peft
-        peft_version = peft.__version__
-    except ImportError:
-        peft_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("PREFIX_KERNELS_GIT_COMMIT", "unknown")   # a copy without .git
-    return {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor()})",
-            "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
-            "peft": peft_version, "git_commit": commit, "python": platform.python_version(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    env = common_environment()
+    env["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else env["device"]
+    return env
 
 
 def verdicts(rows) -> list[str]:

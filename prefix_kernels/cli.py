@@ -1,7 +1,6 @@
 """`prefix-kernels bench | train | serve | info`."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 BENCHES = {

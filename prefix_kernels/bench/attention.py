@@ -11,7 +11,6 @@ the prefix, in one process run:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch

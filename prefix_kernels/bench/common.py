@@ -29,7 +29,7 @@ def environment() -> dict:
     return env
 
 
-def git_commit() -> str | None:
+def git_commit() -> str:
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
@@ -38,7 +38,7 @@ def git_commit() -> str | None:
                                capture_output=True, text=True).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("PREFIX_KERNELS_GIT_COMMIT")
+        return os.environ.get("PREFIX_KERNELS_GIT_COMMIT", "unknown")   # a copy without .git
 
 
 def device_slug(env: dict) -> str:
