@@ -192,6 +192,19 @@ def _resolve_index(state, ids, batch, from_generate):
     return index
 
 
+def _index_on_device(index, bank, device):
+    """Check the row -> entry index on the host and move it to the device once per forward, so
+    the layers neither copy it nor sync on it."""
+    if index is None:
+        return None
+    if index.device.type == "cpu" and index.numel():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= bank.num_entries:
+            raise ValueError(f"prefix_ids has entries in [{lo}, {hi}], out of range: the bank has "
+                             f"{bank.num_entries} entries {bank.names}")
+    return index.to(device, non_blocking=True)
+
+
 def _positions(state, model, kwargs, batch, seq, device):
     offset = state.offset
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -236,7 +249,7 @@ def _before_forward(model, args, kwargs):
     if x is None:
         raise ValueError("the patched model needs input_ids or inputs_embeds")
     batch, seq = x.shape[0], x.shape[1]
-    state.index = _resolve_index(state, ids, batch, from_generate)
+    state.index = _index_on_device(_resolve_index(state, ids, batch, from_generate), state.bank, x.device)
     state.prefix = state.bank.materialize(model.get_input_embeddings().weight.dtype)
     if state.prefix.grad_fn is not None and _reentrant_checkpointing(model):
         raise ValueError("gradient checkpointing with use_reentrant=True runs each layer's backward on its "

@@ -517,6 +517,11 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
     return out, lse
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _prefix_splits(sq, rows, p, own_grad, device):
     """How many query ranges each prefix key block is split over.
 
@@ -526,7 +531,8 @@ def _prefix_splits(sq, rows, p, own_grad, device):
     if own_grad:
         want = 2
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else 4
         want = triton.cdiv(2 * sms, rows * triton.cdiv(p, 64))
     return max(1, min(want, triton.cdiv(sq, 64), 64))
 
