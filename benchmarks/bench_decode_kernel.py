@@ -116,16 +116,17 @@ def bytes_moved(batch: int, context: int) -> int:
     return kv + prefix + q_out
 
 
-def variant_calls(name: str, x: dict, context: int, ext):
-    """A zero-argument callable computing the decode output for inputs x, and what it runs."""
+def variant_calls(name: str, x: dict, context: int, ext, splits: int | None = None):
+    """A zero-argument callable computing the decode output for inputs x, and what it runs.
+    splits: force the key-split count of the CUDA/Triton kernels (None = their heuristic)."""
     scale = 1.0 / math.sqrt(D)
     if name == "cuda":
         counters = torch.zeros(4096, dtype=torch.int32, device="cuda")
         return lambda: ext.decode_attention_fwd(x["q"], x["k"], x["v"], x["lens"], x["pk"], x["pv"],
-                                                x["pidx"], scale, 0, context, counters)
+                                                x["pidx"], scale, splits or 0, context, counters)
     if name == "triton":
         return lambda: dec._launch_triton(x["q"], x["k"], x["v"], x["lens"], x["pk"], x["pv"],
-                                          x["pidx"], scale, P + context, None)
+                                          x["pidx"], scale, P + context, splits)
     if name == "sdpa_concat":
         # PEFT's layout: the row's prefix sits in front of its cache; the copy is not timed
         pidx = x["pidx"].long()
@@ -255,5 +256,30 @@ def plot(rows: list[dict], copy_gbs: float, env: dict, path: Path) -> None:
     print(f"# wrote {path}")
 
 
+def sweep_splits() -> int:
+    """--sweep-splits: % of copy bandwidth against the forced split count (B=32, 4k and 16k),
+    to see whether the split heuristics leave bandwidth unused."""
+    ext, how = dec._extension()
+    env = environment()
+    copy_gbs = copy_bandwidth_gbs()
+    rows = []
+    for context in (4096, 16384):
+        moved = bytes_moved(32, context)
+        inputs = [make_inputs(32, context, seed) for seed in range(max(1, math.ceil(L2_BUSTING_BYTES / moved)))]
+        for name in (["cuda"] if ext is not None else []) + ["triton"]:
+            for splits in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
+                ms = graph_ms_per_call([variant_calls(name, x, context, ext, splits) for x in inputs])
+                rows.append(dict(variant=name, batch=32, context=context, splits=splits, ms=ms,
+                                 frac_copy=moved / ms / 1e6 / copy_gbs))
+                print(f"{name:>7} ctx {context:>6} splits {splits:>3}: {ms * 1e3:7.1f} us "
+                      f"{100 * rows[-1]['frac_copy']:5.1f}% of copy")
+        del inputs
+        torch.cuda.empty_cache()
+    path = results_dir() / f"decode-kernel-splits-{slug(env['device'])}.json"
+    path.write_text(json.dumps(dict(env=env, extension=how, copy_gbs=copy_gbs, rows=rows), indent=2) + "\n")
+    print(f"# wrote {path}")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(sweep_splits() if "--sweep-splits" in sys.argv[1:] else main())

@@ -19,6 +19,7 @@ for step in "$@"; do
     attention) timeout 420 python3 benchmarks/bench_attention.py > $OUT/bench_attention.log 2>&1; grep -v "^shapes\|it/s\]" $OUT/bench_attention.log | tail -45 ;;
     training) timeout 420 python3 benchmarks/bench_training.py --out $OUT > $OUT/bench_training.log 2>&1; tail -30 $OUT/bench_training.log ;;
     decode) timeout 300 python3 benchmarks/bench_decode_kernel.py > $OUT/bench_decode.log 2>&1; tail -30 $OUT/bench_decode.log ;;
+    decode-splits) timeout 200 python3 benchmarks/bench_decode_kernel.py --sweep-splits 2>&1 | tee $OUT/decode_splits.log ;;
     *) echo "unknown step $step" ;;
   esac
 done
