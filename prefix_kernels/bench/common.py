@@ -30,6 +30,10 @@ def environment() -> dict:
 
 
 def git_commit() -> str:
+    """The commit measured. PREFIX_KERNELS_GIT_COMMIT wins: the device machine gets a copy of the
+    working tree whose .git can be stale (it reported the session's first commit, '-dirty')."""
+    if os.environ.get("PREFIX_KERNELS_GIT_COMMIT"):
+        return os.environ["PREFIX_KERNELS_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
@@ -38,7 +42,7 @@ def git_commit() -> str:
                                capture_output=True, text=True).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("PREFIX_KERNELS_GIT_COMMIT", "unknown")   # a copy without .git
+        return "unknown"
 
 
 def device_slug(env: dict) -> str:
