@@ -8,8 +8,22 @@ import glob
 import os
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
-ext_modules, cmdclass = [], {}
+
+class BuildPyWithCsrc(build_py):
+    """Ship csrc/ inside the package as prefix_kernels/_csrc: an installed wheel has no checkout
+    to JIT-build the decode kernel from."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "prefix_kernels", "_csrc")
+        self.mkpath(target)
+        for path in sorted(glob.glob(os.path.join("csrc", "*"))):
+            self.copy_file(path, os.path.join(target, os.path.basename(path)))
+
+
+ext_modules, cmdclass = [], {"build_py": BuildPyWithCsrc}
 if os.environ.get("PREFIX_KERNELS_BUILD_CUDA") == "1":
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
@@ -18,6 +32,6 @@ if os.environ.get("PREFIX_KERNELS_BUILD_CUDA") == "1":
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     ext_modules = [CUDAExtension("prefix_kernels._C", sources,
                                  extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]})]
-    cmdclass = {"build_ext": BuildExtension}
+    cmdclass["build_ext"] = BuildExtension
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

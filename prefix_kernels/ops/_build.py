@@ -38,9 +38,13 @@ _HASHED = ("*.cu", "*.cuh", "*.cpp", "*.h")
 
 
 def csrc_dir() -> Path:
-    """csrc/ of a source checkout (editable install), or $PREFIX_KERNELS_CSRC."""
+    """$PREFIX_KERNELS_CSRC, else the copy a wheel ships (prefix_kernels/_csrc, see setup.py),
+    else csrc/ of a source checkout (editable install)."""
     env = os.environ.get("PREFIX_KERNELS_CSRC")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "csrc"
+    if env:
+        return Path(env)
+    shipped = Path(__file__).resolve().parents[1] / "_csrc"
+    return shipped if shipped.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
 
 
 def _cache_root() -> Path:
