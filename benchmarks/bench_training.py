@@ -10,6 +10,7 @@ floor). Cases, each on a freshly built model (random weights from the config, bf
   floor               frozen model, no prefix, activation grads only (inputs_embeds.requires_grad)
   peft-lora-r8        PEFT LoRA r=8 on q_proj, v_proj
   full-finetune       every weight trained, AdamW
+  prefix-kernels-atomic-dq   (only with --cases) prefix-kernels with PREFIX_KERNELS_ATOMIC_DQ=1
 Warm-up steps, then the mean over timed steps (CUDA-synchronized). Peak memory is
 torch.cuda.max_memory_allocated over the case, weights included. A case that fails (out of
 memory, say) is reported with its error, never dropped. Results: a table on stdout, JSON and a PNG
@@ -27,6 +28,7 @@ import time
 import torch
 
 CASES = ["prefix-kernels", "peft-prefix", "floor", "peft-lora-r8", "full-finetune"]
+EXTRA_CASES = ["prefix-kernels-atomic-dq"]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -49,7 +51,7 @@ def build_case(case: str, config, prefix_len: int, device, dtype):
     with torch.device(device):     # initialize on the GPU: a CPU init of 1.1B weights takes tens of seconds
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     model.train()
-    if case == "prefix-kernels":
+    if case.startswith("prefix-kernels"):
         import prefix_kernels as pk
 
         bank = pk.patch_model(model, prefix_len)
@@ -76,6 +78,7 @@ def _sync(device):
 
 
 def run_case(case, config, batch, seq, prefix_len, device, dtype, warmup, steps) -> dict:
+    os.environ["PREFIX_KERNELS_ATOMIC_DQ"] = "1" if case == "prefix-kernels-atomic-dq" else "0"
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -145,14 +148,15 @@ def verdicts(rows) -> list[str]:
 
 def print_table(shape, rows, out=sys.stdout):
     print(f"\n## {shape}", file=out)
-    print(f"| {'case':<15} | {'ms/step':>9} | {'tokens/s':>10} | {'peak GiB':>9} | {'trainable':>12} |", file=out)
-    print(f"|{'-' * 17}|{'-' * 11}|{'-' * 12}|{'-' * 11}|{'-' * 14}|", file=out)
+    w = max(15, *(len(r["case"]) for r in rows))
+    print(f"| {'case':<{w}} | {'ms/step':>9} | {'tokens/s':>10} | {'peak GiB':>9} | {'trainable':>12} |", file=out)
+    print(f"|{'-' * (w + 2)}|{'-' * 11}|{'-' * 12}|{'-' * 11}|{'-' * 14}|", file=out)
     for r in rows:
         if "error" in r:
-            print(f"| {r['case']:<15} | {'failed: ' + r['error'][:60]} |", file=out)
+            print(f"| {r['case']:<{w}} | {'failed: ' + r['error'][:60]} |", file=out)
             continue
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a"
-        print(f"| {r['case']:<15} | {r['ms_per_step']:>9.1f} | {r['tokens_per_s']:>10.0f} | {peak:>9} | "
+        print(f"| {r['case']:<{w}} | {r['ms_per_step']:>9.1f} | {r['tokens_per_s']:>10.0f} | {peak:>9} | "
               f"{r['trainable_params']:>12,} |", file=out)
     for line in verdicts(rows):
         print(line, file=out)
@@ -191,7 +195,7 @@ def plot(results, path):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model on the CPU: a smoke run")
-    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES + EXTRA_CASES)
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; quick 2)")
     parser.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
