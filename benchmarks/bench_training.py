@@ -10,7 +10,6 @@ floor). Cases, each on a freshly built model (random weights from the config, bf
   floor               frozen model, no prefix, activation grads only (inputs_embeds.requires_grad)
   peft-lora-r8        PEFT LoRA r=8 on q_proj, v_proj
   full-finetune       every weight trained, AdamW
-  prefix-kernels-atomic-dq   (only with --cases) prefix-kernels with PREFIX_KERNELS_ATOMIC_DQ=1
 Warm-up steps, then the mean over timed steps (CUDA-synchronized). Peak memory is
 torch.cuda.max_memory_allocated over the case, weights included. A case that fails (out of
 memory, say) is reported with its error, never dropped. Results: a table on stdout, JSON and a PNG
@@ -28,7 +27,6 @@ import time
 import torch
 
 CASES = ["prefix-kernels", "peft-prefix", "floor", "peft-lora-r8", "full-finetune"]
-EXTRA_CASES = ["prefix-kernels-atomic-dq"]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -51,7 +49,7 @@ def build_case(case: str, config, prefix_len: int, device, dtype):
     with torch.device(device):     # initialize on the GPU: a CPU init of 1.1B weights takes tens of seconds
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     model.train()
-    if case.startswith("prefix-kernels"):
+    if case == "prefix-kernels":
         import prefix_kernels as pk
 
         bank = pk.patch_model(model, prefix_len)
@@ -78,7 +76,6 @@ def _sync(device):
 
 
 def run_case(case, config, batch, seq, prefix_len, device, dtype, warmup, steps) -> dict:
-    os.environ["PREFIX_KERNELS_ATOMIC_DQ"] = "1" if case == "prefix-kernels-atomic-dq" else "0"
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -195,7 +192,7 @@ def plot(results, path):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model on the CPU: a smoke run")
-    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES + EXTRA_CASES)
+    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; quick 2)")
     parser.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")

@@ -18,8 +18,8 @@ for step in "$@"; do
     host) timeout 200 python3 benchmarks/profile_host.py 2>&1 | tee $OUT/host.log | cut -c1-160 ;;
     attention) timeout 420 python3 benchmarks/bench_attention.py > $OUT/bench_attention.log 2>&1; grep -v "^shapes\|it/s\]" $OUT/bench_attention.log | tail -45 ;;
     training) timeout 420 python3 benchmarks/bench_training.py --out $OUT > $OUT/bench_training.log 2>&1; tail -30 $OUT/bench_training.log ;;
-    training-atomic) timeout 300 python3 benchmarks/bench_training.py --cases prefix-kernels prefix-kernels-atomic-dq floor --out $OUT/atomic > $OUT/bench_training_atomic.log 2>&1; tail -20 $OUT/bench_training_atomic.log ;;
-    attention-train-shapes) PREFIX_KERNELS_RESULTS=$OUT/train_shapes timeout 300 python3 benchmarks/bench_attention.py --shape 8,32,4,1024,64,32,1 --shape 2,32,4,4096,64,128,1 --variants floor,prefix_kernels,prefix_kernels_atomic_dq --no-plot > $OUT/attention_train_shapes.log 2>&1; tail -25 $OUT/attention_train_shapes.log ;;
+    attention-train-shapes) PREFIX_KERNELS_RESULTS=$OUT/train_shapes timeout 300 python3 benchmarks/bench_attention.py --shape 8,32,4,1024,64,32,1 --shape 2,32,4,4096,64,128,1 --variants floor,prefix_kernels --no-plot > $OUT/attention_train_shapes.log 2>&1; tail -25 $OUT/attention_train_shapes.log ;;
+    profile-training) timeout 300 python3 benchmarks/profile_training.py 2>&1 | tee $OUT/profile_training.log ;;
     decode) timeout 300 python3 benchmarks/bench_decode_kernel.py > $OUT/bench_decode.log 2>&1; tail -30 $OUT/bench_decode.log ;;
     decode-splits) timeout 200 python3 benchmarks/bench_decode_kernel.py --sweep-splits 2>&1 | tee $OUT/decode_splits.log ;;
     *) echo "unknown step $step" ;;

@@ -98,42 +98,6 @@ def test_kernels_match_fp64_reference(case, causal):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=3e-5, msg=lambda m: f"{name}: {m}")
 
 
-ATOMIC_CASES = ["base_gqa2", "sq_lt_sk_chunk", "p_gt_s", "gqa4", "left_pad_full_row", "sq_gt_sk"]
-
-
-@pytest.mark.parametrize("case", ATOMIC_CASES)
-def test_atomic_dq_backward_matches_fp64_reference(case, monkeypatch):
-    """PREFIX_KERNELS_ATOMIC_DQ=1: dQ summed by the dK/dV pass with atomics, not its own kernel."""
-    from prefix_kernels.ops import prefix_attention as op
-
-    monkeypatch.setenv("PREFIX_KERNELS_ATOMIC_DQ", "1")
-    device = kernel_device()
-    tensors, index, mask = make_inputs(device=device, **CASES[case])
-    assert op._atomic_dq_enabled(tensors[0])
-    grad_out = torch.randn_like(tensors[0])
-    out, grads = run(tensors, index, mask, grad_out, "triton")
-    ref_out, ref_grads = reference_fp64(tensors, index, mask, grad_out)
-    for name, got, want in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
-        assert torch.isfinite(got).all(), name
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=3e-5, msg=lambda m: f"{name}: {m}")
-
-
-def test_deterministic_algorithms_turn_atomic_dq_off(monkeypatch):
-    from prefix_kernels.ops import prefix_attention as op
-
-    monkeypatch.setenv("PREFIX_KERNELS_ATOMIC_DQ", "1")
-    q = torch.zeros(1)
-    before = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
-        assert not op._atomic_dq_enabled(q)
-    finally:
-        torch.use_deterministic_algorithms(before)
-    assert op._atomic_dq_enabled(q)
-    monkeypatch.setenv("PREFIX_KERNELS_ATOMIC_DQ", "0")
-    assert not op._atomic_dq_enabled(q)
-
-
 def test_unused_bank_entries_get_zero_gradient():
     device = kernel_device()
     tensors, _, mask = make_inputs(B=3, N=4, SQ=17, device=device, padding="right")
@@ -295,9 +259,7 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", range(len(GPU_CASES)))
-@pytest.mark.parametrize("atomic_dq", [False, True], ids=["two_pass_dq", "atomic_dq"])
-def test_low_precision_error_at_most_twice_pytorchs(case, dtype, atomic_dq, monkeypatch):
-    monkeypatch.setenv("PREFIX_KERNELS_ATOMIC_DQ", "1" if atomic_dq else "0")
+def test_low_precision_error_at_most_twice_pytorchs(case, dtype):
     tensors, index, mask = make_inputs(device="cuda", dtype=dtype, **GPU_CASES[case])
     grad_out = torch.randn_like(tensors[0])
     out, grads = run(tensors, index, mask, grad_out, "triton")

@@ -11,8 +11,6 @@ the prefix, in one process run:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 
 import torch
@@ -30,9 +28,7 @@ GPU_SHAPES = [
     (8, 32, 8, 1024, 128, 32, 4),      # mixed bank: 8 rows over 4 entries
 ]
 CPU_SHAPES = [(2, 4, 2, 128, 64, 16, 1), (2, 4, 2, 96, 64, 8, 2)]
-VARIANTS = ["floor", "peft_bool_mask", "concat_lower_right", "concat_flex", "prefix_kernels",
-            "prefix_kernels_atomic_dq"]
-OURS = ("prefix_kernels", "prefix_kernels_atomic_dq")   # never counted as baselines
+VARIANTS = ["floor", "peft_bool_mask", "concat_lower_right", "concat_flex", "prefix_kernels"]
 MODES = ["fwd", "bwd", "fwd+bwd"]
 
 
@@ -68,7 +64,7 @@ def build_variant(name, inputs, index, p, device):
     """A zero-argument function computing the variant's output, or raise with the reason."""
     q, k, v, bank_k, bank_v = inputs
     b, h, s, d = q.shape
-    if name in OURS:   # the atomic-dQ backward is switched on by _variant_env
+    if name == "prefix_kernels":
         import prefix_kernels as pk
         return lambda: pk.prefix_attention(q, k, v, bank_k, bank_v, prefix_index=index)
     if name == "floor":
@@ -113,20 +109,6 @@ def build_variant(name, inputs, index, p, device):
     raise ValueError(f"unknown variant {name}")
 
 
-@contextlib.contextmanager
-def _variant_env(name):
-    """PREFIX_KERNELS_ATOMIC_DQ=1 while the atomic-dQ variant runs (its backward reads it)."""
-    old = os.environ.get("PREFIX_KERNELS_ATOMIC_DQ")
-    os.environ["PREFIX_KERNELS_ATOMIC_DQ"] = "1" if name == "prefix_kernels_atomic_dq" else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("PREFIX_KERNELS_ATOMIC_DQ", None)
-        else:
-            os.environ["PREFIX_KERNELS_ATOMIC_DQ"] = old
-
-
 def extra_peak_memory_mb(fn, inputs, grad_out) -> float | None:
     if not torch.cuda.is_available():
         return None
@@ -147,44 +129,38 @@ def bench_shape(shape, dtype, device, variants, modes, rep_ms):
     b, h, hkv, s, d, p, n = shape
     inputs, index = make_inputs(b, h, hkv, s, d, p, n, dtype, device)
     grad_out = torch.randn_like(inputs[0])
-    rows = []
+    rows, reference_out = [], None
     for name in variants:
-        with _variant_env(name):
-            _bench_variant(name, shape, inputs, index, grad_out, device, modes, rep_ms, rows)
-    reference_out = next((r["_out"] for r in rows if r["variant"] == "prefix_kernels" and "_out" in r), None)
+        row = {"shape": f"{b},{h},{hkv},{s},{d},{p}" + (f" N{n}" if n > 1 else ""), "variant": name}
+        try:
+            fn = build_variant(name, inputs, index, p, device)
+            out = fn()
+            if name == "prefix_kernels":
+                reference_out = out.detach()
+        except Exception as exc:   # a baseline that cannot run this shape is reported, not hidden
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            rows.append(row)
+            continue
+        for mode in modes:
+            if mode == "fwd":
+                ms = common.time_ms(fn, rep_ms=rep_ms)
+            elif mode == "bwd":
+                out = fn()
+                ms = common.time_ms(lambda: out.backward(grad_out, retain_graph=True), rep_ms=rep_ms,
+                                    grad_to_none=list(inputs))
+            else:
+                ms = common.time_ms(lambda: fn().backward(grad_out), rep_ms=rep_ms, grad_to_none=list(inputs))
+            row[f"{mode} ms"] = round(ms, 4)
+            row[f"{mode} TFLOP/s"] = round(useful_flops(b, h, s, d, p, mode) / ms / 1e9, 1)
+        row["extra peak MiB"] = extra_peak_memory_mb(fn, inputs, grad_out)
+        row["_out"] = out.detach()
+        rows.append(row)
     # every variant that includes the prefix must agree with ours (the floor has no prefix)
     for row in rows:
         out = row.pop("_out", None)
         if out is not None and reference_out is not None and row["variant"] not in ("floor", "prefix_kernels"):
             row["max |diff| vs ours"] = float((out.float() - reference_out.float()).abs().max())
     return rows
-
-
-def _bench_variant(name, shape, inputs, index, grad_out, device, modes, rep_ms, rows):
-    """Time one variant in every mode; append its row (with the error if it cannot run)."""
-    b, h, hkv, s, d, p, n = shape
-    row = {"shape": f"{b},{h},{hkv},{s},{d},{p}" + (f" N{n}" if n > 1 else ""), "variant": name}
-    try:
-        fn = build_variant(name, inputs, index, p, device)
-        out = fn()
-    except Exception as exc:   # a baseline that cannot run this shape is reported, not hidden
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-        rows.append(row)
-        return
-    for mode in modes:
-        if mode == "fwd":
-            ms = common.time_ms(fn, rep_ms=rep_ms)
-        elif mode == "bwd":
-            out = fn()
-            ms = common.time_ms(lambda: out.backward(grad_out, retain_graph=True), rep_ms=rep_ms,
-                                grad_to_none=list(inputs))
-        else:
-            ms = common.time_ms(lambda: fn().backward(grad_out), rep_ms=rep_ms, grad_to_none=list(inputs))
-        row[f"{mode} ms"] = round(ms, 4)
-        row[f"{mode} TFLOP/s"] = round(useful_flops(b, h, s, d, p, mode) / ms / 1e9, 1)
-    row["extra peak MiB"] = extra_peak_memory_mb(fn, inputs, grad_out)
-    row["_out"] = out.detach()
-    rows.append(row)
 
 
 def add_ratios(rows, mode="fwd+bwd"):
@@ -197,7 +173,7 @@ def add_ratios(rows, mode="fwd+bwd"):
         ours = next((r for r in group if r["variant"] == "prefix_kernels" and f"{mode} ms" in r), None)
         if ours is None:
             continue
-        baselines = [r for r in group if r["variant"] not in (*OURS, "floor") and f"{mode} ms" in r]
+        baselines = [r for r in group if r["variant"] not in ("prefix_kernels", "floor") and f"{mode} ms" in r]
         floor = next((r for r in group if r["variant"] == "floor" and f"{mode} ms" in r), None)
         for r in group:
             if f"{mode} ms" in r:

@@ -265,15 +265,12 @@ def _prefix_attn_bwd_dq(
 
 
 @triton.jit
-def _bwd_kv_inner(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dq_base,
+def _bwd_kv_inner(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base,
                   stride_qm, stride_qd, stride_dom, stride_dod, lo, hi, SQ, k_pos, q_shift,
-                  offs_d, qk_scale, sm_scale,
-                  CAUSAL_MASK: tl.constexpr, KEEP_MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  PREC: tl.constexpr):
-    """Accumulate dK, dV of one key block over the query blocks [lo, hi) of one query head;
-    with ATOMIC_DQ also add this key block's share of dQ into the fp32 [SQ, HEAD_DIM] rows at
-    dq_base (relaxed atomics: the sum's order, and so its last bits, vary run to run).
+                  offs_d, qk_scale,
+                  CAUSAL_MASK: tl.constexpr, KEEP_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate dK, dV of one key block over the query blocks [lo, hi) of one query head.
 
     Out-of-range query rows load as zeros (q = dO = lse = delta = 0) and contribute nothing.
     """
@@ -297,16 +294,12 @@ def _bwd_kv_inner(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dq_
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PREC) * sm_scale
-            tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq,
-                          mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _prefix_attn_bwd_dkdv(
-    Q, K, V, PK, PV, PIDX, KPM, DO, LSE, DELTA, DK, DV, DPK, DPV, DQ_ACC,
+    Q, K, V, PK, PV, PIDX, KPM, DO, LSE, DELTA, DK, DV, DPK, DPV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -318,7 +311,7 @@ def _prefix_attn_bwd_dkdv(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     HKV, G, SQ, SK, P, N_ENTRIES, qk_scale, sm_scale, SEQ_BUCKET,
     SPLITS: tl.constexpr, PREFIX_GRAD: tl.constexpr, OWN_GRAD: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, KEEP_MASK: tl.constexpr, HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    KEEP_MASK: tl.constexpr, HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -328,8 +321,6 @@ def _prefix_attn_bwd_dkdv(
     dPrefixK/V to DPK/DPV [B, SPLITS, HKV, P, D]; the host reduces them over splits and over
     the rows sharing a bank entry in a fixed order (deterministic: no atomics). The GQA group's
     query heads are looped over inside the program, so nothing is shared between programs.
-    With ATOMIC_DQ (not deterministic) every program also adds its dQ share into DQ_ACC
-    [B, H, SQ, D] fp32, and the dQ kernel only computes delta.
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -362,10 +353,9 @@ def _prefix_attn_bwd_dkdv(
             bh = b * H + h
             dk, dv = _bwd_kv_inner(dk, dv, k, v, n_ok, Q + b * stride_qb + h * stride_qh,
                                    DO + b * stride_dob + h * stride_doh, LSE + bh * SQ,
-                                   DELTA + bh * SQ, DQ_ACC + bh * SQ * HEAD_DIM,
-                                   stride_qm, stride_qd, stride_dom, stride_dod,
-                                   lo, hi, SQ, offs_n, 0, offs_d, qk_scale, sm_scale,
-                                   False, True, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, PREC)
+                                   DELTA + bh * SQ, stride_qm, stride_qd, stride_dom, stride_dod,
+                                   lo, hi, SQ, offs_n, 0, offs_d, qk_scale,
+                                   False, True, HEAD_DIM, BLOCK_D, BLOCK_M, PREC)
         part = (((b * SPLITS + split) * HKV + hk) * P + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
         tile_ok = n_ok[:, None] & d_ok[None, :]
         tl.store(DPK + part, dk * sm_scale, mask=tile_ok)
@@ -399,17 +389,14 @@ def _prefix_attn_bwd_dkdv(
             bh = b * H + h
             q_base = Q + b * stride_qb + h * stride_qh
             do_base = DO + b * stride_dob + h * stride_doh
-            dq_base = DQ_ACC + bh * SQ * HEAD_DIM
             dk, dv = _bwd_kv_inner(dk, dv, k, v, keep, q_base, do_base, LSE + bh * SQ,
-                                   DELTA + bh * SQ, dq_base, stride_qm, stride_qd, stride_dom,
-                                   stride_dod, lo, full_lo, SQ, offs_n, q_shift, offs_d, qk_scale,
-                                   sm_scale, CAUSAL, KEEP_MASK, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
-                                   BLOCK_M, PREC)
+                                   DELTA + bh * SQ, stride_qm, stride_qd, stride_dom, stride_dod,
+                                   lo, full_lo, SQ, offs_n, q_shift, offs_d, qk_scale,
+                                   CAUSAL, KEEP_MASK, HEAD_DIM, BLOCK_D, BLOCK_M, PREC)
             dk, dv = _bwd_kv_inner(dk, dv, k, v, keep, q_base, do_base, LSE + bh * SQ,
-                                   DELTA + bh * SQ, dq_base, stride_qm, stride_qd, stride_dom,
-                                   stride_dod, full_lo, SQ, SQ, offs_n, q_shift, offs_d, qk_scale,
-                                   sm_scale, False, KEEP_MASK, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
-                                   BLOCK_M, PREC)
+                                   DELTA + bh * SQ, stride_qm, stride_qd, stride_dom, stride_dod,
+                                   full_lo, SQ, SQ, offs_n, q_shift, offs_d, qk_scale,
+                                   False, KEEP_MASK, HEAD_DIM, BLOCK_D, BLOCK_M, PREC)
         tile_ok = n_ok[:, None] & d_ok[None, :]
         tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn
                  + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK.dtype.element_ty), mask=tile_ok)
@@ -446,8 +433,7 @@ _CANDIDATES = {
 _INTERPRET_CONFIG = _config(16, 16, 4, 1)
 _TUNE_KEY = {"fwd": ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "HAS_KPM"],
              "dq": ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "HAS_KPM", "DQ_GRAD"],
-             "dkdv": ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "HAS_KPM", "PREFIX_GRAD", "OWN_GRAD",
-                      "ATOMIC_DQ"]}
+             "dkdv": ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "HAS_KPM", "PREFIX_GRAD", "OWN_GRAD"]}
 
 
 def _autotune_enabled() -> bool:
@@ -465,12 +451,8 @@ def _head_dim_class(head_dim: int, dtype) -> object:
 def _tuned(kernel_name: str):
     """The kernel wrapped in an autotuner over the candidates of the call's head-dim class."""
     kernel = {"fwd": _prefix_attn_fwd, "dq": _prefix_attn_bwd_dq, "dkdv": _prefix_attn_bwd_dkdv}[kernel_name]
-    # The dQ accumulator is zeroed before each timed run (it is summed into); _launch re-runs
-    # the chosen config on a fresh accumulator after tuning.
-    reset = ["DQ_ACC"] if kernel_name == "dkdv" else None
     if _interpreting():
-        return triton.autotune(configs=[_INTERPRET_CONFIG], key=_TUNE_KEY[kernel_name],
-                               reset_to_zero=reset)(kernel)
+        return triton.autotune(configs=[_INTERPRET_CONFIG], key=_TUNE_KEY[kernel_name])(kernel)
     table = _CANDIDATES[kernel_name]
     every = [c for configs in table.values() for c in configs]
 
@@ -478,7 +460,7 @@ def _tuned(kernel_name: str):
         cls = _head_dim_class(kwargs["HEAD_DIM"], named_args["Q"].dtype)
         return table[cls] if _autotune_enabled() else table[cls][:1]
 
-    return triton.autotune(configs=every, key=_TUNE_KEY[kernel_name], reset_to_zero=reset,
+    return triton.autotune(configs=every, key=_TUNE_KEY[kernel_name],
                            prune_configs_by={"early_config_prune": candidates})(kernel)
 
 
@@ -486,22 +468,17 @@ _KERNELS = {"fwd": _prefix_attn_fwd, "dq": _prefix_attn_bwd_dq, "dkdv": _prefix_
 _CHOSEN: dict = {}
 
 
-def _launch(kernel_name, grid, args, constexprs, dtype, accumulators=()):
+def _launch(kernel_name, grid, args, constexprs, dtype):
     """Launch with the config autotune chose for this key, skipping triton's Autotuner.run on
     later calls: it cost ~70 us of host time per launch (H200 host, triton 3.6), which left
-    the GPU idle at B16 S1024 D64 (1.06 ms host vs 0.6 ms GPU per forward+backward).
-    accumulators: tensors the kernel sums into; after tuning they are zeroed and the chosen
-    config runs again (the tuner's last run may follow a timed run without a reset)."""
+    the GPU idle at B16 S1024 D64 (1.06 ms host vs 0.6 ms GPU per forward+backward)."""
     key = (kernel_name, dtype, args[-1], *sorted(constexprs.items()))   # args[-1]: SEQ_BUCKET
     config = _CHOSEN.get(key)
     if config is None:
         tuner = _tuned(kernel_name)
         tuner[grid](*args, **constexprs)
-        config = _CHOSEN[key] = tuner.best_config
-        if not accumulators:
-            return
-        for t in accumulators:
-            t.zero_()
+        _CHOSEN[key] = tuner.best_config
+        return
     _KERNELS[kernel_name][grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
                                 num_stages=config.num_stages)
 
@@ -538,12 +515,6 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
             dict(HAS_PIDX=prefix_index is not None, HAS_KPM=key_padding_mask is not None,
                  CAUSAL=causal, **_common_meta(q, k, prefix_k)), q.dtype)
     return out, lse
-
-
-def _atomic_dq_enabled(q) -> bool:
-    """PREFIX_KERNELS_ATOMIC_DQ=1 opts in; torch.use_deterministic_algorithms(True) opts out."""
-    return (os.environ.get("PREFIX_KERNELS_ATOMIC_DQ", "0") == "1"
-            and not torch.are_deterministic_algorithms_enabled())
 
 
 @functools.lru_cache(maxsize=None)
@@ -603,13 +574,8 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
     bucket = _seq_bucket(max(sq, sk))
     flags = dict(HAS_PIDX=prefix_index is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal)
 
-    # Atomic dQ (one fused pass, 5 matmuls per block pair instead of 7) unless torch asks for
-    # determinism; it needs the dK/dV pass to visit every key, prefix and own.
-    atomic_dq = need_dq and need_dkv and need_prefix and _atomic_dq_enabled(q)
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q) if need_dq else q.new_empty(0)
-    dq_acc = (torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic_dq
-              else torch.empty(0, device=q.device, dtype=torch.float32))
     dk = torch.empty_like(k) if need_dkv else k.new_empty(0)
     dv = torch.empty_like(v) if need_dkv else v.new_empty(0)
     dq_arg = dq if need_dq else q
@@ -618,7 +584,7 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
              *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
              s_kpm_b, s_kpm_n, *out.stride(), *do.stride(), *dq_arg.stride(),
              h, h // hkv, sq, sk, p, n, scale * LOG2E, scale, bucket),
-            dict(DQ_GRAD=need_dq and not atomic_dq, **flags, **meta), q.dtype)
+            dict(DQ_GRAD=need_dq, **flags, **meta), q.dtype)
 
     dpk, dpv = prefix_k.new_empty(0), prefix_v.new_empty(0)
     if need_dkv or need_prefix:
@@ -636,15 +602,12 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
 
         _launch("dkdv", grid,
                 (q, k, v, prefix_k, prefix_v, pidx, kpm, do, lse, delta, dk_arg, dv_arg, part_k, part_v,
-                 dq_acc, *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
+                 *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
                  s_kpm_b, s_kpm_n, *do.stride(), *dk_arg.stride(), *dv_arg.stride(),
                  hkv, h // hkv, sq, sk, p, n, scale * LOG2E, scale, bucket),
-                dict(SPLITS=splits, PREFIX_GRAD=need_prefix, OWN_GRAD=need_dkv, ATOMIC_DQ=atomic_dq,
+                dict(SPLITS=splits, PREFIX_GRAD=need_prefix, OWN_GRAD=need_dkv,
                      # out-of-range own keys need masking only without the causal mask
-                     KEEP_MASK=key_padding_mask is not None or not causal, **flags, **meta), q.dtype,
-                accumulators=(dq_acc,) if atomic_dq else ())
-        if atomic_dq:
-            dq.copy_(dq_acc)
+                     KEEP_MASK=key_padding_mask is not None or not causal, **flags, **meta), q.dtype)
         if need_prefix:
             dpk, dpv = prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)
             row = hkv * p * d
