@@ -97,6 +97,13 @@ class Request:
                 return
             yield text, token
 
+    def poll(self, timeout: float):
+        """The next stream event ("delta" | "done", text, token id or None), or None after timeout."""
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
     # -- called by the engine ------------------------------------------------------------------
 
     def push_delta(self, text: str, token: int) -> None:

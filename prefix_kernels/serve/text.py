@@ -85,13 +85,19 @@ class Detokenizer:
         self.text = ""           # all text so far (stop string cut off once found)
         self.sent = 0            # characters already handed out
         self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.stopped = False
 
     def add(self, token_id: int) -> bool:
         """Append a token; True when a stop string completed (the text is cut before it)."""
         self.ids.append(token_id)
+        return self._advance(final=False)
+
+    def _advance(self, final: bool) -> bool:
+        if self.stopped:
+            return True
         before = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
         now = self.tok.decode(self.ids[self.prefix_offset:])
-        if now.endswith("\ufffd") or len(now) <= len(before):
+        if len(now) <= len(before) or (now.endswith("\ufffd") and not final):
             return False         # an unfinished character: wait for the next token
         start = max(0, len(self.text) - self.hold)
         self.text += now[len(before):]
@@ -99,11 +105,13 @@ class Detokenizer:
         found = [at for at in (self.text.find(s, start) for s in self.stop) if at >= 0]
         if found:
             self.text = self.text[:min(found)]
-            return True
-        return False
+            self.stopped = True
+        return self.stopped
 
     def delta(self, final: bool) -> str:
-        """Text not handed out yet (all of it when final)."""
+        """Text not handed out yet (all of it when final, unfinished characters included)."""
+        if final:
+            self._advance(final=True)
         end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
         out, self.sent = self.text[self.sent:end], end
         return out
