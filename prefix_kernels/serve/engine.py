@@ -423,18 +423,21 @@ class Engine:
         return logits
 
     def _capture(self, batch: int) -> None:
-        # warm-up forwards write each row's K/V at its current position: the same values the step
-        # about to run writes (free slots: position 0 of an unused slot)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward_decode(batch)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+        # Warm-up forwards write each row's K/V at its current position: the same values the step
+        # about to run writes (free slots: position 0 of an unused slot). They run on the capture
+        # stream, so per-stream state made on first use (the decode kernel's combine counters)
+        # exists before capture and is what the graph reads.
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream(self.device)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            for _ in range(2):
+                self._forward_decode(batch)
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: HTTP threads doing CPU work (tokenizing) must not invalidate the capture
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
             logits = self._forward_decode(batch)
         self._graphs[batch] = (graph, logits)
 
