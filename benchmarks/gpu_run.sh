@@ -19,6 +19,8 @@ for step in "$@"; do
     attention) timeout 420 python3 benchmarks/bench_attention.py > $OUT/bench_attention.log 2>&1; grep -v "^shapes\|it/s\]" $OUT/bench_attention.log | tail -45 ;;
     training) timeout 420 python3 benchmarks/bench_training.py --out $OUT > $OUT/bench_training.log 2>&1; tail -30 $OUT/bench_training.log ;;
     decode) timeout 300 python3 benchmarks/bench_decode_kernel.py > $OUT/bench_decode.log 2>&1; tail -30 $OUT/bench_decode.log ;;
+    servetests-gpu) timeout 300 python3 -m pytest -q -p no:logging tests/test_serve_engine.py tests/test_serve_http.py > $OUT/servetests.log 2>&1; summary $OUT/servetests.log ;;
+    decode-e2e) timeout 400 python3 benchmarks/bench_decode.py > $OUT/bench_decode_e2e.log 2>&1; grep -v "it/s" $OUT/bench_decode_e2e.log | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac
 done

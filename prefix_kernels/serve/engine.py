@@ -381,7 +381,7 @@ class Engine:
     def _decode(self) -> None:
         occupied = [s for s, r in enumerate(self._slots) if r is not None]
         batch = next(b for b in self.buckets if b > occupied[-1])
-        self._ints[:, :batch].copy_(self._host[:, :batch], non_blocking=True)
+        self._ints.copy_(self._host, non_blocking=True)      # 4 x max_batch ints, pinned: one small copy
         logits = self._decode_logits(batch)
         reqs = self._slots[:batch]
         live = [r for r in reqs if r is not None]
