@@ -202,6 +202,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", help="default 1 32 128 (quick: 1 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timed engine runs (median)")
     parser.add_argument("--peft-budget-s", type=float, default=15.0, help="seconds of PEFT groups per case")
+    parser.add_argument("--eager", action="store_true", help="engine without CUDA graphs (eager decode step)")
     parser.add_argument("--out", default=None, help="folder for the JSON and PNG (default: the results dir)")
     args = parser.parse_args(argv)
     from tqdm import tqdm
@@ -237,7 +238,8 @@ def main(argv=None) -> int:
         try:
             if case == "engine":
                 if engine is None or engine.max_batch != b:
-                    engine = _new_engine(engine, model, prefixes, b, prompt_len + new_tokens, device)
+                    engine = _new_engine(engine, model, prefixes, b, prompt_len + new_tokens, device,
+                                         graphs=not args.eager)
                 row.update(run_engine(engine, prompts, n, new_tokens, args.repeats, device))
             else:
                 engine = _drop_engine(engine, model, device)
@@ -250,6 +252,8 @@ def main(argv=None) -> int:
             row["error"] = f"out of memory ({str(e).splitlines()[0][:80]})"
         except Exception as e:     # reported in the table and JSON, never dropped
             row["error"] = f"{type(e).__name__}: {e}"
+        if "error" in row and case == "engine":
+            engine = _drop_engine(engine, model, device)     # requests may be left in it
         rows.append(row)
         tqdm.write(_row_line(row), file=sys.stderr)
     _drop_engine(engine, model, device)
@@ -282,20 +286,23 @@ def _row_line(row):
     return f"B={row['B']} N={row['N']} {row['case']}: {row['tokens_per_s']:,.0f} tok/s ({row['seconds']:.3f} s)"
 
 
-def _new_engine(old, model, prefixes, batch, max_seq_len, device):
+def _new_engine(old, model, prefixes, batch, max_seq_len, device, graphs=True):
     from prefix_kernels.serve import Engine
 
     _drop_engine(old, model, device)
-    engine = Engine(model, prefixes, max_batch=batch, max_seq_len=max_seq_len, max_prefixes=len(prefixes))
+    engine = Engine(model, prefixes, max_batch=batch, max_seq_len=max_seq_len, max_prefixes=len(prefixes),
+                    cuda_graphs=graphs and device.type == "cuda")
     engine.warmup()
     return engine
 
 
 def _drop_engine(engine, model, device):
     """Free the engine's cache and graphs and give the model back unpatched (for the baselines)."""
+    from prefix_kernels.integrations.transformers import _STATE_ATTR, unpatch_model
+
     if engine is not None:
         engine.close()
-        from prefix_kernels.integrations.transformers import unpatch_model
+    if _STATE_ATTR in model.__dict__:
         unpatch_model(model)
     gc.collect()
     if device.type == "cuda":
