@@ -190,6 +190,15 @@ def test_stop_strings_max_tokens_and_cache_length():
     assert capped.token_ids == alone(PROMPTS[0], "a", SamplingParams(temperature=0, max_tokens=6)).token_ids
 
 
+def test_rows_finishing_at_the_cache_end_leave_the_others_alone():
+    params = SamplingParams(temperature=0, max_tokens=12)
+    eng = engine(max_seq_len=16)
+    outs = eng.generate([PROMPTS[0], PROMPTS[1], PROMPTS[3]], ["a", "b", "c"], params)
+    assert [len(o.token_ids) for o in outs] == [6, 12, 7]     # 11 + 6 = 10 + 7 = 16 + 1
+    for out, prompt, name in zip(outs, [PROMPTS[0], PROMPTS[1], PROMPTS[3]], "abc"):
+        assert out.token_ids == alone(prompt, name, params).token_ids[:len(out.token_ids)]
+
+
 def test_streamed_text_equals_the_final_text():
     eng = engine()
     req = eng.submit(PROMPTS[3], "c", SamplingParams(temperature=0, max_tokens=12, stop=["zz"]), stream=True)

@@ -24,6 +24,7 @@ import logging
 import threading
 from collections import deque
 
+import numpy as np
 import torch
 
 from ..bank import PrefixBank, peft_flat_to_bank, read_peft_prefix
@@ -111,10 +112,15 @@ class Engine:
         self._slots: list[Request | None] = [None] * n
         self._free_slots = list(range(n))
         pin = self.device.type == "cuda"
-        self._host = torch.zeros(4, n, dtype=torch.long, pin_memory=pin)
-        self._h = self._host.numpy()
+        self._h = np.zeros((4, n), dtype=np.int64)           # per slot: POS, SEQLEN, ROW, STEP
         self._h[SEQLEN] = 1
-        self._ints = self._host.to(self.device)
+        self._live = np.zeros(n, dtype=np.int64)             # 1 = slot occupied
+        # two pinned buffers each way, alternating: a step's copies finish before its buffer's reuse
+        self._h_bufs = [torch.zeros(4, n, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._tok_bufs = [torch.zeros(n, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._flip = 0
+        self._pending = None                                 # the decode step in flight
+        self._ints = torch.tensor(self._h, device=self.device)   # a copy: the device inputs
         self.cache.positions, self.cache.seqlens = self._ints[POS], self._ints[SEQLEN]
         self._tokens = torch.zeros(n, 1, dtype=torch.long, device=self.device)
         self._ones = torch.ones(n, 1, dtype=torch.long, device=self.device)
@@ -278,7 +284,7 @@ class Engine:
         return len(self._waiting)
 
     def has_work(self) -> bool:
-        return bool(self._waiting) or self.num_active > 0
+        return bool(self._waiting) or self.num_active > 0 or self._pending is not None
 
     def start(self) -> "Engine":
         """Run the scheduler on a background thread (idle when there is nothing to do)."""
@@ -312,12 +318,19 @@ class Engine:
             except Exception as e:       # a failed step fails its requests, never the server
                 log.exception("engine step failed")
                 with self._lock:
+                    self._pending = None
                     for req in [r for r in self._slots if r is not None]:
                         self._finish(req, "error", error=f"{type(e).__name__}: {e}")
 
     @torch.no_grad()
     def step(self) -> None:
-        """One scheduler iteration: retire cancelled, admit + prefill, one decode step."""
+        """One scheduler iteration: retire cancelled, admit + prefill, launch a decode step, then
+        take the previous step's tokens.
+
+        The host reads step t's tokens while the device runs step t+1 (launched as if no row
+        finished at t; a row that did finish computes one step more, whose token is dropped), so
+        the host's bookkeeping hides behind the device's work.
+        """
         with self._lock:
             for req in self._slots:
                 if req is not None and req.cancelled:
@@ -327,8 +340,11 @@ class Engine:
                 size = max(1, self.prefill_tokens // max(len(r.prompt_ids) for r in admitted))
                 for i in range(0, len(admitted), size):
                     self._prefill(admitted[i:i + size])
+            pending, self._pending = self._pending, None
             if self.num_active:
-                self._decode()
+                self._pending = self._launch()
+            if pending is not None:
+                self._collect(*pending)
             self.steps += 1
 
     def _admit(self) -> list[Request]:
@@ -341,6 +357,7 @@ class Engine:
                     continue
                 req.slot = heapq.heappop(self._free_slots)
                 self._slots[req.slot] = req
+                self._live[req.slot] = 1
                 admitted.append(req)
         return admitted
 
@@ -378,22 +395,41 @@ class Engine:
         for req, token in zip(reqs, tokens.tolist()):
             self._append(req, token)
 
-    def _decode(self) -> None:
+    def _launch(self):
+        """Enqueue one decode step of every occupied slot; returns what _collect needs."""
         occupied = [s for s, r in enumerate(self._slots) if r is not None]
         batch = next(b for b in self.buckets if b > occupied[-1])
-        self._ints.copy_(self._host, non_blocking=True)      # 4 x max_batch ints, pinned: one small copy
+        self._flip ^= 1
+        h_buf, tok_buf = self._h_bufs[self._flip], self._tok_bufs[self._flip]
+        h = h_buf.numpy()
+        h[:] = self._h
+        # a row that finished at the step in flight may be one past the cache: keep its
+        # (discarded) step inside the buffers
+        np.minimum(h[POS], self.max_seq_len - 1, out=h[POS])
+        np.minimum(h[SEQLEN], self.max_seq_len, out=h[SEQLEN])
+        self._ints.copy_(h_buf, non_blocking=True)
         logits = self._decode_logits(batch)
-        reqs = self._slots[:batch]
-        live = [r for r in reqs if r is not None]
-        tokens = self._sample(logits, slice(0, batch), self._ints[STEP, :batch], live)
+        reqs = [self._slots[s] for s in occupied]
+        tokens = self._sample(logits, slice(0, batch), self._ints[STEP, :batch], reqs)
         self._tokens[:batch, 0] = tokens
-        host = tokens.tolist()              # the step's one sync
-        h = self._h
-        h[POS, occupied] += 1
-        h[SEQLEN, occupied] += 1
-        h[STEP, occupied] += 1
-        for s in occupied:
-            self._append(self._slots[s], host[s])
+        tok_buf[:batch].copy_(tokens, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self._h[POS] += self._live
+        self._h[SEQLEN] += self._live
+        self._h[STEP] += self._live
+        return event, tok_buf, reqs, occupied
+
+    def _collect(self, event, tok_buf, reqs, slots) -> None:
+        """Hand out a launched step's tokens (the step's one wait on the device)."""
+        if event is not None:
+            event.synchronize()
+        tokens = tok_buf.tolist()
+        for req, slot in zip(reqs, slots):
+            if not req.done:                 # finished or cancelled since the launch: dropped
+                self._append(req, tokens[slot])
 
     def _sample(self, logits, slots, steps, reqs):
         any_sampled = any(r.params.temperature > 0 for r in reqs)
@@ -448,7 +484,7 @@ class Engine:
         with self._lock:
             if self.num_active:
                 raise RuntimeError("warmup() runs before serving, with no request in flight")
-            self._ints.copy_(self._host)
+            self._ints.copy_(torch.from_numpy(self._h))
             for batch in sorted(batch_sizes or self.buckets, reverse=True):
                 if self.cuda_graphs:
                     self._capture(batch)
@@ -469,7 +505,8 @@ class Engine:
         stopped = req.detok is not None and req.detok.add(token)
         if stopped:
             self._finish(req, "stop")
-        elif len(req.output_ids) >= params.max_tokens or self._h[POS, req.slot] >= self.max_seq_len:
+        elif len(req.output_ids) >= params.max_tokens or len(req.prompt_ids) + len(req.output_ids) > self.max_seq_len:
+            # the next step would write this token at position max_seq_len: past the cache
             self._finish(req, "length")
         elif req.stream:
             req.push_delta(req.detok.delta(False) if req.detok else "", token)
@@ -481,6 +518,7 @@ class Engine:
             self._slots[req.slot] = None
             heapq.heappush(self._free_slots, req.slot)
             self._h[:, req.slot] = (0, 1, 0, 0)
+            self._live[req.slot] = 0
             req.slot = None
         with self._rows_lock:
             self._release_row(req.row, 1)
