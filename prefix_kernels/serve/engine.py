@@ -65,10 +65,13 @@ class Engine:
                  cuda_graphs: bool | None = None, backend: str = "auto"):
         self.model = model.eval()
         offset, source = None, prefixes
-        if hf._STATE_ATTR in model.__dict__:
+        try:
+            patched = hf.get_prefix_bank(model)
+        except ValueError:
+            patched = None
+        if patched is not None:           # re-patched below with a bank of fixed capacity
             offset = hf.position_offset(model)
-            if source is None:
-                source = hf.get_prefix_bank(model)
+            source = patched if source is None else source
             hf.unpatch_model(model)
         entries = _entries(source)
         if not entries:
@@ -84,7 +87,11 @@ class Engine:
         self.device, self.dtype = weight.device, weight.dtype
         self.bank.requires_grad_(False).to(self.dtype)
         self.offset = hf.position_offset(model)
-        self._check_geometry(model.config)
+        try:
+            self._check_geometry(model.config)
+        except ValueError:
+            hf.unpatch_model(model)
+            raise
 
         bank = self.bank
         self.cache = StaticKVCache(bank.num_layers, self.max_batch, bank.num_kv_heads, self.max_seq_len,
@@ -107,7 +114,7 @@ class Engine:
         for name, (_, value) in entries.items():
             self._install(name, value)
 
-        # slots and their per-step inputs: host (pinned) mirror + device copy read by the graphs
+        # slots and their per-step inputs: the host's copy (numpy) and the device's, read by the graphs
         n = self.max_batch
         self._slots: list[Request | None] = [None] * n
         self._free_slots = list(range(n))
