@@ -270,11 +270,14 @@ def test_unsupported_geometry_is_refused():
 
 @requires_gpu
 @pytest.mark.gpu
-def test_cuda_graph_replay_equals_eager():
-    table = prefixes()
+@pytest.mark.parametrize("head_dim", [16, 64])          # the Triton decode kernel; the CUDA one
+def test_cuda_graph_replay_equals_eager(head_dim):
+    overrides = dict(hidden_size=4 * head_dim, head_dim=head_dim)
+    g = torch.Generator().manual_seed(1)
+    table = {n: torch.randn(2, 2, 2, P, head_dim, generator=g) for n in "abcd"}
     outs = {}
     for graphs in (False, True):
-        model = tiny_model("llama").to("cuda", torch.bfloat16)
+        model = tiny_model("llama", **overrides).to("cuda", torch.bfloat16)
         eng = Engine(model, table, max_batch=8, max_seq_len=64, cuda_graphs=graphs)
         eng.warmup()
         params = SamplingParams(temperature=0.8, top_p=0.95, seed=5, max_tokens=20)
@@ -286,4 +289,18 @@ def test_cuda_graph_replay_equals_eager():
         while not all(r.done for r in [first] + rest):
             eng.step()
         outs[graphs] = [r.result().token_ids for r in [first] + rest]
+        assert all(len(t) == 20 if i % 2 == 0 else 8 for i, t in enumerate(outs[graphs][1:]))
     assert outs[True] == outs[False]
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_gpu_engine_matches_peft():
+    """fp32 on the GPU (Triton prefill and decode, CUDA graphs) against PEFT on the CPU."""
+    table = prefixes()
+    eng = Engine(tiny_model("llama").cuda(), {"a": table["a"], "b": table["b"]}, max_batch=2, max_seq_len=32)
+    assert eng.cuda_graphs
+    prompts = [[5, 17, 99, 3, 42], [7, 8]]
+    outs = eng.generate(prompts, ["a", "b"], SamplingParams(temperature=0, max_tokens=6))
+    for out, prompt, name in zip(outs, prompts, "ab"):
+        assert out.token_ids == peft_greedy("llama", table[name], prompt, 6), name
