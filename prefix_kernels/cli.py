@@ -31,7 +31,12 @@ def _train(argv):
     return train.main(argv)
 
 
-COMMANDS = {"bench": _bench, "train": _train, "info": _info}
+def _serve(argv):
+    from .serve import launch
+    return launch.main(argv)
+
+
+COMMANDS = {"bench": _bench, "train": _train, "serve": _serve, "info": _info}
 
 
 def main(argv=None):
@@ -40,6 +45,7 @@ def main(argv=None):
         print("usage: prefix-kernels {" + ",".join(COMMANDS) + "} ...\n"
               "  bench attention   side-by-side attention benchmark (the main job)\n"
               "  train             prefix-tune a model on prompt/completion JSONL (no args: a CPU demo)\n"
+              "  serve             OpenAI-compatible server, one model per prefix (no args: a CPU demo)\n"
               "  info              versions, GPU and git commit", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:])

@@ -60,6 +60,8 @@ class _PatchState:
         self.index = None
         self.prefix = None
         self.generate_ids = None
+        # set_attention_hook: a caller-owned attention (a serving engine's static KV cache)
+        self.attention_hook = None
 
 
 @dataclass
@@ -89,9 +91,14 @@ def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     mask = attention_mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
     if mask.shape[-1] < kv_length:
         mask = torch.nn.functional.pad(mask, (0, kv_length - mask.shape[-1]), value=False)
-    if not torch.compiler.is_compiling() and bool(mask.all()):
+    if not torch.compiler.is_compiling() and not _capturing(mask) and bool(mask.all()):
         return None     # no padding: the kernel skips the mask loads
     return mask
+
+
+def _capturing(t) -> bool:
+    """A CUDA graph is being captured: reading a tensor on the host is not allowed."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _fall_through(module, query, key, value, attention_mask, **kwargs):
@@ -128,6 +135,11 @@ def prefix_attention_forward(module, query, key, value, attention_mask, dropout=
         raise ValueError(f"{name}: attention dropout p={dropout} in training is not implemented by the "
                          "prefix kernels; build the model with attention dropout 0 (attention_dropout / "
                          "attn_pdrop = 0.0) or call model.eval()")
+    if state.attention_hook is not None:
+        layer = state.prefix[link.layer_idx]
+        out = state.attention_hook(module, link.layer_idx, query, key, value, layer[0], layer[1], state.index,
+                                   scaling)
+        return out.transpose(1, 2).contiguous(), None
     p = state.bank.prefix_len
     if sliding_window is not None and key.shape[2] + p > sliding_window:
         raise ValueError(f"{name} (layer {link.layer_idx}) has a sliding window of {sliding_window}, but "
@@ -418,6 +430,29 @@ def unpatch_model(model):
         param.requires_grad_(requires_grad)
     del model.__dict__[_STATE_ATTR]
     return model
+
+
+def set_attention_hook(model, hook) -> None:
+    """Route every patched layer's attention through `hook` (None: back to the fused op).
+
+    hook(module, layer_idx, query, key, value, prefix_k, prefix_v, prefix_index, scale) gets the
+    layer's new query [B, Hq, Sq, D] and key/value [B, Hkv, Sq, D] (after rotary, before any GQA
+    repeat), its bank view [N, Hkv, P, D] and the per-row entry index ([B] or None), and returns
+    [B, Hq, Sq, D]. The attention mask is not passed: the hook owns its keys (a serving engine's
+    static KV cache, say). Prefix ids and position offsets are resolved as for any forward.
+    """
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        raise ValueError("the model is not patched by prefix-kernels")
+    state.attention_hook = hook
+
+
+def position_offset(model) -> int:
+    """Position of the first real token of a patched model (P by PEFT's convention, or as patched)."""
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        raise ValueError("the model is not patched by prefix-kernels")
+    return state.offset
 
 
 def get_prefix_bank(model) -> PrefixBank:

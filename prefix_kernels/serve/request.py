@@ -1,0 +1,116 @@
+"""A request in flight, its result, and the errors a submission can raise."""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+
+class UnknownPrefix(KeyError):
+    def __init__(self, name, known):
+        self.name, self.known = name, list(known)
+        super().__init__(name)
+
+    def __str__(self):
+        return f"no prefix named {self.name!r}; this server has {self.known}"
+
+
+class PromptTooLong(ValueError):
+    def __init__(self, length, limit):
+        self.length, self.limit = length, limit
+        super().__init__(f"the prompt has {length} tokens but the engine's max_seq_len is {limit} "
+                         f"(prompt + output); use at most {limit - 1} prompt tokens")
+
+
+class QueueFull(RuntimeError):
+    def __init__(self, size):
+        super().__init__(f"the request queue is full ({size} waiting); retry later")
+
+
+class EngineClosed(RuntimeError):
+    def __init__(self):
+        super().__init__("the engine is shutting down")
+
+
+@dataclass
+class Completion:
+    id: str
+    prefix: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str          # "stop", "length", "cancelled", "abort" or "error"
+    prompt_tokens: int
+    error: str | None = None
+
+
+class Request:
+    """Handle of a submitted request: wait for its result, stream its text, cancel it."""
+
+    def __init__(self, id, prompt_ids, prefix, row, params, detok, stream, wake):
+        self.id, self.prompt_ids, self.prefix, self.row = id, prompt_ids, prefix, row
+        self.params, self.detok, self.stream = params, detok, stream
+        self.slot = None
+        self.output_ids: list[int] = []
+        self.finish_reason = None
+        self.error = None
+        self.cancelled = False
+        self._events: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._wake = wake
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def text(self) -> str:
+        return self.detok.text if self.detok is not None else ""
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed at the next step boundary."""
+        self.cancelled = True
+        with self._wake:
+            self._wake.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        return Completion(self.id, self.prefix, self.text, list(self.output_ids), self.finish_reason,
+                          len(self.prompt_ids), self.error)
+
+    def events(self, timeout: float | None = None):
+        """Yield (text delta, token id or None) while streaming; ends when the request does.
+
+        Needs submit(..., stream=True). Raises TimeoutError if nothing arrives within timeout.
+        """
+        while True:
+            try:
+                kind, text, token = self._events.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"request {self.id}: no token within {timeout} s") from None
+            if kind == "done":
+                if text:
+                    yield text, None
+                return
+            yield text, token
+
+    def poll(self, timeout: float):
+        """The next stream event ("delta" | "done", text, token id or None), or None after timeout."""
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    # -- called by the engine ------------------------------------------------------------------
+
+    def push_delta(self, text: str, token: int) -> None:
+        self._events.put(("delta", text, token))
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        self.finish_reason, self.error = reason, error
+        tail = self.detok.delta(True) if self.detok is not None else ""
+        self._events.put(("done", tail, None))
+        self._done.set()

@@ -1,0 +1,33 @@
+"""The end-to-end decode benchmark's --quick smoke run: every case runs and lands in the JSON and PNG."""
+import importlib.util
+import json
+import os
+import warnings
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_decode.py")
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def test_quick_run_writes_every_case(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_decode", _PATH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "decode_e2e_quick.json").read_text())
+    assert set(payload["environment"]) >= {"device", "torch", "triton", "transformers", "git_commit"}
+    rows = payload["results"]
+    assert {(r["B"], r["N"], r["case"]) for r in rows} == {
+        (1, 1, "engine"), (1, 1, "peft"), (1, "-", "hf-generate"),
+        (4, 1, "engine"), (4, 2, "engine"), (4, 4, "engine"), (4, 1, "peft"), (4, 2, "peft"), (4, 4, "peft"),
+        (4, "-", "hf-generate")}
+    for row in rows:
+        assert "error" not in row, row
+        assert row["tokens_per_s"] > 0
+    assert any(v.startswith("required B=4 N=2") for v in payload["verdicts"])
+    assert (tmp_path / "decode_e2e_quick.png").stat().st_size > 1000

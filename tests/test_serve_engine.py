@@ -1,0 +1,306 @@
+"""The serving engine on tiny random models (CPU, reference kernels; the CUDA graph test needs a GPU)."""
+import warnings
+
+import pytest
+import torch
+
+from conftest import requires_gpu
+from hf_tiny import tiny_model
+from prefix_kernels.bank import bank_to_peft_flat
+from prefix_kernels.serve import (ByteTokenizer, Engine, PromptTooLong, QueueFull, SamplingParams,
+                                  UnknownPrefix)
+from prefix_kernels.serve.sampling import sample, uniform_noise
+
+P = 4
+GREEDY = SamplingParams(temperature=0, max_tokens=8)
+PROMPTS = ["hello there", "a", "the quick brown fox", "0123456789"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def prefixes(family="llama", names=("a", "b", "c", "d"), seed=1):
+    model = tiny_model(family)
+    cfg = model.config
+    hkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(cfg.num_hidden_layers, 2, hkv, P, d, generator=g) for n in names}
+
+
+def engine(family="llama", names=("a", "b", "c"), **kw):
+    kw.setdefault("max_batch", 4)
+    kw.setdefault("max_seq_len", 48)
+    table = prefixes(family)
+    return Engine(tiny_model(family), {n: table[n] for n in names}, tokenizer=ByteTokenizer(128), **kw)
+
+
+def alone(prompt, prefix, params=GREEDY, family="llama"):
+    """The same request on a fresh engine with nothing else in flight."""
+    return engine(family, names=(prefix,)).generate([prompt], prefix, params)[0]
+
+
+def peft_greedy(family, prefix, ids, new):
+    """Greedy tokens of PEFT's prefix-tuning forward on the growing sequence (no cache)."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(family), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.copy_(bank_to_peft_flat(prefix))
+        seq = torch.tensor([ids])
+        for _ in range(new):
+            logits = model(input_ids=seq, position_ids=torch.arange(seq.shape[1])[None]).logits
+            seq = torch.cat([seq, logits[:, -1:].argmax(-1)], 1)
+    return seq[0, len(ids):].tolist()
+
+
+# -- correctness against PEFT and against running alone ---------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])     # GQA + rotary; absolute positions
+def test_greedy_matches_peft(family):
+    table = prefixes(family)
+    eng = Engine(tiny_model(family), {"a": table["a"], "b": table["b"]}, max_batch=2, max_seq_len=32)
+    prompts = [[5, 17, 99, 3, 42], [7, 8]]
+    outs = eng.generate(prompts, ["a", "b"], SamplingParams(temperature=0, max_tokens=6))
+    for out, prompt, name in zip(outs, prompts, "ab"):
+        assert out.token_ids == peft_greedy(family, table[name], prompt, 6), name
+        assert out.finish_reason == "length" and out.prompt_tokens == len(prompt)
+
+
+def test_mixed_prefixes_equal_each_alone():
+    eng = engine(names=("a", "b", "c"))
+    names = ["a", "b", "c", "a"]
+    outs = eng.generate(PROMPTS, names, GREEDY)
+    for out, prompt, name in zip(outs, PROMPTS, names):
+        assert out.token_ids == alone(prompt, name).token_ids, (prompt, name)
+    assert len({tuple(o.token_ids) for o in outs}) > 1     # the prefixes matter
+
+
+def test_joining_mid_flight_changes_nothing():
+    eng = engine()
+    params = SamplingParams(temperature=0, max_tokens=12)
+    first = eng.submit(PROMPTS[0], "a", params)
+    for _ in range(4):
+        eng.step()
+    late = [eng.submit(p, n, params) for p, n in zip(PROMPTS[1:], "bca")]
+    while not all(r.done for r in [first] + late):
+        eng.step()
+    assert first.result().token_ids == alone(PROMPTS[0], "a", params).token_ids
+    for req, prompt, name in zip(late, PROMPTS[1:], "bca"):
+        assert req.result().token_ids == alone(prompt, name, params).token_ids
+
+
+def test_more_requests_than_slots_queue_and_all_finish():
+    eng = engine(max_batch=2)
+    outs = eng.generate(PROMPTS * 2, ["a", "b", "c", "a"] * 2, GREEDY)
+    assert [o.token_ids for o in outs[:4]] == [o.token_ids for o in outs[4:]]
+    assert eng.num_active == 0 and eng._free_slots == [0, 1]
+
+
+def test_add_and_remove_prefix_while_serving():
+    table = prefixes()
+    eng = engine(names=("a",), max_prefixes=2)
+    params = SamplingParams(temperature=0, max_tokens=10)
+    running = eng.submit(PROMPTS[0], "a", params)
+    eng.step()
+    eng.remove_prefix("a")                                # in flight: keeps its prefix to the end
+    with pytest.raises(UnknownPrefix, match="no prefix named 'a'"):
+        eng.submit(PROMPTS[0], "a", params)
+    eng.add_prefix("d", table["d"])
+    with pytest.raises(ValueError, match="bank is full"):  # row of "a" is still in use
+        eng.add_prefix("b", table["b"])
+    added = eng.submit(PROMPTS[1], "d", params)
+    while not (running.done and added.done):
+        eng.step()
+    assert running.result().token_ids == alone(PROMPTS[0], "a", params).token_ids
+    assert added.result().token_ids == alone(PROMPTS[1], "d", params).token_ids
+    eng.add_prefix("b", table["b"])                       # "a"'s row is free again
+    assert eng.prefixes == ["b", "d"]
+    assert eng.generate([PROMPTS[2]], "b", params)[0].token_ids == alone(PROMPTS[2], "b", params).token_ids
+
+
+def test_replacing_a_prefix_keeps_requests_in_flight_on_the_old_one():
+    table = prefixes()
+    eng = engine(names=("a",), max_prefixes=2)
+    params = SamplingParams(temperature=0, max_tokens=10)
+    running = eng.submit(PROMPTS[0], "a", params)
+    eng.step()
+    eng.add_prefix("a", table["b"])                      # "a" now means b's prefix
+    new = eng.submit(PROMPTS[0], "a", params)
+    while not (running.done and new.done):
+        eng.step()
+    assert running.result().token_ids == alone(PROMPTS[0], "a", params).token_ids
+    assert new.result().token_ids == alone(PROMPTS[0], "b", params).token_ids
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=10)
+    solo = alone(PROMPTS[0], "a", params).token_ids
+    eng = engine()
+    crowd = [eng.submit(p, n, params if i % 2 == 0 else GREEDY) for i, (p, n) in enumerate(zip(PROMPTS, "abcb"))]
+    while not all(r.done for r in crowd):
+        eng.step()
+    assert crowd[0].result().token_ids == solo
+    other = alone(PROMPTS[0], "a", SamplingParams(temperature=1.0, seed=99, max_tokens=10)).token_ids
+    assert other != solo
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    n = logits.shape[0]
+    args = dict(seeds=torch.full((n,), 7), steps=torch.arange(n), any_sampled=True)
+    ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)
+    counts = torch.bincount(sample(logits, ones, zeros, ones, any_filtered=False, **args), minlength=4)
+    torch.testing.assert_close(counts / n, logits[0].softmax(-1), atol=0.03, rtol=0)
+    top2 = sample(logits, ones, zeros + 2, ones, any_filtered=True, **args)
+    assert set(top2.tolist()) == {0, 1}
+    nucleus = sample(logits, ones, zeros, torch.full((n,), 0.5), any_filtered=True, **args)
+    assert set(nucleus.tolist()) == {0}                    # p(top) = 0.64 >= 0.5
+    greedy = sample(logits, torch.zeros(n), zeros, ones, any_filtered=False, **args)
+    assert set(greedy.tolist()) == {0}
+    u = uniform_noise(torch.tensor([1, 1, 2]), torch.tensor([0, 1, 0]), 1000)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.03
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+
+
+def test_top_k_one_is_greedy():
+    params = SamplingParams(temperature=0.7, top_k=1, seed=3, max_tokens=8)
+    assert alone(PROMPTS[2], "b", params).token_ids == alone(PROMPTS[2], "b").token_ids
+
+
+# -- stopping ---------------------------------------------------------------------------------
+
+def test_stop_strings_max_tokens_and_cache_length():
+    full = alone(PROMPTS[0], "a", SamplingParams(temperature=0, max_tokens=20))
+    text = full.text
+    assert len(text) >= 6
+    stop = text[3:5]
+    cut = alone(PROMPTS[0], "a", SamplingParams(temperature=0, max_tokens=20, stop=[stop, "\x00never"]))
+    assert cut.finish_reason == "stop" and cut.text == text[:text.index(stop)]
+    short = alone(PROMPTS[0], "a", SamplingParams(temperature=0, max_tokens=3))
+    assert short.finish_reason == "length" and short.token_ids == full.token_ids[:3]
+    eng = engine(max_seq_len=16)
+    capped = eng.generate([PROMPTS[0]], "a", SamplingParams(temperature=0, max_tokens=100))[0]
+    assert capped.finish_reason == "length"
+    assert len(PROMPTS[0]) + len(capped.token_ids) == 16 + 1  # the last token never enters the cache
+    assert capped.token_ids == alone(PROMPTS[0], "a", SamplingParams(temperature=0, max_tokens=6)).token_ids
+
+
+def test_rows_finishing_at_the_cache_end_leave_the_others_alone():
+    params = SamplingParams(temperature=0, max_tokens=12)
+    eng = engine(max_seq_len=16)
+    outs = eng.generate([PROMPTS[0], PROMPTS[1], PROMPTS[3]], ["a", "b", "c"], params)
+    assert [len(o.token_ids) for o in outs] == [6, 12, 7]     # 11 + 6 = 10 + 7 = 16 + 1
+    for out, prompt, name in zip(outs, [PROMPTS[0], PROMPTS[1], PROMPTS[3]], "abc"):
+        assert out.token_ids == alone(prompt, name, params).token_ids[:len(out.token_ids)]
+
+
+def test_streamed_text_equals_the_final_text():
+    eng = engine()
+    req = eng.submit(PROMPTS[3], "c", SamplingParams(temperature=0, max_tokens=12, stop=["zz"]), stream=True)
+    while not req.done:
+        eng.step()
+    streamed = "".join(text for text, _ in req.events(timeout=1))
+    assert streamed == req.result().text
+
+
+def test_eos_stops_unless_ignored():
+    eng = engine()
+    first = eng.generate([PROMPTS[1]], "a", GREEDY)[0].token_ids
+    eng.tokenizer.eos_token_ids = frozenset({first[2]})
+    out = eng.generate([PROMPTS[1]], "a", GREEDY)[0]
+    assert out.finish_reason == "stop" and out.token_ids == first[:first.index(first[2])]
+    assert eng.generate([PROMPTS[1]], "a", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].token_ids == first
+
+
+# -- errors and cancellation ------------------------------------------------------------------
+
+def test_submission_errors_name_the_problem():
+    eng = engine(queue_size=2, max_seq_len=16)
+    with pytest.raises(UnknownPrefix, match=r"no prefix named 'zzz'; this server has \['a', 'b', 'c'\]"):
+        eng.submit("hi", "zzz")
+    with pytest.raises(PromptTooLong, match="16 tokens but the engine's max_seq_len is 16"):
+        eng.submit("x" * 16, "a")
+    with pytest.raises(ValueError, match="out of range"):
+        eng.submit([500], "a")
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    eng.submit("hi", "a")
+    eng.submit("hi", "b")
+    with pytest.raises(QueueFull, match="queue is full"):
+        eng.submit("hi", "c")
+
+
+def test_cancel_frees_the_slot():
+    eng = engine(max_batch=1)
+    long = eng.submit(PROMPTS[0], "a", SamplingParams(temperature=0, max_tokens=30))
+    waiting = eng.submit(PROMPTS[1], "b", GREEDY)
+    eng.step()
+    long.cancel()
+    while not waiting.done:
+        eng.step()
+    assert long.result().finish_reason == "cancelled" and len(long.output_ids) < 30
+    assert waiting.result().token_ids == alone(PROMPTS[1], "b").token_ids
+    assert eng.num_active == 0 and eng._users == [0] * len(eng._users)
+
+
+def test_background_thread_serves_concurrent_submissions():
+    eng = engine().start()
+    try:
+        outs = eng.generate(PROMPTS, ["c", "b", "a", "c"], GREEDY)
+    finally:
+        eng.close()
+    for out, prompt, name in zip(outs, PROMPTS, "cbac"):
+        assert out.token_ids == alone(prompt, name).token_ids
+
+
+def test_unsupported_geometry_is_refused():
+    table = prefixes("mistral")                            # sliding window 64
+    with pytest.raises(ValueError, match="sliding window of 64"):
+        Engine(tiny_model("mistral"), {"a": table["a"]}, max_seq_len=64)
+    with pytest.raises(ValueError, match="at least one prefix"):
+        Engine(tiny_model("llama"), {})
+
+
+# -- CUDA graphs ------------------------------------------------------------------------------
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [16, 64])          # the Triton decode kernel; the CUDA one
+def test_cuda_graph_replay_equals_eager(head_dim):
+    overrides = dict(hidden_size=4 * head_dim, head_dim=head_dim)
+    g = torch.Generator().manual_seed(1)
+    table = {n: torch.randn(2, 2, 2, P, head_dim, generator=g) for n in "abcd"}
+    outs = {}
+    for graphs in (False, True):
+        model = tiny_model("llama", **overrides).to("cuda", torch.bfloat16)
+        eng = Engine(model, table, max_batch=8, max_seq_len=64, cuda_graphs=graphs)
+        eng.warmup()
+        params = SamplingParams(temperature=0.8, top_p=0.95, seed=5, max_tokens=20)
+        first = eng.submit([5, 6, 7, 8], "a", params)
+        for _ in range(3):
+            eng.step()
+        rest = [eng.submit(list(range(3 + i, 20 + 3 * i)), name, GREEDY if i % 2 else params)
+                for i, name in enumerate("bcdab")]
+        while not all(r.done for r in [first] + rest):
+            eng.step()
+        outs[graphs] = [r.result().token_ids for r in [first] + rest]
+        assert all(len(t) == 20 if i % 2 == 0 else 8 for i, t in enumerate(outs[graphs][1:]))
+    assert outs[True] == outs[False]
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_gpu_engine_matches_peft():
+    """fp32 on the GPU (Triton prefill and decode, CUDA graphs) against PEFT on the CPU."""
+    table = prefixes()
+    eng = Engine(tiny_model("llama").cuda(), {"a": table["a"], "b": table["b"]}, max_batch=2, max_seq_len=32)
+    assert eng.cuda_graphs
+    prompts = [[5, 17, 99, 3, 42], [7, 8]]
+    outs = eng.generate(prompts, ["a", "b"], SamplingParams(temperature=0, max_tokens=6))
+    for out, prompt, name in zip(outs, prompts, "ab"):
+        assert out.token_ids == peft_greedy("llama", table[name], prompt, 6), name
