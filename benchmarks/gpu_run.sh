@@ -20,6 +20,7 @@ for step in "$@"; do
     training) timeout 420 python3 benchmarks/bench_training.py --out $OUT > $OUT/bench_training.log 2>&1; tail -30 $OUT/bench_training.log ;;
     attention-train-shapes) PREFIX_KERNELS_RESULTS=$OUT/train_shapes timeout 300 python3 benchmarks/bench_attention.py --shape 8,32,4,1024,64,32,1 --shape 2,32,4,4096,64,128,1 --variants floor,prefix_kernels --no-plot > $OUT/attention_train_shapes.log 2>&1; tail -25 $OUT/attention_train_shapes.log ;;
     profile-training) timeout 300 python3 benchmarks/profile_training.py 2>&1 | tee $OUT/profile_training.log ;;
+    profile-decode) timeout 200 python3 benchmarks/profile_decode.py 32 128 2>&1 | tee $OUT/profile_decode.log ;;
     decode) timeout 300 python3 benchmarks/bench_decode_kernel.py > $OUT/bench_decode.log 2>&1; tail -30 $OUT/bench_decode.log ;;
     decode-splits) timeout 200 python3 benchmarks/bench_decode_kernel.py --sweep-splits 2>&1 | tee $OUT/decode_splits.log ;;
     servetests-gpu) timeout 300 python3 -m pytest -q -p no:logging tests/test_serve_engine.py tests/test_serve_http.py > $OUT/servetests.log 2>&1; summary $OUT/servetests.log ;;
