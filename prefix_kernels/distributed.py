@@ -13,6 +13,7 @@ This module knows the model only through nn.Module and the patched model's `pref
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -161,7 +162,10 @@ def wrap(model, ctx: Context, strategy: str = "auto"):
         # no need to send them every step. The bank is one tensor (five with the MLP) whose
         # gradient is complete only when backward reaches layer 0, so there is no overlap to tune.
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        no_sync = ({"forward_sync_buffers": False}       # torch >= 2.13's name for it
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
+        return DistributedDataParallel(model, device_ids=device_ids, **no_sync)
     return model
 
 
