@@ -47,10 +47,11 @@ EXTRA = [("1.1b-2gpu-fsdp", "tinyllama-1.1b", 2, "fsdp")]
 # -- one case, inside each torchrun process ----------------------------------------------------
 
 def worker(args) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
     import prefix_kernels as pk
     from prefix_kernels import distributed as pd
     from prefix_kernels.train import loss_sum
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     ctx = pd.setup("cpu" if args.quick else "cuda")
     cuda = ctx.device.type == "cuda"
@@ -221,7 +222,12 @@ def main(argv=None) -> int:
         worker(args)
         return 0
 
-    from prefix_kernels.bench.common import device_slug, environment, results_dir, write_json
+    from prefix_kernels.bench.common import (
+        device_slug,
+        environment,
+        results_dir,
+        write_json,
+    )
 
     gpus = torch.cuda.device_count()
     if not quick and gpus < 2:

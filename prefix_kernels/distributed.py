@@ -9,6 +9,11 @@ TinyLlama shape at P=32) and the same optimizer state; only the frozen base diff
         the bank as an ignored, replicated parameter); the bank's gradients are all-reduced here
         after backward (frozen weights are gathered for forward and backward, never reduced).
   none  one process: nothing to wrap.
+Why DDP and not a bare all_reduce of the bank after backward (equally correct, the trainable part
+being tiny): DDP is what users and tools expect under torchrun, it checks at start that every rank
+has the same parameters and broadcasts rank 0's, and it needs no code of ours in the loop. Its
+overlap of communication with backward buys nothing here (the bank's gradient is complete only at
+the end of backward), and costs nothing either.
 This module knows the model only through nn.Module and the patched model's `prefix_bank`.
 """
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -33,7 +38,7 @@ class Context:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     strategy: str = "none"
 
     @property

@@ -18,10 +18,9 @@ import shutil
 
 import pytest
 import torch
+from hf_tiny import tiny_config
 
 from prefix_kernels import train
-
-from hf_tiny import tiny_config
 
 WORDS = ["<pad>", "<eos>", "<unk>", "q:", "a:", "red", "blue", "green", "yes", "no", "is", "sky", "grass",
          "the", "sea", "sun", "and", "very", "deep", "bright"]
@@ -149,7 +148,7 @@ def test_nproc_failure_is_reported(workspace, capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
 def test_nccl_two_gpus_match_one(workspace):
-    ref3, ref6 = _single(workspace, "cuda")
+    ref3, _ = _single(workspace, "cuda")
     for strategy in ("ddp", "fsdp"):
         out = workspace / f"nccl-{strategy}"
         assert train.main(_argv(workspace, out, "--nproc", "2", "--strategy", strategy, "--batch-size", "4",
