@@ -141,6 +141,17 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return layers
 
 
+def shard_frozen_base(model, mesh) -> None:
+    """FSDP2 over `mesh`: each decoder layer, then the root (embeddings, final norm, LM head).
+    The bank is an ignored parameter: a plain tensor, replicated, left where it is. Each group is
+    moved to the mesh's device as it is sharded, so a model loaded on the CPU never needs to fit
+    one GPU whole."""
+    fully_shard, _ = fsdp_api()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params=set(model.prefix_bank.parameters()))
+
+
 def wrap(model, ctx: Context, strategy: str = "auto"):
     """Prepare a patched model (the base frozen, `model.prefix_bank` trainable) for this strategy.
 
@@ -151,12 +162,8 @@ def wrap(model, ctx: Context, strategy: str = "auto"):
     bank = model.prefix_bank
     ctx.strategy = resolve_strategy(strategy, model, ctx)
     if ctx.strategy == "fsdp":
-        fully_shard, init_device_mesh = fsdp_api()
-        mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-        for layer in decoder_layers(model):
-            fully_shard(layer, mesh=mesh)           # moves the layer to the mesh's device, then shards
-        # the root group: embeddings, final norm, LM head; the bank stays a replicated plain tensor
-        fully_shard(model, mesh=mesh, ignored_params=set(bank.parameters()))
+        _, init_device_mesh = fsdp_api()
+        shard_frozen_base(model, init_device_mesh(ctx.device.type, (ctx.world,)))
         bank.to(ctx.device)                         # ignored parameters are not moved by fully_shard
         return model
     model.to(ctx.device)

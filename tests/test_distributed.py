@@ -12,13 +12,15 @@ to their own width, gradients summed across ranks): ~5e-7 on prefix values of or
 3 AdamW steps on the CPU. 1e-5 (CPU) / 1e-4 (GPU: other cuBLAS kernels per batch shape) is far
 below one AdamW step (lr 1e-2), so a lost, doubled or mis-normalized rank gradient fails.
 """
+import gc
 import json
 import os
 import shutil
+import weakref
 
 import pytest
 import torch
-from hf_tiny import tiny_config
+from hf_tiny import padded_batch, tiny_config, tiny_model
 
 from prefix_kernels import train
 
@@ -143,6 +145,39 @@ def test_nproc_failure_is_reported(workspace, capsys):
                             "--max-length", "3"))     # every example is too long: every rank fails
     assert code == 2
     assert "processes failed" in capsys.readouterr().err
+
+
+def test_fsdp_frees_the_unsharded_base_and_keeps_the_bank_replicated():
+    """In this process, a 1-rank gloo group: after sharding nothing holds the full frozen weights
+    (what lets FSDP2 halve them on 2 GPUs); the bank stays a plain parameter; the sharded model
+    gives the unsharded one's loss and prefix gradient."""
+    import torch.distributed as dist
+
+    import prefix_kernels as pk
+    from prefix_kernels import distributed as pd
+
+    ids, mask, labels = padded_batch()
+    reference = tiny_model("llama").train()
+    ref_bank = pk.patch_model(reference, 4, backend="reference")
+    train.loss_sum(reference, ids, mask, labels).backward()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = tiny_model("llama").train()
+        bank = pk.patch_model(model, 4, backend="reference")
+        originals = [weakref.ref(p) for p in model.parameters() if not p.requires_grad]
+        _, init_device_mesh = pd.fsdp_api()
+        pd.shard_frozen_base(model, init_device_mesh("cpu", (1,)))
+        gc.collect()
+        alive = sum(r() is not None for r in originals)
+        assert alive == 0, f"{alive} of {len(originals)} unsharded frozen weights are still referenced"
+        assert type(bank.prefix) is torch.nn.Parameter
+        assert all(type(p).__name__ == "DTensor" for n, p in model.named_parameters() if "prefix_bank" not in n)
+        loss = train.loss_sum(model, ids, mask, labels)
+        loss.backward()
+        torch.testing.assert_close(loss, train.loss_sum(reference, ids, mask, labels).detach())
+        torch.testing.assert_close(bank.prefix.grad, ref_bank.prefix.grad)
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.gpu
