@@ -1,10 +1,11 @@
 """Data-parallel prefix training on PyTorch's own engine: torchrun, DDP and FSDP2.
 
 One process per device, started by torchrun (`launch` calls its API; `accelerate launch` sets
-the same environment). Every rank holds the whole prefix bank (it is small: 0.72 MB for the
-TinyLlama shape at P=32) and the same optimizer state; only the frozen base differs by strategy:
+the same environment). Every rank holds the whole prefix bank (it is small: 1.4 MB in fp32 for
+the TinyLlama shape at P=32) and the same optimizer state; only the frozen base differs:
   ddp   the base replicated; `DistributedDataParallel` all-reduces the gradients of the
-        parameters that require them, i.e. only the bank's (the frozen weights are in no bucket).
+        parameters that require them, i.e. only the bank's (the frozen weights are in no bucket;
+        DDP broadcasts them once, from rank 0, when it wraps the model).
   fsdp  the base sharded with FSDP2 (`fully_shard` on each decoder layer, then the root with
         the bank as an ignored, replicated parameter); the bank's gradients are all-reduced here
         after backward (frozen weights are gathered for forward and backward, never reduced).
