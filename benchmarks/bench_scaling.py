@@ -47,13 +47,27 @@ EXTRA = [("1.1b-2gpu-fsdp", "tinyllama-1.1b", 2, "fsdp")]
 # -- one case, inside each torchrun process ----------------------------------------------------
 
 def worker(args) -> None:
+    from prefix_kernels import distributed as pd
+
+    ctx = pd.setup("cpu" if args.quick else "cuda")
+    try:
+        row = measure(args, ctx)
+    except BaseException:
+        pd.teardown(ctx, failed=True)
+        raise
+    if ctx.main:
+        with open(args.result, "w") as f:
+            json.dump(row, f)
+    pd.teardown(ctx)      # after measure's frame (and the DDP/FSDP wrapper in it) is gone
+
+
+def measure(args, ctx) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import prefix_kernels as pk
     from prefix_kernels import distributed as pd
     from prefix_kernels.train import loss_sum
 
-    ctx = pd.setup("cpu" if args.quick else "cuda")
     cuda = ctx.device.type == "cuda"
     dtype = torch.float32 if args.quick else torch.bfloat16
     config = LlamaConfig(**(QUICK_SHAPES if args.quick else SHAPES)[args.shape])
@@ -94,17 +108,13 @@ def worker(args) -> None:
         loss = step()
     sync()
     seconds = pd.all_max((time.perf_counter() - start) / args.steps, ctx)
-    row = {"case": args.case, "shape": args.shape, "gpus": ctx.world, "strategy": ctx.strategy,
+    return {"case": args.case, "shape": args.shape, "gpus": ctx.world, "strategy": ctx.strategy,
            "batch_per_gpu": args.batch, "seq": args.seq, "prefix_len": args.prefix_len,
            "ms_per_step": seconds * 1e3, "tokens_per_s": ctx.world * args.batch * args.seq / seconds,
            "weights_gib": pd.all_max(weights, ctx) if cuda else None,
            "peak_gib": pd.all_max(torch.cuda.max_memory_allocated(ctx.device) / 2**30, ctx) if cuda else None,
            "frozen_gib_total": pd.frozen_bytes(model) / 2**30,     # a DTensor counts its global size
            "loss": pd.all_sum([loss.item()], ctx)[0] / count}
-    if ctx.main:
-        with open(args.result, "w") as f:
-            json.dump(row, f)
-    pd.teardown(ctx)
 
 
 # -- the driver: one torchrun launch per case ---------------------------------------------------

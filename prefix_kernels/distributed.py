@@ -19,6 +19,7 @@ This module knows the model only through nn.Module and the patched model's `pref
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 import sys
@@ -80,8 +81,17 @@ def setup(device: str | None = None, default_cuda: bool = True) -> Context:
     return ctx
 
 
-def teardown(ctx: Context) -> None:
+def teardown(ctx: Context, failed: bool = False) -> None:
+    """Leave the process group, once the DDP/FSDP wrappers are out of scope.
+
+    Garbage is collected and the ranks meet at a barrier first: a gloo group destroyed from a DDP
+    reducer's destructor at interpreter exit (the GIL held) can wait forever on gloo's thread,
+    itself waiting for the GIL to free a finished collective's tensors (seen with torch 2.13).
+    After a failure the other ranks may be gone: no barrier."""
     if ctx.distributed and dist.is_initialized():
+        gc.collect()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

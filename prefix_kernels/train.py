@@ -239,9 +239,12 @@ def run(args) -> dict:
         return _launch(args)
     ctx = pd.setup(args.device, default_cuda=not (args.model is None and args.data is None))
     try:
-        return _train(args, ctx)
-    finally:
-        pd.teardown(ctx)
+        result = _train(args, ctx)
+    except BaseException:
+        pd.teardown(ctx, failed=True)
+        raise
+    pd.teardown(ctx)      # after _train's frame (and the wrapper in it) is gone
+    return result
 
 
 def _launch(args) -> dict:
