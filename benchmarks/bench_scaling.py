@@ -250,24 +250,29 @@ def main(argv=None) -> int:
     env["gpus"] = gpus
     print(f"bench_scaling on {gpus} x {env['device']}: torch {env['torch']}, transformers {env['transformers']}, "
           f"commit {env['git_commit'][:10]}", flush=True)
+    stem = "scaling-quick" if quick else f"scaling-{device_slug(env)}"
+
+    def save(rows, lines):
+        payload = {"benchmark": "bench_scaling", "dtype": "float32" if quick else "bfloat16",
+                   "per_gpu": {"batch": args.batch, "seq": args.seq, "prefix_len": args.prefix_len},
+                   "warmup": args.warmup, "steps": args.steps, "gpus": gpus, "environment": env,
+                   "shapes": QUICK_SHAPES if quick else SHAPES, "results": rows, "verdicts": lines}
+        return write_json(f"{stem}.json", payload)
+
     rows = []
     for name, shape, n, strategy in CASES + EXTRA:
         if name in args.cases:
             print(f"=== {name}: {shape}, {n} GPU(s), {strategy}", flush=True)
             rows.append(run_case(name, shape, n, strategy, args))
+            print(json.dumps(rows[-1]), flush=True)
+            save(rows, verdicts(rows))       # what is measured survives a timeout of the next case
     print("\n" + table(rows))
     lines = verdicts(rows)
     if quick:
         lines = ["CPU smoke run (tiny models, gloo): the verdicts below measure nothing"] + lines
     for line in lines:
         print(line)
-
-    stem = "scaling-quick" if quick else f"scaling-{device_slug(env)}"
-    payload = {"benchmark": "bench_scaling", "dtype": "float32" if quick else "bfloat16",
-               "per_gpu": {"batch": args.batch, "seq": args.seq, "prefix_len": args.prefix_len},
-               "warmup": args.warmup, "steps": args.steps, "gpus": gpus, "environment": env,
-               "shapes": QUICK_SHAPES if quick else SHAPES, "results": rows, "verdicts": lines}
-    json_path = write_json(f"{stem}.json", payload)
+    json_path = save(rows, lines)
     png_path = results_dir() / f"{stem}.png"
     plot(rows, png_path)
     print(f"\nwrote {json_path} and {png_path}")
