@@ -9,8 +9,9 @@ runs a row without labels).
 
 Tolerance: fp32 throughout. The two runs differ only in reduction order (per-rank batches padded
 to their own width, gradients summed across ranks): 2.4e-7 on prefix values up to 4, 7e-7 on
-losses near 4.8, after 3 AdamW steps on the CPU (measured at this commit). 1e-5 (CPU) / 1e-4 (GPU: other cuBLAS kernels per batch shape) is far
-below one AdamW step (lr 1e-2), so a lost, doubled or mis-normalized rank gradient fails.
+losses near 4.8, after 3 AdamW steps on the CPU. 1e-5 (CPU) / 1e-4 (GPU: other cuBLAS kernels
+per batch shape) is far below one AdamW step (lr 1e-2), so a lost, doubled or mis-normalized rank
+gradient fails (a mean of per-rank means misses by 2.4 on the losses).
 """
 import gc
 import json
