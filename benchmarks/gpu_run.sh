@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, GPU tests, benchmarks; logs and results land under $OUT.
 # usage: PREFIX_KERNELS_GIT_COMMIT=<sha> bash benchmarks/gpu_run.sh STEP [STEP ...]
+# disttests-gpu and scaling need 2 GPUs (NCCL's NVLink multicast stays off: NCCL_NVLS_ENABLE=0)
 set -u
 export PYTHONUNBUFFERED=1 PREFIX_KERNELS_RESULTS=$OUT
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv
@@ -21,6 +22,8 @@ for step in "$@"; do
     attention-train-shapes) PREFIX_KERNELS_RESULTS=$OUT/train_shapes timeout 300 python3 benchmarks/bench_attention.py --shape 8,32,4,1024,64,32,1 --shape 2,32,4,4096,64,128,1 --variants floor,prefix_kernels --no-plot > $OUT/attention_train_shapes.log 2>&1; tail -25 $OUT/attention_train_shapes.log ;;
     profile-training) timeout 300 python3 benchmarks/profile_training.py 2>&1 | tee $OUT/profile_training.log ;;
     profile-decode) timeout 200 python3 benchmarks/profile_decode.py 32 128 2>&1 | tee $OUT/profile_decode.log ;;
+    disttests-gpu) NCCL_NVLS_ENABLE=0 timeout 300 python3 -m pytest -q -p no:logging -m gpu tests/test_distributed.py > $OUT/disttests.log 2>&1; summary $OUT/disttests.log ;;
+    scaling) NCCL_NVLS_ENABLE=0 timeout 560 python3 benchmarks/bench_scaling.py > $OUT/bench_scaling.log 2>&1; grep -v "^W[0-9]" $OUT/bench_scaling.log | tail -22 ;;
     decode) timeout 300 python3 benchmarks/bench_decode_kernel.py > $OUT/bench_decode.log 2>&1; tail -30 $OUT/bench_decode.log ;;
     decode-splits) timeout 200 python3 benchmarks/bench_decode_kernel.py --sweep-splits 2>&1 | tee $OUT/decode_splits.log ;;
     servetests-gpu) timeout 300 python3 -m pytest -q -p no:logging tests/test_serve_engine.py tests/test_serve_http.py > $OUT/servetests.log 2>&1; summary $OUT/servetests.log ;;

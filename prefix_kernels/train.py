@@ -8,6 +8,13 @@ DIR/checkpoint.pt (resumed automatically), and saves the adapter atomically in P
 With no --model/--data it runs a built-in demo on the CPU: a small model built from a config, a
 byte tokenizer, and a tiny classification task, in well under two minutes.
 
+Several devices: `--nproc N` relaunches this module under torchrun (or start it with torchrun /
+accelerate launch yourself). Each rank takes a strided share of every global batch
+(--batch-size rows per rank); the loss is the token mean over the whole global batch, so N ranks
+train exactly what one process does on the same global batch. DDP or FSDP2 (--strategy), see
+prefix_kernels/distributed.py. Rank 0 alone writes checkpoints and the adapter; a checkpoint
+resumes under any number of ranks.
+
 The CLI (prefix_kernels/cli.py) calls `add_arguments(parser)` and `run(args)`; `main(argv)` is
 the same as a standalone entry point.
 """
@@ -23,6 +30,8 @@ import sys
 import time
 
 import torch
+
+from . import distributed as pd
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -137,6 +146,25 @@ def collate(batch, pad_id: int):
     return input_ids, mask, labels
 
 
+def label_tokens(batch) -> int:
+    """Tokens the loss covers (labels shifted by one, -100 ignored), counted on the host."""
+    return sum(sum(1 for t in lab[1:] if t != -100) for _, lab in batch)
+
+
+def masked_row(row):
+    """The same input with no label: it runs forward/backward but adds nothing to the loss."""
+    ids, lab = row
+    return ids, [-100] * len(lab)
+
+
+def loss_sum(model, ids, mask, labels) -> torch.Tensor:
+    """Sum of the next-token cross entropy over the labelled tokens (fp32), as HF's causal-LM
+    loss before its mean: the caller divides by the token count of the whole (global) batch."""
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=-100, reduction="sum")
+
+
 # -- the loop -----------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -146,13 +174,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--prefix-len", type=int, default=None, help="prefix slots P (default 32; demo 16)")
     parser.add_argument("--projection-hidden", type=int, default=None, help="MLP reparameterization size")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1 epoch; demo 300)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per step and process")
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 5e-3; demo 5e-2)")
     parser.add_argument("--eval-fraction", type=float, default=0.1)
     parser.add_argument("--max-length", type=int, default=None, help="longest example in tokens")
     parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes (GPUs) to train on; > 1 relaunches under torchrun")
+    parser.add_argument("--strategy", default="auto", choices=pd.STRATEGIES,
+                        help="several processes: DDP (the base replicated) or FSDP2 (the base sharded); "
+                             "auto = DDP when the frozen weights fit one GPU")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
@@ -178,30 +211,75 @@ def _save_adapter(bank, out: str, base: str | None) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size, pad_id, device) -> float:
+def evaluate(model, examples, batch_size, pad_id, ctx) -> float:
+    """Token-mean loss over `examples`, each rank taking its share of every global batch."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        ids, mask, labels = (t.to(device) for t in collate(examples[start:start + batch_size], pad_id))
-        n = int((labels[:, 1:] != -100).sum())
-        total += model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() * n
-        count += n
+    total, count, size = 0.0, 0, batch_size * ctx.world
+    for start in range(0, len(examples), size):
+        rows = pd.shard(examples[start:start + size], ctx, masked_row)
+        ids, mask, labels = (t.to(ctx.device) for t in collate(rows, pad_id))
+        total += loss_sum(model, ids, mask, labels).item()
+        count += label_tokens(rows)
     model.train(was_training)
+    total, count = pd.all_sum([total, count], ctx)
     return total / max(count, 1)
 
 
 def run(args) -> dict:
-    """Train; returns {'train_losses', 'eval_loss_before', 'eval_loss', 'adapter', 'steps'}."""
-    import prefix_kernels as pk
+    """Train; returns {'train_losses', 'eval_loss_before', 'eval_loss', 'adapter', 'steps'}.
 
-    demo = args.model is None and args.data is None
+    With --nproc N > 1 outside a launcher this relaunches under torchrun and returns what the
+    ranks left in the checkpoint (the eval losses are printed by rank 0 and returned as None)."""
     if (args.model is None) != (args.data is None):
         raise ValueError("pass both --model and --data, or neither for the built-in demo")
-    # the demo is a CPU demo; a real run takes the GPU when there is one
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not demo else "cpu"))
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and not pd.under_launcher():
+        return _launch(args)
+    ctx = pd.setup(args.device, default_cuda=not (args.model is None and args.data is None))
+    try:
+        result = _train(args, ctx)
+    except BaseException:
+        pd.teardown(ctx, failed=True)
+        raise
+    pd.teardown(ctx)      # after _train's frame (and the wrapper in it) is gone
+    return result
+
+
+def _launch(args) -> dict:
+    device = args.device or ("cuda" if torch.cuda.is_available() and args.model is not None else "cpu")
+    if torch.device(device).type == "cuda" and args.nproc > torch.cuda.device_count():
+        raise ValueError(f"--nproc {args.nproc} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    pd.launch(args.nproc, "prefix_kernels.train", _to_argv(args, drop=("nproc",)))
+    ckpt = torch.load(os.path.join(args.out, CHECKPOINT), map_location="cpu", weights_only=False)
+    return {"train_losses": ckpt["losses"], "eval_loss_before": None, "eval_loss": None,
+            "adapter": args.out, "steps": ckpt["step"]}
+
+
+def _to_argv(args, drop=()) -> list[str]:
+    """The command line that gives `args` back (options left at their defaults omitted)."""
+    argv = []
+    for action in add_arguments(argparse.ArgumentParser())._actions:
+        if not action.option_strings or action.dest in drop or action.dest == "help":
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(action.option_strings[0])
+        else:
+            argv += [action.option_strings[0], str(value)]
+    return argv
+
+
+def _train(args, ctx: pd.Context) -> dict:
+    import prefix_kernels as pk
+
+    demo = args.model is None
+    device = ctx.device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)     # the same on every rank: the same bank init
     if demo:
         tokenizer, model, rows, source = ByteTokenizer(), demo_model(), demo_examples(), "demo"
         prefix_len, lr, steps = args.prefix_len or 16, args.lr or 5e-2, args.steps or 300
@@ -212,8 +290,12 @@ def run(args) -> dict:
         tokenizer = _HFTokenizer(AutoTokenizer.from_pretrained(args.model))
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
         prefix_len, lr, steps = args.prefix_len or 32, args.lr or 5e-3, args.steps
-    model.to(device=device, dtype=dtype)
+    model.to(dtype=dtype)
+    # patched where it was loaded (the CPU); wrap() then moves it, or shards it onto the devices
     bank = pk.patch_model(model, prefix_len, projection_hidden=args.projection_hidden, backend=args.backend)
+    step_model = pd.wrap(model, ctx, args.strategy)
+    if ctx.distributed:
+        pd.print_main(ctx, f"{ctx.world} processes on {device.type}, strategy {ctx.strategy}")
 
     limit = getattr(model.config, "max_position_embeddings", None)
     max_tokens = args.max_length or (limit - prefix_len if limit else 4096)
@@ -223,7 +305,8 @@ def run(args) -> dict:
     eval_set, train_set = examples[:n_eval], examples[n_eval:]
     if not train_set:
         raise ValueError(f"{source}: {len(examples)} example(s) leave nothing to train on after the eval split")
-    steps = steps or math.ceil(len(train_set) / args.batch_size)
+    global_batch = args.batch_size * ctx.world
+    steps = steps or math.ceil(len(train_set) / global_batch)
 
     optimizer = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     os.makedirs(args.out, exist_ok=True)
@@ -233,41 +316,55 @@ def run(args) -> dict:
         bank.load_state_dict(ckpt["bank"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step, losses = ckpt["step"], ckpt["losses"]
-        print(f"resuming from {ckpt_path} at step {start_step}", file=sys.stderr)
+        pd.print_main(ctx, f"resuming from {ckpt_path} at step {start_step}")
+        saved = ckpt.get("global_batch", global_batch)
+        if saved != global_batch:
+            pd.print_main(ctx, f"warning: the checkpoint was trained with a global batch of {saved} rows, this "
+                               f"run uses {global_batch} ({args.batch_size} x {ctx.world} processes): later "
+                               "steps see other batches than an uninterrupted run would")
 
-    eval_before = evaluate(model, eval_set, args.batch_size, tokenizer.pad_token_id, device) if eval_set else None
-    batches = [train_set[i:i + args.batch_size] for i in range(0, len(train_set), args.batch_size)]
+    eval_before = evaluate(model, eval_set, args.batch_size, tokenizer.pad_token_id, ctx) if eval_set else None
+    batches = [train_set[i:i + global_batch] for i in range(0, len(train_set), global_batch)]
     model.train()
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc="train", disable=args.quiet)
-    tokens, started = 0, time.perf_counter()
+    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc="train",
+               disable=args.quiet or not ctx.main)
+    tokens, started, scale = 0, time.perf_counter(), pd.loss_scale(ctx)
     for step in bar:
-        # the batch depends on the step alone, so a resumed run sees what an uninterrupted one would
+        # the global batch depends on the step alone, so a resumed run (under any number of
+        # ranks) sees what an uninterrupted one would
         batch = batches[step % len(batches)] if step < len(batches) else \
             batches[random.Random(args.seed * 1_000_003 + step).randrange(len(batches))]
-        ids, mask, labels = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
+        count = label_tokens(batch)      # the global batch's, known to every rank without a collective
+        ids, mask, labels = (t.to(device) for t in collate(pd.shard(batch, ctx, masked_row), tokenizer.pad_token_id))
+        local = loss_sum(step_model, ids, mask, labels)
+        (local * (scale / max(count, 1))).backward()
+        pd.sync_gradients(bank, ctx)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        tokens += int(mask.sum())
+        losses.append(pd.all_sum([local.item()], ctx)[0] / max(count, 1))
+        tokens += sum(len(ids) for ids, _ in batch)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
         if (step + 1) % args.save_every == 0 or step + 1 == steps:
-            _atomic_torch_save({"bank": bank.state_dict(), "optimizer": optimizer.state_dict(),
-                                "step": step + 1, "losses": losses}, ckpt_path)
+            if ctx.main:
+                _atomic_torch_save({"bank": bank.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "step": step + 1, "losses": losses, "global_batch": global_batch,
+                                    "world_size": ctx.world}, ckpt_path)
+            pd.barrier(ctx)
     bar.close()
 
-    eval_loss = evaluate(model, eval_set, args.batch_size, tokenizer.pad_token_id, device) if eval_set else None
-    _save_adapter(bank, args.out, None if demo else args.model)
+    eval_loss = evaluate(model, eval_set, args.batch_size, tokenizer.pad_token_id, ctx) if eval_set else None
+    if ctx.main:
+        _save_adapter(bank, args.out, None if demo else args.model)
+    pd.barrier(ctx)
     if losses:
         head, tail = losses[:10], losses[-10:]
-        print(f"train loss {sum(head) / len(head):.3f} -> {sum(tail) / len(tail):.3f} over {len(losses)} steps",
-              file=sys.stderr)
+        pd.print_main(ctx, f"train loss {sum(head) / len(head):.3f} -> {sum(tail) / len(tail):.3f} over "
+                           f"{len(losses)} steps")
     if eval_loss is not None:
-        print(f"eval loss {eval_before:.3f} -> {eval_loss:.3f} on {len(eval_set)} held-out examples", file=sys.stderr)
-    print(f"adapter saved to {args.out}", file=sys.stderr)
+        pd.print_main(ctx, f"eval loss {eval_before:.3f} -> {eval_loss:.3f} on {len(eval_set)} held-out examples")
+    pd.print_main(ctx, f"adapter saved to {args.out}")
     return {"train_losses": losses, "eval_loss_before": eval_before, "eval_loss": eval_loss,
             "adapter": args.out, "steps": steps}
 
@@ -277,7 +374,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, pd.LaunchError) as e:
         print(f"prefix-kernels train: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -51,7 +51,8 @@ class _PatchState:
     def __init__(self, model, bank, family, offset, backend):
         self.bank, self.family, self.offset, self.backend = bank, family, offset, backend
         self.original_attn = model.config._attn_implementation
-        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        # by name, not the tensors: holding them would keep FSDP2's unsharded originals alive
+        self.requires_grad = [(n, p.requires_grad) for n, p in model.named_parameters()]
         self.handles, self.linked = [], []
         self.forward_args = [n for n, p in inspect.signature(model.forward).parameters.items()
                              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -426,8 +427,9 @@ def unpatch_model(model):
     del model.prefix_bank
     model.__dict__.pop("generate", None)
     model.config._attn_implementation = state.original_attn
-    for param, requires_grad in state.requires_grad:
-        param.requires_grad_(requires_grad)
+    params = dict(model.named_parameters())
+    for name, requires_grad in state.requires_grad:
+        params[name].requires_grad_(requires_grad)
     del model.__dict__[_STATE_ATTR]
     return model
 
