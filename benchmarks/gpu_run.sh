@@ -3,6 +3,9 @@
 # usage: PREFIX_KERNELS_GIT_COMMIT=<sha> bash benchmarks/gpu_run.sh STEP [STEP ...]
 # disttests-gpu and scaling need 2 GPUs (NCCL's NVLink multicast stays off: NCCL_NVLS_ENABLE=0)
 set -u
+# The device gets a copy of the working tree whose .git can be stale: the commit must come from
+# the caller's checkout (PREFIX_KERNELS_GIT_COMMIT=$(git rev-parse HEAD) computed locally).
+[ -n "${PREFIX_KERNELS_GIT_COMMIT:-}" ] || echo "WARNING: PREFIX_KERNELS_GIT_COMMIT is unset: results carry the device copy's .git commit, which can be stale"
 export PYTHONUNBUFFERED=1 PREFIX_KERNELS_RESULTS=$OUT
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
