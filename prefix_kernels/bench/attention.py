@@ -2,7 +2,8 @@
 
 Variants, all computing attention over [prefix ; own causal keys] with gradients for q, k, v and
 the prefix, in one process run:
-  floor           SDPA flash, causal, no prefix at all (the cost of attention without a prefix)
+  floor           SDPA flash (FA2), causal, no prefix at all (the cost of attention without a prefix)
+  floor_cudnn     the same through cuDNN's fused attention (what SDPA runs inside HF models on H200)
   peft_bool_mask  concat prefix onto K/V + [B,1,S,P+S] bool mask -> SDPA (PEFT's path)
   concat_lower_right  concat + SDPA with a bottom-right causal bias
   concat_flex     concat + compiled FlexAttention with a block mask
@@ -28,7 +29,10 @@ GPU_SHAPES = [
     (8, 32, 8, 1024, 128, 32, 4),      # mixed bank: 8 rows over 4 entries
 ]
 CPU_SHAPES = [(2, 4, 2, 128, 64, 16, 1), (2, 4, 2, 96, 64, 8, 2)]
-VARIANTS = ["floor", "peft_bool_mask", "concat_lower_right", "concat_flex", "prefix_kernels"]
+VARIANTS = ["floor", "floor_cudnn", "peft_bool_mask", "concat_lower_right", "concat_flex", "prefix_kernels"]
+# No prefix: what the same attention costs without one. SDPA's FLASH backend (FA2) and cuDNN's
+# fused attention, which torch 2.11 picks for SDPA inside HF models on the H200.
+FLOORS = ("floor", "floor_cudnn")
 MODES = ["fwd", "bwd", "fwd+bwd"]
 
 
@@ -67,9 +71,12 @@ def build_variant(name, inputs, index, p, device):
     if name == "prefix_kernels":
         import prefix_kernels as pk
         return lambda: pk.prefix_attention(q, k, v, bank_k, bank_v, prefix_index=index)
-    if name == "floor":
+    if name in FLOORS:
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        backends = [SDPBackend.FLASH_ATTENTION] if device == "cuda" else [SDPBackend.MATH]
+        if name == "floor_cudnn" and device != "cuda":
+            raise RuntimeError("cuDNN attention is measured on the GPU only")
+        fast = SDPBackend.FLASH_ATTENTION if name == "floor" else SDPBackend.CUDNN_ATTENTION
+        backends = [fast] if device == "cuda" else [SDPBackend.MATH]
         gqa = h != k.shape[1]
 
         def floor():
@@ -158,7 +165,7 @@ def bench_shape(shape, dtype, device, variants, modes, rep_ms):
     # every variant that includes the prefix must agree with ours (the floor has no prefix)
     for row in rows:
         out = row.pop("_out", None)
-        if out is not None and reference_out is not None and row["variant"] not in ("floor", "prefix_kernels"):
+        if out is not None and reference_out is not None and row["variant"] not in (*FLOORS, "prefix_kernels"):
             row["max |diff| vs ours"] = float((out.float() - reference_out.float()).abs().max())
     return rows
 
@@ -173,8 +180,9 @@ def add_ratios(rows, mode="fwd+bwd"):
         ours = next((r for r in group if r["variant"] == "prefix_kernels" and f"{mode} ms" in r), None)
         if ours is None:
             continue
-        baselines = [r for r in group if r["variant"] not in ("prefix_kernels", "floor") and f"{mode} ms" in r]
+        baselines = [r for r in group if r["variant"] not in ("prefix_kernels", *FLOORS) and f"{mode} ms" in r]
         floor = next((r for r in group if r["variant"] == "floor" and f"{mode} ms" in r), None)
+        cudnn = next((r for r in group if r["variant"] == "floor_cudnn" and f"{mode} ms" in r), None)
         for r in group:
             if f"{mode} ms" in r:
                 r[f"ours speedup ({mode})"] = round(r[f"{mode} ms"] / ours[f"{mode} ms"], 3)
@@ -185,6 +193,7 @@ def add_ratios(rows, mode="fwd+bwd"):
             "best baseline": best["variant"] if best else None,
             "speedup vs best": round(best[f"{mode} ms"] / ours[f"{mode} ms"], 3) if best else None,
             "speedup vs floor": round(floor[f"{mode} ms"] / ours[f"{mode} ms"], 3) if floor else None,
+            "speedup vs cuDNN floor": round(cudnn[f"{mode} ms"] / ours[f"{mode} ms"], 3) if cudnn else None,
             "ours extra MiB": ours.get("extra peak MiB"),
             "floor extra MiB": floor.get("extra peak MiB") if floor else None,
         })
