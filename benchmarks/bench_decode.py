@@ -44,9 +44,9 @@ def model_config(quick: bool):
     if quick:
         return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    # TinyLlama-1.1B (ANCHORS.md)
-    return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+    from prefix_kernels.bench.common import tinyllama_config
+
+    return tinyllama_config(max_position_embeddings=2048)      # ANCHORS.md section 3
 
 
 def _sync(device):

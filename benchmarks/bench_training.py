@@ -36,9 +36,9 @@ def model_config(quick: bool):
     if quick:
         return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    # TinyLlama-1.1B (ANCHORS.md section 2)
-    return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=8192)
+    from prefix_kernels.bench.common import tinyllama_config
+
+    return tinyllama_config(max_position_embeddings=8192)      # ANCHORS.md section 2
 
 
 def build_case(case: str, config, prefix_len: int, device, dtype):
@@ -75,15 +75,8 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_case(case, config, batch, seq, prefix_len, device, dtype, warmup, steps) -> dict:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    model, params, embeds = build_case(case, config, prefix_len, device, dtype)
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    g = torch.Generator(device="cpu").manual_seed(1)
-    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
-
+def make_step(model, optimizer, embeds: bool, ids):
+    """One training step: forward with labels, backward, the optimizer (None for the floor)."""
     def step():
         if embeds:
             inputs = model.get_input_embeddings()(ids).detach().requires_grad_(True)
@@ -95,6 +88,18 @@ def run_case(case, config, batch, seq, prefix_len, device, dtype, warmup, steps)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return loss
+    return step
+
+
+def run_case(case, config, batch, seq, prefix_len, device, dtype, warmup, steps) -> dict:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model, params, embeds = build_case(case, config, prefix_len, device, dtype)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
+    step = make_step(model, optimizer, embeds, ids)
 
     for _ in range(warmup):
         step()

@@ -21,17 +21,7 @@ def profile_case(case, config, batch, seq, prefix_len, steps=3):
     model, params, embeds = bt.build_case(case, config, prefix_len, torch.device("cuda"), torch.bfloat16)
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
-
-    def step():
-        if embeds:
-            loss = model(inputs_embeds=model.get_input_embeddings()(ids).detach().requires_grad_(True),
-                         labels=ids).loss
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    step = bt.make_step(model, optimizer, embeds, ids)
 
     for _ in range(3):
         step()

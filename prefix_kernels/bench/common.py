@@ -90,3 +90,12 @@ def write_json(name: str, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
     return path
+
+
+def tinyllama_config(max_position_embeddings: int):
+    """The TinyLlama-1.1B shape (ANCHORS.md), built from a config: random weights, no download."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                       num_attention_heads=32, num_key_value_heads=4,
+                       max_position_embeddings=max_position_embeddings)
