@@ -298,11 +298,11 @@ def _new_engine(old, model, prefixes, batch, max_seq_len, device, graphs=True):
 
 def _drop_engine(engine, model, device):
     """Free the engine's cache and graphs and give the model back unpatched (for the baselines)."""
-    from prefix_kernels.integrations.transformers import _STATE_ATTR, unpatch_model
+    from prefix_kernels.integrations.transformers import is_patched, unpatch_model
 
     if engine is not None:
         engine.close()
-    if _STATE_ATTR in model.__dict__:
+    if is_patched(model):
         unpatch_model(model)
     gc.collect()
     if device.type == "cuda":

@@ -5,9 +5,9 @@ Importing the package is light: the Triton kernels load on first use.
 __version__ = "0.1.0"
 
 __all__ = ["prefix_attention", "reference_prefix_attention", "decode_attention", "patch_model",
-           "unpatch_model", "load_prefix", "PrefixBank"]
+           "unpatch_model", "load_prefix", "is_patched", "get_prefix_bank", "PrefixBank"]
 
-_INTEGRATION = ("patch_model", "unpatch_model", "load_prefix", "get_prefix_bank")
+_INTEGRATION = ("patch_model", "unpatch_model", "load_prefix", "is_patched", "get_prefix_bank")
 
 
 def __getattr__(name):

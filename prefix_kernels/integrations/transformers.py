@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -69,11 +68,6 @@ class _PatchState:
 class _LayerLink:
     state: _PatchState
     layer_idx: int
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,7 +451,13 @@ def position_offset(model) -> int:
     return state.offset
 
 
+def is_patched(model) -> bool:
+    """Whether `patch_model` has patched this model instance (and `unpatch_model` has not undone it)."""
+    return _STATE_ATTR in getattr(model, "__dict__", {})
+
+
 def get_prefix_bank(model) -> PrefixBank:
+    """The prefix bank of a patched model; ValueError if the model is not patched."""
     state = model.__dict__.get(_STATE_ATTR)
     if state is None:
         raise ValueError("the model is not patched by prefix-kernels")
@@ -471,7 +471,7 @@ def load_prefix(model, directory: str, name: str | None = None, **patch_kwargs) 
     An existing entry of that name is overwritten, otherwise a new entry is added.
     """
     config, flat = read_peft_prefix(directory)
-    if _STATE_ATTR not in model.__dict__:
+    if not is_patched(model):
         patch_model(model, config["num_virtual_tokens"], init="zeros", names=[name or "default"], **patch_kwargs)
     bank = get_prefix_bank(model)
     want = {"num_layers": bank.num_layers, "token_dim": bank.token_dim, "num_attention_heads": bank.num_kv_heads,

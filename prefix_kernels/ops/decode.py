@@ -13,11 +13,9 @@ function. Softmax runs in base 2: scores are pre-multiplied by scale*log2(e).
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
-import warnings
 from typing import Optional
 
 import torch
@@ -25,19 +23,15 @@ import triton
 import triton.language as tl
 
 from .reference import reference_prefix_attention
+from .utils import LOG2E, interpreting as _interpreting, sm_count, warn_once as _warn_once
 
 log = logging.getLogger("prefix_kernels")
 
-LOG2E = 1.4426950408889634
 MAX_DECODE_QUERIES = 16            # Sq per row; longer query blocks are prefill: prefix_attention
 CUDA_HEAD_DIMS = (64, 128, 256)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 128
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,16 +172,11 @@ def _decode_combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_splits,
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _triton_num_splits(base_programs: int, max_keys: int, block_n: int, device) -> int:
     """Enough programs for ~2 per SM, at least one key tile each, no two splits per tile."""
     if device.type != "cuda":
         return max(1, min(3, triton.cdiv(max_keys, block_n)))   # several splits under the interpreter
-    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    target = 2 * sm_count(device)
     tiles = max(1, triton.cdiv(max_keys, block_n))
     want = triton.cdiv(target, max(base_programs, 1))
     return max(1, min(want, tiles, MAX_SPLITS))
@@ -295,11 +284,6 @@ def reference_decode_attention(q, k_cache, v_cache, cache_seqlens, prefix_k, pre
 # --------------------------------------------------------------------------------------------
 # Checks and dispatch
 # --------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
-
 
 def _fail(msg: str):
     raise ValueError(f"decode_attention: {msg}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import warnings
 from typing import Optional
 
 import torch
@@ -20,14 +19,10 @@ import triton
 import triton.language as tl
 
 from .reference import reference_prefix_attention
+from .utils import LOG2E, interpreting as _interpreting, sm_count, warn_once as _warn_once
 
-LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,11 +512,6 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
     return out, lse
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _prefix_splits(sq, rows, p, own_grad, device):
     """How many query ranges each prefix key block is split over.
 
@@ -531,8 +521,7 @@ def _prefix_splits(sq, rows, p, own_grad, device):
     if own_grad:
         want = 2
     else:
-        sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
-            if device.type == "cuda" else 4
+        sms = sm_count(device) if device.type == "cuda" else 4
         want = triton.cdiv(2 * sms, rows * triton.cdiv(p, 64))
     return max(1, min(want, triton.cdiv(sq, 64), 64))
 
@@ -704,11 +693,6 @@ _prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
-
 
 def _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, backend):
     def fail(msg):

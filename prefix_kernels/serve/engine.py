@@ -65,10 +65,7 @@ class Engine:
                  cuda_graphs: bool | None = None, backend: str = "auto"):
         self.model = model.eval()
         offset, source = None, prefixes
-        try:
-            patched = hf.get_prefix_bank(model)
-        except ValueError:
-            patched = None
+        patched = hf.get_prefix_bank(model) if hf.is_patched(model) else None
         if patched is not None:           # re-patched below with a bank of fixed capacity
             offset = hf.position_offset(model)
             source = patched if source is None else source

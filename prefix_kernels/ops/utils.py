@@ -1,0 +1,32 @@
+"""What the op files share: constants, the interpreter switch, warn-once, device queries."""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+LOG2E = 1.4426950408889634      # the kernels run softmax in base 2: scores are pre-scaled by log2(e)
+
+
+def interpreting() -> bool:
+    """Triton runs on the CPU under its interpreter (TRITON_INTERPRET=1, read at import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def warn_once(message: str) -> None:
+    """A fallback or a degraded path is announced once per distinct message, not per call."""
+    warnings.warn(message, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (cached: the property query costs ~10 us per call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index)
