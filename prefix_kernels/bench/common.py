@@ -113,8 +113,11 @@ def tiny_llama_config(max_position_embeddings: int):
 
 
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """Every benchmark's argument parser: `prefix-kernels bench NAME`, its docstring's first line."""
-    return argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    """Every benchmark's argument parser: `prefix-kernels bench NAME`, its docstring as the
+    description, defaults shown in --help."""
+    from ..cli_common import parser as cli_parser
+
+    return cli_parser(prog, doc)
 
 
 _BENCH_EXTRA = "(pip install 'prefix-kernels[bench]')"
