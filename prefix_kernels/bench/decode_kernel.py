@@ -118,7 +118,7 @@ def variant_calls(name: str, x: dict, context: int, ext, splits: int | None = No
     splits: force the key-split count of the CUDA/Triton kernels (None = their heuristic)."""
     scale = 1.0 / math.sqrt(D)
     if name == "cuda":
-        counters = torch.zeros(4096, dtype=torch.int32, device="cuda")
+        counters = dec.DecodeWorkspace("cuda", x["q"].shape[0], HQ, HKV, SQ).counters
         return lambda: ext.decode_attention_fwd(x["q"], x["k"], x["v"], x["lens"], x["pk"], x["pv"],
                                                 x["pidx"], scale, splits or 0, context, counters)
     if name == "triton":
