@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..bank import PrefixBank, peft_flat_to_bank, read_peft_prefix
+from .saving import save_patched_model
 
 ATTENTION_NAME = "prefix_kernels"   # must not contain flash/sdpa/flex/paged: transformers special-cases those
 _STATE_ATTR = "_prefix_kernels_state"
@@ -405,6 +406,8 @@ def patch_model(model, num_prefix_tokens: int = 32, *, projection_hidden: int | 
     state.handles.append(model.get_input_embeddings().register_forward_hook(
         functools.partial(_inputs_require_grad, model)))
     model.__dict__["generate"] = functools.partial(_generate_with_prefix, state, model.generate)
+    # saving the patched model (Trainer.save_model, its checkpoints) writes the adapters: saving.py
+    model.__dict__["save_pretrained"] = functools.partial(save_patched_model, model)
     model.config._attn_implementation = ATTENTION_NAME
     return bank
 
@@ -420,6 +423,7 @@ def unpatch_model(model):
         module.__dict__.pop(_LINK_ATTR, None)
     del model.prefix_bank
     model.__dict__.pop("generate", None)
+    model.__dict__.pop("save_pretrained", None)
     model.config._attn_implementation = state.original_attn
     params = dict(model.named_parameters())
     for name, requires_grad in state.requires_grad:
