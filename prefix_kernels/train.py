@@ -3,6 +3,7 @@
     prefix-kernels train --model PATH --data FILE.jsonl --prefix-len 32 --out DIR
     prefix-kernels train --model PATH --task support=support.jsonl --task legal=legal.jsonl --out DIR
     prefix-kernels train                  # the built-in demo on the CPU (tiny model, about a minute)
+    prefix-kernels train --task a=a.jsonl --task b=b.jsonl     # your tasks on the demo model
 
 Each JSONL line is {"prompt": str, "completion": str}; the loss covers the completion only.
 Several tasks train in one run: each task is an entry of the prefix bank, each batch mixes the
@@ -77,7 +78,8 @@ def loss_sum(model, ids: torch.Tensor, mask: torch.Tensor | None, labels: torch.
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of `prefix-kernels train` (also used to rebuild a command line for torchrun)."""
     data = parser.add_argument_group("model and data")
-    data.add_argument("--model", help="local model folder or hub id (default: the built-in demo model)")
+    data.add_argument("--model", help="local model folder or hub id (default: the demo model, a tiny Llama "
+                      "with a byte tokenizer)")
     data.add_argument("--data", help="JSONL of {'prompt', 'completion'}: the task 'default'")
     data.add_argument("--task", action="append", metavar="NAME=FILE",
                       help="a task of its own prefix (repeat for several tasks trained in one run)")
@@ -135,8 +137,8 @@ def _check(args) -> dict[str, str]:
     """Everything on the command line that can be checked before a model loads."""
     check_model_arg(args.model)
     tasks = _tasks(args)
-    if (args.model is None) != (not tasks):
-        raise UsageError("pass --model with --data or --task, or neither for the built-in demo")
+    if args.model is not None and not tasks:
+        raise UsageError("--model needs --data FILE or --task NAME=FILE (no --model: the demo model)")
     for flag in ("nproc", "batch_size", "grad_accum", "save_every", "log_every"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -249,12 +251,13 @@ def _train(args, tasks: dict[str, str], ctx: pd.Context) -> dict:
     demo, device = args.model is None, ctx.device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(args.seed)     # the same on every rank: the same bank init
-    if demo:
-        rows, base = {DEMO_TASK: demo_examples()}, DEMO_MODEL_NAME
+    rows = {name: read_jsonl(path) for name, path in tasks.items()}      # before any model loads
+    if demo:      # the demo model (the serve demo serves its adapters), on its task or the given ones
+        rows, base = rows or {DEMO_TASK: demo_examples()}, DEMO_MODEL_NAME
         tokenizer, model = demo_tokenizer(), demo_model()
-        prefix_len, lr, steps = args.prefix_len or 16, args.lr or 5e-2, args.steps or 300
+        prefix_len, lr, steps = args.prefix_len or 16, args.lr or 5e-2, args.steps or (None if tasks else 300)
     else:
-        rows, base = {name: read_jsonl(path) for name, path in tasks.items()}, args.model   # before the model
+        base = args.model
         tokenizer, model = _load_model(args, dtype)
         prefix_len, lr, steps = args.prefix_len or 32, args.lr or 5e-3, args.steps
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -271,7 +274,7 @@ def _train(args, tasks: dict[str, str], ctx: pd.Context) -> dict:
     max_tokens = args.max_length or (limit - prefix_len if limit else 4096)
     eval_sets, train_set = {}, []
     for index, name in enumerate(names):
-        source = "demo" if demo else tasks[name]
+        source = tasks.get(name, "demo")
         held, kept = split_eval(tokenize(rows[name], tokenizer, max_tokens, source, index), args.eval_fraction,
                                 args.seed)
         if not kept:

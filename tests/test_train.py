@@ -242,4 +242,4 @@ def test_main_reports_errors_cleanly(tmp_path, capsys):
     assert train.main(["--data", str(tmp_path / "none.jsonl"), "--model", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().endswith(": the folder has no config.json (not a transformers model folder)")
     assert train.main(["--model", "x"]) == 2
-    assert "pass --model with --data or --task" in capsys.readouterr().err
+    assert "--model needs --data FILE or --task NAME=FILE" in capsys.readouterr().err

@@ -8,6 +8,9 @@ the prefix, in one process run:
   concat_lower_right  concat + SDPA with a bottom-right causal bias
   concat_flex     concat + compiled FlexAttention with a block mask
   prefix_kernels  this package
+
+Without a GPU: a check of the Triton kernels under the CPU interpreter, CPU timings (float32,
+median and IQR) and the committed H200 table instead (bench/attention_cpu.py).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from ..cli_common import HelpFormatter
 from . import common
 
 # (B, H, Hkv, S, D, P, N bank entries used by the B rows)
@@ -223,7 +227,7 @@ def plot(rows, path, mode="fwd+bwd"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="prefix-kernels bench attention", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--shape", action="append", default=None,
                         help="B,H,Hkv,S,D,P[,N] (repeatable); default: the issue's shapes")
@@ -232,7 +236,11 @@ def main(argv=None):
     parser.add_argument("--rep-ms", type=float, default=200)
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--output", default=None, help="JSON file name under benchmarks/results/")
+    parser.add_argument("--repeats", type=int, default=15, help="no GPU: timed calls per CPU timing")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        from .attention_cpu import main as cpu_main
+        return cpu_main(args)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]

@@ -23,10 +23,12 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "git_commit": git_commit(),
     }
+    from importlib.metadata import PackageNotFoundError, version
+
     for name in ("triton", "transformers", "peft"):
         try:
-            env[name] = __import__(name).__version__
-        except ImportError:
+            env[name] = version(name)         # without importing it (peft alone takes seconds)
+        except PackageNotFoundError:
             env[name] = None
     return env
 
