@@ -31,6 +31,8 @@ for step in "$@"; do
     decode-splits) timeout 200 python3 benchmarks/bench_decode_kernel.py --sweep-splits 2>&1 | tee $OUT/decode_splits.log ;;
     servetests-gpu) timeout 300 python3 -m pytest -q -p no:logging tests/test_serve_engine.py tests/test_serve_http.py > $OUT/servetests.log 2>&1; summary $OUT/servetests.log ;;
     decode-e2e) timeout 400 python3 benchmarks/bench_decode.py > $OUT/bench_decode_e2e.log 2>&1; tr '\r' '\n' < $OUT/bench_decode_e2e.log | grep -v "it/s\]" | grep -v "^ *$" | tail -45 ;;
+    curves) timeout 500 python3 -m prefix_kernels.bench.training --curves --out $OUT > $OUT/training_curves.log 2>&1; grep -v "Warning\|warn" $OUT/training_curves.log | tail -20 ;;
+    multitask) timeout 300 python3 -m prefix_kernels.bench.training --multitask --out $OUT > $OUT/multitask.log 2>&1; tail -8 $OUT/multitask.log ;;
     benchgpu) timeout 300 python3 -m pytest -q -p no:logging -m gpu tests/test_gpu_benchmarks.py --benchmark-json=$OUT/gpu-benchmarks.json > $OUT/benchgpu.log 2>&1; summary $OUT/benchgpu.log; grep -A12 "^Name (time" $OUT/benchgpu.log ;;
     *) echo "unknown step $step" ;;
   esac
