@@ -97,13 +97,15 @@ class PrefixBank(nn.Module):
 
     @property
     def num_entries(self) -> int:
+        """N, the number of prefixes (entries) in the bank."""
         return len(self.names)
 
     @property
     def token_dim(self) -> int:
+        """Hkv * D: the width of one prefix slot of one layer's keys (PEFT's token_dim)."""
         return self.num_kv_heads * self.head_dim
 
-    def index_of(self, name) -> int:
+    def index_of(self, name: str | int) -> int:
         """Entry index of a name (an int is taken as an index and range-checked)."""
         if isinstance(name, int) and not isinstance(name, bool):
             if not 0 <= name < self.num_entries:
@@ -149,7 +151,7 @@ class PrefixBank(nn.Module):
             self.proj_out_bias[i].zero_()
 
     @torch.no_grad()
-    def set_entry(self, name_or_index, prefix: torch.Tensor) -> None:
+    def set_entry(self, name_or_index: str | int, prefix: torch.Tensor) -> None:
         """Copy a plain prefix [L, 2, Hkv, P, D] into an entry."""
         if self.projection_hidden is not None:
             raise ValueError("this bank is MLP-reparameterized: a plain prefix cannot be loaded into it. "
@@ -162,7 +164,8 @@ class PrefixBank(nn.Module):
         self.prefix[:, :, i].copy_(prefix.to(self.prefix.device, self.prefix.dtype))
 
     @torch.no_grad()
-    def set_projection(self, name_or_index, embedding, in_weight, in_bias, out_weight, out_bias) -> None:
+    def set_projection(self, name_or_index: str | int, embedding: torch.Tensor, in_weight: torch.Tensor,
+                       in_bias: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor) -> None:
         """Copy MLP-reparameterization weights (PEFT PrefixEncoder layout) into an entry."""
         if self.projection_hidden is None:
             raise ValueError("this bank has no MLP reparameterization (projection_hidden=None)")
@@ -174,7 +177,7 @@ class PrefixBank(nn.Module):
                 raise ValueError(f"projection weight of shape {tuple(src.shape)}, want {tuple(dst.shape[1:])}")
             dst[i].copy_(src)
 
-    def add_entry(self, name: str, init="zeros") -> int:
+    def add_entry(self, name: str, init: str | torch.Tensor = "zeros") -> int:
         """Append an entry; returns its index. Parameters are re-allocated: build optimizers after."""
         name = str(name)
         if name in self.names:
@@ -208,7 +211,7 @@ class PrefixBank(nn.Module):
         return out if dtype is None else out.to(dtype)
 
     @torch.no_grad()
-    def folded(self, name_or_index) -> torch.Tensor:
+    def folded(self, name_or_index: str | int) -> torch.Tensor:
         """One entry as a plain prefix [L, 2, Hkv, P, D] (the MLP folded in), fp32 on the CPU."""
         i = self.index_of(name_or_index)
         return self.materialize()[:, :, i].float().cpu().clone()
@@ -220,6 +223,7 @@ class PrefixBank(nn.Module):
     # -- PEFT-format save / load -----------------------------------------------------------
 
     def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
+        """The adapter_config.json of a saved entry (PEFT's prefix-tuning fields)."""
         return {
             "peft_type": "PREFIX_TUNING",
             "task_type": "CAUSAL_LM",

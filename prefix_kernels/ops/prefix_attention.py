@@ -751,8 +751,10 @@ def _triton_unsupported_reason(q) -> Optional[str]:
     return None
 
 
-def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padding_mask=None,
-                     scale=None, causal=True, backend="auto"):
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                     prefix_v: torch.Tensor, *, prefix_index: torch.Tensor | None = None,
+                     key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
+                     causal: bool = True, backend: str = "auto") -> torch.Tensor:
     """Attention over a per-row prefix from a prefix bank plus the row's own keys.
 
     Args:
