@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import split_attention
 from .reference import reference_prefix_attention
 from .utils import LOG2E, interpreting as _interpreting, sm_count, warn_once as _warn_once
 
@@ -752,7 +753,7 @@ def _triton_unsupported_reason(q) -> Optional[str]:
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padding_mask=None,
-                     scale=None, causal=True, backend="auto"):
+                     scale=None, causal=True, backend="auto", path=None):
     """Attention over a per-row prefix from a prefix bank plus the row's own keys.
 
     Args:
@@ -770,6 +771,11 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padd
         causal: query i sits at key position seqlen_k - seqlen_q + i (bottom-right alignment).
         backend: "auto" (Triton for CUDA tensors, the reference elsewhere), "triton" (on CPU
             tensors only under TRITON_INTERPRET=1), or "reference".
+        path: how the Triton backend runs: "fused" (our kernels for all keys), "split" (the
+            vendor's cuDNN/flash kernel for the own keys, ours for the prefix, merged by
+            log-sum-exp: ops/split_attention.py; calls it cannot serve run fused, announced
+            once), or "auto" (the faster for the shape). None reads PREFIX_KERNELS_ATTENTION
+            (default "auto").
 
     Returns:
         (batch, heads_q, seqlen_q, head_dim), dtype of q. Gradients flow to q, k, v and to the
@@ -798,6 +804,10 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padd
         key_padding_mask = (key_padding_mask != 0).to(torch.uint8)    # [B, Sk] bytes: tiny
     if prefix_index is not None:
         prefix_index = prefix_index.to(q.device, non_blocking=True)
+    split = split_attention.split_plan(path, q, k, prefix_k, key_padding_mask, causal)
+    if split is not None:
+        return split_attention.split_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index,
+                                                      float(scale), bool(causal), split)
     if torch.compiler.is_compiling():
         out, _ = _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index,
                                        key_padding_mask, float(scale), bool(causal))
