@@ -331,23 +331,27 @@ def _config(block_m, warps, stages):
     return triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
 
 
-# These kernels move q, O, dO, dQ once each and do little math (P << S): they are bound by
-# memory, so wide query blocks and enough programs in flight matter more than the pipeline.
-# Default first; PREFIX_KERNELS_AUTOTUNE=0 takes it untimed.
+# These kernels move q, O, dO, dQ once each and do little math (P << S): memory-bound, so wide
+# query blocks and enough programs in flight matter more than the pipeline. Two candidates per
+# kernel and head-dim class (each compiles ~1 s at first use); default first, which
+# PREFIX_KERNELS_AUTOTUNE=0 takes untimed. The one-pass kernel holds 2 x BLOCK_N x D fp32
+# accumulators: 8 warps from D=128 on.
+_LOOP_CONFIGS = {64: [_config(64, 4, 2), _config(128, 8, 2)],
+                 128: [_config(64, 4, 2), _config(128, 8, 2)],
+                 256: [_config(32, 4, 2), _config(64, 8, 2)]}
 _CANDIDATES = {
-    "merge": [_config(64, 4, 2), _config(128, 8, 2), _config(128, 4, 2), _config(64, 8, 3)],
-    "dq": [_config(64, 4, 2), _config(128, 8, 2), _config(128, 4, 2), _config(64, 8, 3)],
-    "dprefix": [_config(64, 4, 2), _config(128, 8, 2), _config(64, 8, 3), _config(32, 4, 2)],
-    "onepass": [_config(64, 4, 2), _config(128, 8, 2), _config(64, 8, 3), _config(32, 4, 2)],
+    "merge": _LOOP_CONFIGS, "dq": _LOOP_CONFIGS, "dprefix": _LOOP_CONFIGS,
+    "onepass": {64: [_config(64, 4, 2), _config(128, 8, 2)],
+                128: [_config(64, 8, 2), _config(32, 4, 2)],
+                256: [_config(32, 8, 2), _config(16, 4, 2)]},
 }
 _INTERPRET_CONFIG = _config(16, 4, 1)
 _KERNELS = {"merge": _split_fwd_merge, "dq": _split_bwd_dq, "dprefix": _split_bwd_dprefix,
             "onepass": _split_bwd_onepass}
 # In-place outputs: autotune must put them back after each timed run.
-_RESTORE = {"merge": ["o_ptr"], "dq": ["dq_ptr"], "dprefix": [], "onepass": ["dq_ptr"]}
-_TUNE_KEY = ["HEAD_DIM", "BLOCK_N", "SEQ_BUCKET", "HAS_PIDX"]
-# All P keys of a one-pass program sit in one block: its dK/dV accumulators are
-# 2 x ONEPASS_MAX_P x D fp32 registers.
+_RESTORE = {"merge": ["o_ptr"], "dq": ["dq_ptr"], "dprefix": None, "onepass": ["dq_ptr"]}
+_TUNE_KEY = ["HEAD_DIM", "BLOCK_N", "SEQ_BUCKET", "HAS_PIDX", "PREC"]
+# All P keys of a one-pass program sit in one block of its registers.
 ONEPASS_MAX_P = {64: 128, 128: 64, 256: 32}
 _CHOSEN: dict = {}
 
@@ -357,22 +361,23 @@ def _autotune_enabled() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(name: str):
+def _tuned(name: str, head_dim_class: int, tune: bool):
     kernel = _KERNELS[name]
     if interpreting():
         return triton.autotune(configs=[_INTERPRET_CONFIG], key=_TUNE_KEY)(kernel)
-    configs = _CANDIDATES[name] if _autotune_enabled() else _CANDIDATES[name][:1]
-    return triton.autotune(configs=configs, key=_TUNE_KEY + (["DQ_GRAD"] if name in ("dq", "onepass") else []),
-                           restore_value=_RESTORE[name] or None)(kernel)
+    configs = _CANDIDATES[name][head_dim_class]
+    return triton.autotune(configs=configs if tune else configs[:1], key=_TUNE_KEY,
+                           restore_value=_RESTORE[name])(kernel)
 
 
 def _launch(name, grid, args, constexprs, dtype):
     """Launch with the config autotune chose for this key; later calls skip triton's
     Autotuner.run (~70 us of host time per launch, see ops/prefix_attention.py `_launch`)."""
-    key = (name, dtype, args[-1], *sorted(constexprs.items()))      # args[-1]: SEQ_BUCKET
+    tune = _autotune_enabled()
+    key = (name, dtype, tune, args[-1], *sorted(constexprs.items()))      # args[-1]: SEQ_BUCKET
     config = _CHOSEN.get(key)
     if config is None:
-        tuner = _tuned(name)
+        tuner = _tuned(name, _head_dim_class(constexprs["HEAD_DIM"]), tune)
         tuner[grid](*args, **constexprs)
         _CHOSEN[key] = tuner.best_config
         return
