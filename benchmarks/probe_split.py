@@ -256,6 +256,24 @@ def time_shape(shape, names, out_of_time):
     return rows
 
 
+def chosen_configs():
+    """The config autotune picked per kernel and key, for the fused op and the split kernels."""
+    from prefix_kernels.ops import prefix_attention as fused
+    from prefix_kernels.ops import split_attention as sa
+    hopper = [c for table in getattr(fused, "_HOPPER_CANDIDATES", {}).values()
+              for configs in table.values() for c in configs]
+    lines = []
+    for module, label in ((fused, "fused"), (sa, "split")):
+        for key, config in getattr(module, "_CHOSEN", {}).items():
+            consts = dict(item for item in key if isinstance(item, tuple) and len(item) == 2)
+            shown = {k: v for k, v in consts.items() if k.startswith(("BLOCK_N", "HAS_PIDX", "DQ", "PREFIX", "OWN"))}
+            bucket = next((x for x in key[1:] if isinstance(x, int) and not isinstance(x, bool)), None)
+            mark = "*" if any(config is c for c in hopper) else " "
+            lines.append(f"{mark} {label}.{key[0]} D={consts.get('HEAD_DIM')} bucket={bucket} {shown} -> "
+                         f"{config.kwargs} warps={config.num_warps} stages={config.num_stages}")
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=270)
@@ -324,6 +342,10 @@ def main(argv=None):
         common.write_json("probe_split.json", payload)
         log(f"  {shape} done, {time.time() - start:.0f} s")
 
+    payload["chosen_configs"] = chosen_configs()
+    log("\nautotune's choices (* = a Hopper candidate appended for issue 10, design 2)")
+    for line in payload["chosen_configs"]:
+        log(f"  {line}")
     log("\nratio = cuDNN no-prefix ms / variant ms (>= 0.9 required, 1.0 target)")
     cols = ["shape", "variant", "fwd", "fwd+bwd", "fwd vs cuDNN", "fwd+bwd vs cuDNN", "note", "error"]
     log(common.format_table(rows, [c for c in cols if any(c in r for r in rows)]))

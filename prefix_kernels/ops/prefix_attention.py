@@ -425,6 +425,21 @@ _CANDIDATES = {
              128: [_config(64, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 128, 4, 3), _config(64, 128, 8, 2)],
              256: [_config(64, 64, 8, 2), _config(32, 64, 4, 2), _config(32, 32, 4, 2)]},
 }
+# Hopper candidates (issue 10, design 2), appended after the ones above: deeper pipelines and
+# 8 warps at D=128, after Triton's fused-attention tutorial on H100 (fwd 128x128, 8 warps, 3-4
+# stages; bwd 32x128 dK/dV and 128x32 dQ at 4-5 stages). Configs over the shared memory of a GPU
+# fail to compile and autotune skips them; benchmarks/probe_split.py prints which ones win.
+_HOPPER_CANDIDATES = {
+    "fwd": {64: [_config(128, 128, 8, 3), _config(128, 64, 4, 4)],
+            128: [_config(128, 64, 8, 4), _config(128, 128, 8, 4)]},
+    "dq": {64: [_config(128, 64, 4, 4), _config(128, 128, 8, 3)],
+           128: [_config(128, 64, 8, 4), _config(128, 128, 8, 3)]},
+    "dkdv": {64: [_config(32, 128, 4, 5), _config(64, 128, 4, 4)],
+             128: [_config(32, 128, 4, 5), _config(64, 128, 8, 4)]},
+}
+for _name, _table in _HOPPER_CANDIDATES.items():
+    for _cls, _configs in _table.items():
+        _CANDIDATES[_name][_cls].extend(_configs)
 # 16x16 blocks under the interpreter: small test shapes then span several blocks.
 _INTERPRET_CONFIG = _config(16, 16, 4, 1)
 _TUNE_KEY = {"fwd": ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "HAS_KPM"],
