@@ -445,7 +445,9 @@ def _sum_heads(t, hkv, like):
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _zero_seed(device):
+    """The RNG seed/offset the vendor backwards take; never read at dropout 0."""
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
@@ -549,8 +551,10 @@ def _lse_bhs(lse, b, h, sq):
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, vendor, forward):
-    """Merged (out, lse): out in q's layout, lse natural log [B, H, Sq] fp32 contiguous."""
+def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, vendor, forward,
+                    match_layout=False):
+    """Merged (out, lse): lse natural log [B, H, Sq] fp32 contiguous; out in the vendor's layout,
+    or in q's (as the custom op's fake promises) with match_layout."""
     b, h, sq, _ = q.shape
     hkv, p = k.shape[1], prefix_k.shape[2]
     if forward == "fused":
@@ -559,7 +563,8 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, ve
         return out, lse2 * LN2
     out, lse_own = _vendor_forward(vendor, q, k, v, scale, causal)
     lse_own = _lse_bhs(lse_own, b, h, sq)
-    out = _in_layout_of(out, q)
+    if match_layout:
+        out = _in_layout_of(out, q)
     lse = torch.empty((b, h, sq), device=q.device, dtype=torch.float32)
     meta = _meta(q, p)
     _launch("merge", lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h),
@@ -576,7 +581,9 @@ def _backward_kind(backward, p, d):
 
 
 def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, out, lse, scale, causal,
-                     vendor, backward, need_dq, need_dkv, need_prefix):
+                     vendor, backward, need_dq, need_dkv, need_prefix, match_layout=False):
+    """dq, dk, dv (the vendor's, in its layout, or as q, k, v's with match_layout) with the
+    prefix's dq added, and the bank gradients; empty tensors for what is not needed."""
     b, h, sq, d = q.shape
     hkv = k.shape[1]
     n, p = prefix_k.shape[0], prefix_k.shape[2]
@@ -584,8 +591,10 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, out, lse, sc
     dpk, dpv = prefix_k.new_empty(0), prefix_v.new_empty(0)
     if need_dq or need_dkv:
         dq, dk, dv = _vendor_backward(vendor, do, q, k, v, out, lse, scale, causal)
-        dq = _in_layout_of(dq, q) if need_dq else q.new_empty(0)
-        dk, dv = (_in_layout_of(dk, k), _in_layout_of(dv, v)) if need_dkv else (k.new_empty(0), v.new_empty(0))
+        if match_layout:
+            dq, dk, dv = _in_layout_of(dq, q), _in_layout_of(dk, k), _in_layout_of(dv, v)
+        dq = dq if need_dq else q.new_empty(0)
+        dk, dv = (dk, dv) if need_dkv else (k.new_empty(0), v.new_empty(0))
     if not (need_dq or need_prefix):
         return dq, dk, dv, dpk, dpv
 
@@ -640,7 +649,8 @@ def _split_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          prefix_index: Optional[torch.Tensor], scale: float, causal: bool,
                          vendor: str, forward: str, backward: str) -> tuple[torch.Tensor, torch.Tensor]:
     # `backward` does not change the forward: it rides along for the autograd rule
-    return _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, vendor, forward)
+    return _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, vendor, forward,
+                           match_layout=True)
 
 
 @_split_attention_fwd.register_fake
@@ -656,7 +666,7 @@ def _split_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                          need_dq: bool, need_dkv: bool, need_prefix: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, out, lse, scale, causal,
-                            vendor, backward, need_dq, need_dkv, need_prefix)
+                            vendor, backward, need_dq, need_dkv, need_prefix, match_layout=True)
 
 
 @_split_attention_bwd.register_fake
@@ -760,6 +770,8 @@ def ineligible_reason(q, k, key_padding_mask, causal, vendor, **features) -> Opt
             return f"dtype {q.dtype} (the vendor kernels take fp16/bf16)"
         if vendor == "math":
             return "the 'math' stand-in is for CPU tests only"
+        if not torch.compiler.is_compiling() and _capability(q.device) < (8, 0):   # dynamo: no capability query
+            return f"a GPU of compute capability {_capability(q.device)} (the vendor kernels need 8.0+)"
     elif not interpreting():
         return "CPU tensors (the split path runs on CUDA, or on the CPU under TRITON_INTERPRET=1)"
     elif vendor != "math":
@@ -770,6 +782,11 @@ def ineligible_reason(q, k, key_padding_mask, causal, vendor, **features) -> Opt
     if q.shape[2] == 0 or k.shape[2] == 0:
         return "an empty sequence"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device) -> tuple:
+    return torch.cuda.get_device_capability(device)
 
 
 def split_plan(path, q, k, prefix_k, key_padding_mask, causal, **features) -> Optional[SplitConfig]:
