@@ -166,6 +166,10 @@ def test_path_split_runs_the_split_path(split_calls, monkeypatch):
     monkeypatch.setenv("PREFIX_KERNELS_ATTENTION", "split")
     pk.prefix_attention(*tensors, prefix_index=index, backend="triton")
     assert len(split_calls) == 2
+    monkeypatch.setenv("PREFIX_KERNELS_ATTENTION", "auto")
+    monkeypatch.setattr(sa, "AUTO_SPLIT", sa.SplitConfig("math", "fused", "twopass"))   # as after the probe
+    pk.prefix_attention(*tensors, prefix_index=index, backend="triton")
+    assert len(split_calls) == 3 and split_calls[-1] == sa.SplitConfig("math", "fused", "twopass")
     with pytest.raises(ValueError, match="path must be one of"):
         pk.prefix_attention(*tensors, prefix_index=index, backend="triton", path="cudnn")
 

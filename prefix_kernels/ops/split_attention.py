@@ -37,6 +37,10 @@ import triton.language as tl
 from .utils import LOG2E, interpreting, sm_count, warn_once
 
 LN2 = 0.6931471805599453
+# Inside @triton.jit code a global must be a tl.constexpr: a plain float passes the interpreter but
+# fails compilation on the GPU ("CompilationError at 53:46", H200 probe, 2026-11-30).
+KERNEL_LOG2E = tl.constexpr(1.4426950408889634)
+KERNEL_LN2 = tl.constexpr(0.6931471805599453)
 VENDORS = ("cudnn", "flash", "math")
 FORWARDS = ("vendor", "fused")
 BACKWARDS = ("auto", "onepass", "twopass")
@@ -126,7 +130,7 @@ def _split_fwd_merge(
 
     # -- merge: lse = logaddexp(own, prefix); O = O_own*e^(own-lse) + acc/l*e^(prefix-lse) --
     lse_own = tl.load(lse_own_ptr + b * stride_lo_b + h * stride_lo_h + offs_m * stride_lo_m,
-                      mask=m_ok, other=0.0) * LOG2E
+                      mask=m_ok, other=0.0) * KERNEL_LOG2E
     lse_pre = m_i + tl.math.log2(l_i)
     top = tl.maximum(lse_own, lse_pre)
     lse = top + tl.math.log2(tl.math.exp2(lse_own - top) + tl.math.exp2(lse_pre - top))
@@ -136,7 +140,7 @@ def _split_fwd_merge(
     if HAS_PIDX:
         out = tl.where(entry_ok, out, float("nan"))
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=md_ok)
-    tl.store(lse_ptr + pid_bh * SQ + offs_m, lse * LN2, mask=m_ok)
+    tl.store(lse_ptr + pid_bh * SQ + offs_m, lse * KERNEL_LN2, mask=m_ok)
 
 
 @triton.jit
@@ -174,7 +178,7 @@ def _split_bwd_dq(
     if DQ_GRAD:
         q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_m
                     + offs_d[None, :] * stride_q_d, mask=md_ok, other=0.0)
-        lse = tl.load(lse_ptr + pid_bh * SQ + offs_m, mask=m_ok, other=0.0) * LOG2E
+        lse = tl.load(lse_ptr + pid_bh * SQ + offs_m, mask=m_ok, other=0.0) * KERNEL_LOG2E
         pk_base = pk_ptr + entry * stride_pk_n + hk * stride_pk_h
         pv_base = pv_ptr + entry * stride_pv_n + hk * stride_pv_h
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -242,7 +246,7 @@ def _split_bwd_dprefix(
                         + offs_d[None, :] * stride_q_d, mask=md_ok, other=0.0)
             do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_m
                          + offs_d[None, :] * stride_do_d, mask=md_ok, other=0.0)
-            lse = tl.load(lse_ptr + bh * SQ + offs_m, mask=m_ok, other=0.0) * LOG2E
+            lse = tl.load(lse_ptr + bh * SQ + offs_m, mask=m_ok, other=0.0) * KERNEL_LOG2E
             delta = tl.load(delta_ptr + bh * SQ + offs_m, mask=m_ok, other=0.0)
             pt = tl.math.exp2(tl.dot(pk, tl.trans(q), input_precision=PREC) * qk_scale - lse[None, :])
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
@@ -305,7 +309,7 @@ def _split_bwd_onepass(
             o = tl.load(o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_m
                         + offs_d[None, :] * stride_o_d, mask=md_ok, other=0.0)
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-            lse = tl.load(lse_ptr + bh * SQ + offs_m, mask=m_ok, other=0.0) * LOG2E
+            lse = tl.load(lse_ptr + bh * SQ + offs_m, mask=m_ok, other=0.0) * KERNEL_LOG2E
             s = tl.dot(q, tl.trans(pk), input_precision=PREC) * qk_scale
             p = tl.where(n_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(pv), input_precision=PREC)
@@ -728,11 +732,15 @@ class _SplitAttention(torch.autograd.Function):
 # When to split, and the entry point the public op calls
 # --------------------------------------------------------------------------------------------
 
-def _auto_prefers_split(q, k, prefix_k) -> bool:
-    """path='auto': split where the H200 measurements say it is faster.
+# path="auto": the split variant that beats the fused op on the H200, or None for the fused op
+# everywhere. None until benchmarks/probe_split.py has run on the GPU; then e.g.
+# SplitConfig("cudnn", "fused", "auto") (see `_auto_config` for a per-shape rule).
+AUTO_SPLIT: Optional[SplitConfig] = None
 
-    Undecided until the probe runs on the GPU (benchmarks/probe_split.py): auto == fused."""
-    return False
+
+def _auto_config(q, k, prefix_k) -> Optional[SplitConfig]:
+    """path='auto': the split variant to run for this shape, or None (the fused op)."""
+    return AUTO_SPLIT
 
 
 def default_config(q) -> SplitConfig:
@@ -800,9 +808,11 @@ def split_plan(path, q, k, prefix_k, key_padding_mask, causal, **features) -> Op
     if path not in PATHS:
         raise ValueError(f"prefix_attention: path must be one of {PATHS}, got {path!r} "
                          f"(keyword path= or env PREFIX_KERNELS_ATTENTION)")
-    if path == "fused" or (path == "auto" and not _auto_prefers_split(q, k, prefix_k)):
+    if path == "fused":
         return None
-    config = default_config(q)
+    config = default_config(q) if path == "split" else _auto_config(q, k, prefix_k)
+    if config is None:
+        return None
     reason = ineligible_reason(q, k, key_padding_mask, causal, config.vendor, **features)
     if reason is not None:
         if path == "split":
