@@ -31,7 +31,7 @@ for step in "$@"; do
     decode-splits) timeout 200 python3 benchmarks/bench_decode_kernel.py --sweep-splits 2>&1 | tee $OUT/decode_splits.log ;;
     servetests-gpu) timeout 300 python3 -m pytest -q -p no:logging tests/test_serve_engine.py tests/test_serve_http.py > $OUT/servetests.log 2>&1; summary $OUT/servetests.log ;;
     probe-split) timeout 330 python3 benchmarks/probe_split.py > $OUT/probe_split.log 2>&1; echo "rc=$?"; grep -v "^  aten::" $OUT/probe_split.log | cut -c1-230 | tail -120 ;;
-    training-split) for fwd in vendor fused; do PREFIX_KERNELS_ATTENTION=split PREFIX_KERNELS_SPLIT_FORWARD=$fwd timeout 280 python3 benchmarks/bench_training.py --cases prefix-kernels floor --out $OUT/training_split_$fwd > $OUT/training_split_$fwd.log 2>&1; echo "-- split, $fwd forward"; grep -v "^$" $OUT/training_split_$fwd.log | tail -14; done ;;
+    training-split) for mode in ${SPLIT_MODES:-pad merge}; do PREFIX_KERNELS_ATTENTION=split PREFIX_KERNELS_SPLIT_MODE=$mode timeout 280 python3 benchmarks/bench_training.py --cases prefix-kernels floor --out $OUT/training_split_$mode > $OUT/training_split_$mode.log 2>&1; echo "-- split, mode $mode"; grep -v "^$" $OUT/training_split_$mode.log | tail -14; done ;;
     splittests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:logging tests/test_split_attention.py > $OUT/splittests.log 2>&1; summary $OUT/splittests.log ;;
     decode-e2e) timeout 400 python3 benchmarks/bench_decode.py > $OUT/bench_decode_e2e.log 2>&1; tr '\r' '\n' < $OUT/bench_decode_e2e.log | grep -v "it/s\]" | grep -v "^ *$" | tail -45 ;;
     *) echo "unknown step $step" ;;

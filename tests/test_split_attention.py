@@ -1,5 +1,6 @@
-"""The split path (vendor kernel for the own keys + Triton prefix kernels merged by log-sum-exp)
-against the float64 reference: output and all five gradients.
+"""The split path (the vendor's kernel for the own keys; the prefix either padded into the same
+vendor call or computed by Triton kernels merged by log-sum-exp) against the float64 reference:
+output and all five gradients.
 
 On the CPU the vendor is the PyTorch stand-in ("math": same contract as cuDNN's op, LSE
 [B, H, S, 1] natural log, a backward that takes the merged O and LSE), the Triton kernels run
@@ -13,6 +14,7 @@ import torch
 
 import prefix_kernels as pk
 from prefix_kernels.ops import split_attention as sa
+from prefix_kernels.ops.vendor_attention import lse_bhs
 from prefix_kernels.ops.reference import reference_prefix_attention
 from conftest import kernel_device, requires_gpu
 
@@ -63,75 +65,81 @@ CASES = {
     "head_dim_40": dict(D=40, SQ=18, H=2, HKV=1),
     "single_entry": dict(N=1, mixed=False, SQ=26),
 }
-MATRIX = ([(case, "vendor", kind) for case in CASES for kind in ("onepass", "twopass")]
-          + [(case, "fused", "onepass") for case in ("base_gqa2", "p_gt_s", "hf_strides")])
+MATRIX = ([(case, mode, kind) for case in CASES for mode, kind in (("pad", "auto"), ("merge", "onepass"),
+                                                                      ("merge", "twopass"))]
+          + [(case, "fused_forward", "onepass") for case in ("base_gqa2", "p_gt_s", "hf_strides")])
+# every mode, and for the Triton modes both backward kinds
+MODES = [("pad", "auto"), ("merge", "onepass"), ("merge", "twopass")]
+MODE_IDS = ["pad", "merge_onepass", "merge_twopass"]
 
 
-@pytest.mark.parametrize("case, forward, backward", MATRIX, ids=["-".join(m) for m in MATRIX])
-def test_split_matches_fp64_reference(case, forward, backward):
+@pytest.mark.parametrize("case, mode, backward", MATRIX, ids=["-".join(m) for m in MATRIX])
+def test_split_matches_fp64_reference(case, mode, backward):
     device = kernel_device()
     tensors, index = make_inputs(device=device, **CASES[case])
     grad_out = torch.randn_like(tensors[0])
-    out, grads = run_split(tensors, index, grad_out, sa.SplitConfig("math", forward, backward))
+    out, grads = run_split(tensors, index, grad_out, sa.SplitConfig("math", mode, backward))
     ref_out, ref_grads = reference_fp64(tensors, index, grad_out)
     for name, got, want in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
         assert torch.isfinite(got).all(), name
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=3e-5, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backward", ["onepass", "twopass"])
-def test_not_causal_with_more_keys_than_queries(backward):
+@pytest.mark.parametrize("mode, backward", MODES, ids=MODE_IDS)
+def test_not_causal_with_more_keys_than_queries(mode, backward):
     device = kernel_device()
     tensors, index = make_inputs(SQ=13, SK=29, device=device)
     grad_out = torch.randn_like(tensors[0])
-    out, grads = run_split(tensors, index, grad_out, sa.SplitConfig("math", "vendor", backward), causal=False)
+    out, grads = run_split(tensors, index, grad_out, sa.SplitConfig("math", mode, backward), causal=False)
     ref_out, ref_grads = reference_fp64(tensors, index, grad_out, causal=False)
     for name, got, want in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=3e-5, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backward", ["onepass", "twopass"])
-def test_unused_bank_entries_get_zero_gradient(backward):
+@pytest.mark.parametrize("mode, backward", MODES, ids=MODE_IDS)
+def test_unused_bank_entries_get_zero_gradient(mode, backward):
     device = kernel_device()
     tensors, _ = make_inputs(B=3, N=4, SQ=17, device=device)
     index = torch.tensor([0, 2, 0], device=device)
-    _, grads = run_split(tensors, index, torch.randn_like(tensors[0]), sa.SplitConfig("math", "vendor", backward))
+    _, grads = run_split(tensors, index, torch.randn_like(tensors[0]), sa.SplitConfig("math", mode, backward))
     for g in grads[3:]:
         assert g[1].abs().max() == 0 and g[3].abs().max() == 0
         assert g[0].abs().max() > 0 and g[2].abs().max() > 0
 
 
-@pytest.mark.parametrize("backward", ["onepass", "twopass"])
-def test_prefix_gradients_are_bitwise_deterministic(backward):
+@pytest.mark.parametrize("mode, backward", MODES, ids=MODE_IDS)
+def test_prefix_gradients_are_bitwise_deterministic(mode, backward):
     device = kernel_device()
     tensors, index = make_inputs(B=3, SQ=20, N=2, P=20, device=device)
     grad_out = torch.randn_like(tensors[0])
-    config = sa.SplitConfig("math", "vendor", backward)
+    config = sa.SplitConfig("math", mode, backward)
     first = run_split(tensors, index, grad_out, config)[1]
     second = run_split(tensors, index, grad_out, config)[1]
     for a, b in zip(first[3:], second[3:]):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["pad", "merge"])
 @pytest.mark.parametrize("wanted", [(3, 4), (0,), (1, 2), (0, 3)], ids=["bank", "q", "kv", "q_bank"])
-def test_only_requested_gradients_are_computed(wanted):
+def test_only_requested_gradients_are_computed(wanted, mode):
     device = kernel_device()
     tensors, index = make_inputs(SQ=21, P=9, device=device)
     for i, t in enumerate(tensors):
         t.requires_grad_(i in wanted)
     grad_out = torch.randn_like(tensors[0])
-    _, grads = run_split(tensors, index, grad_out, sa.SplitConfig("math", "vendor", "auto"))
+    _, grads = run_split(tensors, index, grad_out, sa.SplitConfig("math", mode, "auto"))
     _, ref_grads = reference_fp64(tensors, index, grad_out)
     assert len(grads) == len(wanted)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=3e-5)
 
 
-def test_out_of_range_entry_on_the_device_poisons_only_its_row():
+@pytest.mark.parametrize("mode", ["pad", "merge"])
+def test_out_of_range_entry_on_the_device_poisons_only_its_row(mode):
     device = kernel_device()
     tensors, _ = make_inputs(B=3, SQ=9, N=3, device=device)
     bad = torch.tensor([0, 7, 2], device=device)
-    out = sa.split_prefix_attention(*tensors, bad, 1 / math.sqrt(32), True, sa.SplitConfig("math"))
+    out = sa.split_prefix_attention(*tensors, bad, 1 / math.sqrt(32), True, sa.SplitConfig("math", mode))
     assert torch.isnan(out[1]).all()
     want = reference_prefix_attention(*tensors, torch.tensor([0, 0, 2], device=device))
     torch.testing.assert_close(out[[0, 2]], want[[0, 2]], rtol=1e-4, atol=1e-5)
@@ -167,9 +175,11 @@ def test_path_split_runs_the_split_path(split_calls, monkeypatch):
     pk.prefix_attention(*tensors, prefix_index=index, backend="triton")
     assert len(split_calls) == 2
     monkeypatch.setenv("PREFIX_KERNELS_ATTENTION", "auto")
-    monkeypatch.setattr(sa, "AUTO_SPLIT", sa.SplitConfig("math", "fused", "twopass"))   # as after the probe
+    monkeypatch.setattr(sa, "AUTO_SPLIT", sa.SplitConfig("math", "fused_forward", "twopass"))   # as after the probe
     pk.prefix_attention(*tensors, prefix_index=index, backend="triton")
-    assert len(split_calls) == 3 and split_calls[-1] == sa.SplitConfig("math", "fused", "twopass")
+    assert len(split_calls) == 3 and split_calls[-1] == sa.SplitConfig("math", "fused_forward", "twopass")
+    with pytest.raises(ValueError, match="split setting 'vendor'"):
+        sa.split_prefix_attention(*tensors, index, 0.1, True, sa.SplitConfig("math", "vendor"))
     with pytest.raises(ValueError, match="path must be one of"):
         pk.prefix_attention(*tensors, prefix_index=index, backend="triton", path="cudnn")
 
@@ -214,14 +224,16 @@ def test_ineligible_reasons():
 
 def test_vendor_lse_layouts():
     lse4 = torch.randn(2, 3, 5, 1)
-    assert sa._lse_bhs(lse4, 2, 3, 5).shape == (2, 3, 5)
+    assert lse_bhs(lse4, 2, 3, 5).shape == (2, 3, 5)
     lse3 = torch.randn(2, 3, 5)
-    assert sa._lse_bhs(lse3, 2, 3, 5) is lse3
+    assert lse_bhs(lse3, 2, 3, 5) is lse3
     with pytest.raises(RuntimeError, match="expected \\[2, 3, 5\\]"):
-        sa._lse_bhs(torch.randn(2, 3, 128), 2, 3, 5)
+        lse_bhs(torch.randn(2, 3, 128), 2, 3, 5)
 
 
-def test_torch_compile_fullgraph_traces_the_split_path(split_calls):
+@pytest.mark.parametrize("mode", ["pad", "merge"])
+def test_torch_compile_fullgraph_traces_the_split_path(mode, split_calls, monkeypatch):
+    monkeypatch.setenv("PREFIX_KERNELS_SPLIT_MODE", mode)
     device = kernel_device()
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     tensors, index = make_inputs(SQ=17, device=device, dtype=dtype)
@@ -250,16 +262,16 @@ GPU_CASES = [
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("forward", ["vendor", "fused"])
+@pytest.mark.parametrize("mode", ["pad", "merge", "fused_forward"])
 @pytest.mark.parametrize("vendor", ["cudnn", "flash"])
 @pytest.mark.parametrize("case", range(len(GPU_CASES)))
-def test_vendor_split_error_at_most_twice_pytorchs(case, vendor, forward, dtype):
+def test_vendor_split_error_at_most_twice_pytorchs(case, vendor, mode, dtype):
     tensors, index = make_inputs(device="cuda", dtype=dtype, **GPU_CASES[case])
     reason = sa.ineligible_reason(tensors[0], tensors[1], None, True, vendor)
     if reason is not None:
         pytest.skip(reason)
     grad_out = torch.randn_like(tensors[0])
-    out, grads = run_split(tensors, index, grad_out, sa.SplitConfig(vendor, forward, "auto"))
+    out, grads = run_split(tensors, index, grad_out, sa.SplitConfig(vendor, mode, "auto"))
     ref_out, ref_grads = reference_fp64(tensors, index, grad_out)
     low = [t.detach().clone().requires_grad_() for t in tensors]
     pt_out = reference_prefix_attention(*low, index, None, upcast=False)
@@ -273,11 +285,13 @@ def test_vendor_split_error_at_most_twice_pytorchs(case, vendor, forward, dtype)
 
 @requires_gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["pad", "merge"])
 @pytest.mark.parametrize("vendor", ["cudnn", "flash"])
-def test_vendor_split_prefix_gradients_are_deterministic(vendor):
+def test_vendor_split_prefix_gradients_are_deterministic(vendor, mode):
+    # merge: our kernels; pad: the vendor's dK/dV rows, deterministic if the vendor's are
     tensors, index = make_inputs(device="cuda", dtype=torch.bfloat16, B=4, H=8, HKV=2, SQ=300, D=64, P=32, N=2)
     grad_out = torch.randn_like(tensors[0])
-    config = sa.SplitConfig(vendor, "vendor", "auto")
+    config = sa.SplitConfig(vendor, mode, "auto")
     first = run_split(tensors, index, grad_out, config)[1]
     second = run_split(tensors, index, grad_out, config)[1]
     for a, b in zip(first[3:], second[3:]):

@@ -1,28 +1,27 @@
-"""Split prefix attention: the vendor's kernel for the own keys, Triton for the prefix.
+"""Split prefix attention: the vendor's kernel (cuDNN, flash) for the own keys.
 
-The own causal keys go through PyTorch's cuDNN or flash attention op, which returns the output
-and its natural-log log-sum-exp. One Triton kernel per query block computes the row's prefix part
-(the P keys of its bank entry, always visible) and merges both by log-sum-exp, in place over the
-vendor's output (the merge reads O once). The backward calls the vendor's backward with the
-MERGED output and log-sum-exp: its softmax and its rowsum(dO*O) are then the global ones, so its
-dq, dk, dv are exact for the own keys (PyTorch's ring attention runs its parts the same way).
-Triton then adds the prefix's share of dq in place and computes the bank gradients, summed over
-the rows sharing an entry and the heads of a GQA group in a fixed order (fp32 partials reduced by
-the fused op's `_reduce_prefix_grads`: no atomics).
+Three modes (`SplitConfig.mode`), measured against each other by benchmarks/probe_split.py:
+  "pad"    no Triton at all (ops/padded_attention.py): P zero query rows and the row's prefix keys
+           are prepended, and the vendor's causal kernel on the square (P+S) problem computes
+           exactly our masking; the dummy rows are dropped.
+  "merge"  the vendor's causal kernel over the own keys -> (o, lse, natural log); one Triton kernel
+           per query block computes the prefix part and merges both by log-sum-exp in place over
+           the vendor's output (the merge reads O once). The backward calls the vendor's backward
+           with the MERGED output and log-sum-exp: its softmax and its rowsum(dO*O) are then the
+           global ones, so its dq, dk, dv are exact for the own keys (PyTorch's ring attention
+           runs its parts the same way); Triton adds the prefix's share of dq in place and writes
+           fp32 bank partials, reduced in a fixed order by the fused op's `_reduce_prefix_grads`.
+  "fused_forward"  the fused Triton forward (prefix included) with the backward of "merge".
+Backward kinds of "merge" / "fused_forward" (`SplitConfig.backward`): "onepass" (one kernel per
+(row, KV head, query split) adds the prefix dq and writes the bank partials, reading q, dO, O
+once; P <= ONEPASS_MAX_P), "twopass" (a dq kernel per query block, then a bank-gradient kernel per
+prefix block), "auto". Vendors: "cudnn" | "flash" (PyTorch's aten ops, ops/vendor_attention.py)
+| "math" (a plain PyTorch stand-in with their contract, for the CPU tests under the interpreter).
 
 Only for what the vendor computes the same way (`split_plan` says when): CUDA fp16/bf16, causal
-with Sq == Sk (the vendors align causal top-left, ours is bottom-right) or not causal, no key
-padding, a head dim the vendor takes, determinism not requested (the vendor's backward need not
+with Sq == Sk (the vendors align causal masks top-left, ours is bottom-right) or not causal, no key
+padding, a head dim the vendor takes, determinism not requested (the vendors' backward need not
 be bitwise deterministic). Everything else runs the fused op (ops/prefix_attention.py).
-
-Variants, chosen per call (`SplitConfig`), measured by benchmarks/probe_split.py:
-  vendor   "cudnn" | "flash" (PyTorch's aten ops) | "math" (a plain PyTorch stand-in with the same
-           contract, used on the CPU so the tests can run the whole path under the interpreter)
-  forward  "vendor": vendor forward + Triton merge | "fused": the fused Triton forward (prefix
-           included), whose output and log-sum-exp feed the vendor's backward just the same
-  backward "onepass": one kernel per (row, KV head, query split) adds the prefix dq and writes
-           the bank partials, reading q, dO, O once (P <= ONEPASS_MAX_P) | "twopass": a dq kernel
-           per query block, then a bank-gradient kernel per prefix block | "auto"
 """
 from __future__ import annotations
 
@@ -32,299 +31,22 @@ from typing import NamedTuple, Optional
 
 import torch
 import triton
-import triton.language as tl
 
+from .split_kernels import _split_bwd_dprefix, _split_bwd_dq, _split_bwd_onepass, _split_fwd_merge
 from .utils import LOG2E, interpreting, sm_count, warn_once
+from .vendor_attention import VENDOR_MAX_HEAD_DIM, in_layout_of, lse_bhs, vendor_backward, vendor_forward
 
 LN2 = 0.6931471805599453
-# Inside @triton.jit code a global must be a tl.constexpr: a plain float passes the interpreter but
-# fails compilation on the GPU ("CompilationError at 53:46", H200 probe, 2026-11-30).
-KERNEL_LOG2E = tl.constexpr(1.4426950408889634)
-KERNEL_LN2 = tl.constexpr(0.6931471805599453)
 VENDORS = ("cudnn", "flash", "math")
-FORWARDS = ("vendor", "fused")
+MODES = ("pad", "merge", "fused_forward")
 BACKWARDS = ("auto", "onepass", "twopass")
 PATHS = ("auto", "fused", "split")
-# Largest head dim each vendor takes here (D % 8 == 0 too). cuDNN: 128 is what the torch 2.11
-# cuDNN backend documents for Hopper backward; the probe reports whether 256 runs.
-VENDOR_MAX_HEAD_DIM = {"cudnn": 128, "flash": 256, "math": 256}
-# Whether the vendor op takes Hkv < Hq itself; otherwise K/V are expanded to the query heads and
-# dK/dV summed over the group. flash (FA2) reads the KV head of each query head; cuDNN: measured
-# by the probe (PREFIX_KERNELS_SPLIT_NATIVE_GQA=cudnn,flash overrides).
-NATIVE_GQA = {"cudnn": False, "flash": True, "math": True}
-# LSE layout each vendor returns and wants back: [B, H, S, 1] (cuDNN) or [B, H, S].
-LSE_DIMS = {"cudnn": 4, "flash": 3, "math": 4}
 
 
 class SplitConfig(NamedTuple):
     vendor: str = "cudnn"
-    forward: str = "vendor"
+    mode: str = "pad"
     backward: str = "auto"
-
-
-# --------------------------------------------------------------------------------------------
-# Kernels
-# --------------------------------------------------------------------------------------------
-
-@triton.jit
-def _entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX: tl.constexpr):
-    """The row's bank entry clamped into the bank, and whether it was in range (else NaN rows)."""
-    if HAS_PIDX:
-        entry = tl.load(pidx_ptr + b).to(tl.int64)
-        ok = (entry >= 0) & (entry < N_ENTRIES)
-        return tl.where(ok, entry, 0), ok
-    else:
-        return 0, True
-
-
-@triton.jit
-def _split_fwd_merge(
-    q_ptr, pk_ptr, pv_ptr, pidx_ptr, o_ptr, lse_own_ptr, lse_ptr,
-    stride_q_b, stride_q_h, stride_q_m, stride_q_d,
-    stride_pk_n, stride_pk_h, stride_pk_p, stride_pk_d,
-    stride_pv_n, stride_pv_h, stride_pv_p, stride_pv_d,
-    stride_o_b, stride_o_h, stride_o_m, stride_o_d,
-    stride_lo_b, stride_lo_h, stride_lo_m,
-    H, G, SQ, P, N_ENTRIES, qk_scale, SEQ_BUCKET,
-    HAS_PIDX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Prefix part of one query block, merged by log-sum-exp into the vendor's (o, lse_own).
-
-    O is overwritten in place; lse_ptr [B*H, SQ] gets the merged natural-log LSE."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // G
-    entry, entry_ok = _entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX=HAS_PIDX)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < SQ
-    d_ok = offs_d < HEAD_DIM
-    md_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_m
-                + offs_d[None, :] * stride_q_d, mask=md_ok, other=0.0)
-
-    # -- the prefix: an online softmax over P always-visible keys --
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    pk_base = pk_ptr + entry * stride_pk_n + hk * stride_pk_h
-    pv_base = pv_ptr + entry * stride_pv_n + hk * stride_pv_h
-    for start_n in range(0, P, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        nd_ok = (offs_n < P)[:, None] & d_ok[None, :]
-        pk = tl.load(pk_base + offs_n[:, None] * stride_pk_p + offs_d[None, :] * stride_pk_d,
-                     mask=nd_ok, other=0.0)
-        s = tl.dot(q, tl.trans(pk), input_precision=PREC) * qk_scale
-        s = tl.where((offs_n < P)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pv = tl.load(pv_base + offs_n[:, None] * stride_pv_p + offs_d[None, :] * stride_pv_d,
-                     mask=nd_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(pv.dtype), pv, input_precision=PREC)
-        m_i = m_new
-
-    # -- merge: lse = logaddexp(own, prefix); O = O_own*e^(own-lse) + acc/l*e^(prefix-lse) --
-    lse_own = tl.load(lse_own_ptr + b * stride_lo_b + h * stride_lo_h + offs_m * stride_lo_m,
-                      mask=m_ok, other=0.0) * KERNEL_LOG2E
-    lse_pre = m_i + tl.math.log2(l_i)
-    top = tl.maximum(lse_own, lse_pre)
-    lse = top + tl.math.log2(tl.math.exp2(lse_own - top) + tl.math.exp2(lse_pre - top))
-    o_ptrs = o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_m + offs_d[None, :] * stride_o_d
-    o_own = tl.load(o_ptrs, mask=md_ok, other=0.0).to(tl.float32)
-    out = o_own * tl.math.exp2(lse_own - lse)[:, None] + acc * tl.math.exp2(m_i - lse)[:, None]
-    if HAS_PIDX:
-        out = tl.where(entry_ok, out, float("nan"))
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=md_ok)
-    tl.store(lse_ptr + pid_bh * SQ + offs_m, lse * KERNEL_LN2, mask=m_ok)
-
-
-@triton.jit
-def _split_bwd_dq(
-    q_ptr, pk_ptr, pv_ptr, pidx_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    stride_q_b, stride_q_h, stride_q_m, stride_q_d,
-    stride_pk_n, stride_pk_h, stride_pk_p, stride_pk_d,
-    stride_pv_n, stride_pv_h, stride_pv_p, stride_pv_d,
-    stride_o_b, stride_o_h, stride_o_m, stride_o_d,
-    stride_do_b, stride_do_h, stride_do_m, stride_do_d,
-    stride_dq_b, stride_dq_h, stride_dq_m, stride_dq_d,
-    H, G, SQ, P, N_ENTRIES, qk_scale, sm_scale, SEQ_BUCKET,
-    DQ_GRAD: tl.constexpr, HAS_PIDX: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """delta = rowsum(dO*O) of one query block (for the bank-gradient kernel), and with DQ_GRAD
-    the prefix keys' share of dQ added in place to the vendor's dQ."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // G
-    entry, _ = _entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX=HAS_PIDX)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < SQ
-    d_ok = offs_d < HEAD_DIM
-    md_ok = m_ok[:, None] & d_ok[None, :]
-    do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_m
-                 + offs_d[None, :] * stride_do_d, mask=md_ok, other=0.0)
-    o = tl.load(o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_m
-                + offs_d[None, :] * stride_o_d, mask=md_ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(delta_ptr + pid_bh * SQ + offs_m, delta, mask=m_ok)
-    if DQ_GRAD:
-        q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_m
-                    + offs_d[None, :] * stride_q_d, mask=md_ok, other=0.0)
-        lse = tl.load(lse_ptr + pid_bh * SQ + offs_m, mask=m_ok, other=0.0) * KERNEL_LOG2E
-        pk_base = pk_ptr + entry * stride_pk_n + hk * stride_pk_h
-        pv_base = pv_ptr + entry * stride_pv_n + hk * stride_pv_h
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, P, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < P
-            nd_ok = n_ok[:, None] & d_ok[None, :]
-            pk = tl.load(pk_base + offs_n[:, None] * stride_pk_p + offs_d[None, :] * stride_pk_d,
-                         mask=nd_ok, other=0.0)
-            pv = tl.load(pv_base + offs_n[:, None] * stride_pv_p + offs_d[None, :] * stride_pv_d,
-                         mask=nd_ok, other=0.0)
-            s = tl.dot(q, tl.trans(pk), input_precision=PREC) * qk_scale
-            p = tl.where(n_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(pv), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(pk.dtype), pk, input_precision=PREC)
-        dq_ptrs = dq_ptr + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_m + offs_d[None, :] * stride_dq_d
-        total = tl.load(dq_ptrs, mask=md_ok, other=0.0).to(tl.float32) + dq * sm_scale
-        tl.store(dq_ptrs, total.to(dq_ptr.dtype.element_ty), mask=md_ok)
-
-
-@triton.jit
-def _split_bwd_dprefix(
-    q_ptr, pk_ptr, pv_ptr, pidx_ptr, do_ptr, lse_ptr, delta_ptr, part_k_ptr, part_v_ptr,
-    stride_q_b, stride_q_h, stride_q_m, stride_q_d,
-    stride_pk_n, stride_pk_h, stride_pk_p, stride_pk_d,
-    stride_pv_n, stride_pv_h, stride_pv_p, stride_pv_d,
-    stride_do_b, stride_do_h, stride_do_m, stride_do_d,
-    HKV, G, SQ, P, N_ENTRIES, SPLITS, qk_scale, sm_scale, SEQ_BUCKET,
-    HAS_PIDX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """fp32 partial dPrefixK/V [B, SPLITS, HKV, P, D] of one prefix key block over one query
-    split of one (row, KV head), the GQA group's query heads looped over inside."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    entry, _ = _entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX=HAS_PIDX)
-    split = pid_n % SPLITS
-    offs_n = (pid_n // SPLITS) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < P
-    d_ok = offs_d < HEAD_DIM
-    nd_ok = n_ok[:, None] & d_ok[None, :]
-    pk = tl.load(pk_ptr + entry * stride_pk_n + hk * stride_pk_h + offs_n[:, None] * stride_pk_p
-                 + offs_d[None, :] * stride_pk_d, mask=nd_ok, other=0.0)
-    pv = tl.load(pv_ptr + entry * stride_pv_n + hk * stride_pv_h + offs_n[:, None] * stride_pv_p
-                 + offs_d[None, :] * stride_pv_d, mask=nd_ok, other=0.0)
-    rows_per_split = tl.cdiv(tl.cdiv(SQ, SPLITS), BLOCK_M) * BLOCK_M
-    lo = split * rows_per_split
-    hi = tl.minimum(lo + rows_per_split, SQ)
-    H = HKV * G
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(0, G):
-        h = hk * G + g
-        bh = b * H + h
-        for start_m in range(lo, hi, BLOCK_M):
-            # rows past SQ load as zeros (q = dO = lse = delta = 0) and add nothing
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < SQ
-            md_ok = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_m
-                        + offs_d[None, :] * stride_q_d, mask=md_ok, other=0.0)
-            do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_m
-                         + offs_d[None, :] * stride_do_d, mask=md_ok, other=0.0)
-            lse = tl.load(lse_ptr + bh * SQ + offs_m, mask=m_ok, other=0.0) * KERNEL_LOG2E
-            delta = tl.load(delta_ptr + bh * SQ + offs_m, mask=m_ok, other=0.0)
-            pt = tl.math.exp2(tl.dot(pk, tl.trans(q), input_precision=PREC) * qk_scale - lse[None, :])
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-            dpt = tl.dot(pv, tl.trans(do), input_precision=PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
-    part = (((b * SPLITS + split) * HKV + hk) * P + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
-    tl.store(part_k_ptr + part, dk * sm_scale, mask=nd_ok)
-    tl.store(part_v_ptr + part, dv, mask=nd_ok)
-
-
-@triton.jit
-def _split_bwd_onepass(
-    q_ptr, pk_ptr, pv_ptr, pidx_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, part_k_ptr, part_v_ptr,
-    stride_q_b, stride_q_h, stride_q_m, stride_q_d,
-    stride_pk_n, stride_pk_h, stride_pk_p, stride_pk_d,
-    stride_pv_n, stride_pv_h, stride_pv_p, stride_pv_d,
-    stride_o_b, stride_o_h, stride_o_m, stride_o_d,
-    stride_do_b, stride_do_h, stride_do_m, stride_do_d,
-    stride_dq_b, stride_dq_h, stride_dq_m, stride_dq_d,
-    HKV, G, SQ, P, N_ENTRIES, SPLITS, qk_scale, sm_scale, SEQ_BUCKET,
-    DQ_GRAD: tl.constexpr, HAS_PIDX: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """The whole prefix backward of one query split of one (row, KV head) when all P keys fit
-    one block (P <= BLOCK_N): q, dO, O are read once; dQ gets the prefix share in place; the
-    bank partials [B, SPLITS, HKV, P, D] accumulate over the GQA group's heads in registers."""
-    split = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    entry, _ = _entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX=HAS_PIDX)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < P
-    d_ok = offs_d < HEAD_DIM
-    nd_ok = n_ok[:, None] & d_ok[None, :]
-    pk = tl.load(pk_ptr + entry * stride_pk_n + hk * stride_pk_h + offs_n[:, None] * stride_pk_p
-                 + offs_d[None, :] * stride_pk_d, mask=nd_ok, other=0.0)
-    pv = tl.load(pv_ptr + entry * stride_pv_n + hk * stride_pv_h + offs_n[:, None] * stride_pv_p
-                 + offs_d[None, :] * stride_pv_d, mask=nd_ok, other=0.0)
-    rows_per_split = tl.cdiv(tl.cdiv(SQ, SPLITS), BLOCK_M) * BLOCK_M
-    lo = split * rows_per_split
-    hi = tl.minimum(lo + rows_per_split, SQ)
-    H = HKV * G
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(0, G):
-        h = hk * G + g
-        bh = b * H + h
-        for start_m in range(lo, hi, BLOCK_M):
-            # rows past SQ load as zeros (q = dO = O = lse = 0) and add nothing
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < SQ
-            md_ok = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_m
-                        + offs_d[None, :] * stride_q_d, mask=md_ok, other=0.0)
-            do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_m
-                         + offs_d[None, :] * stride_do_d, mask=md_ok, other=0.0)
-            o = tl.load(o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_m
-                        + offs_d[None, :] * stride_o_d, mask=md_ok, other=0.0)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-            lse = tl.load(lse_ptr + bh * SQ + offs_m, mask=m_ok, other=0.0) * KERNEL_LOG2E
-            s = tl.dot(q, tl.trans(pk), input_precision=PREC) * qk_scale
-            p = tl.where(n_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(pv), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-            if DQ_GRAD:
-                dq_ptrs = (dq_ptr + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_m
-                           + offs_d[None, :] * stride_dq_d)
-                dq = tl.dot(ds.to(pk.dtype), pk, input_precision=PREC) * sm_scale
-                total = tl.load(dq_ptrs, mask=md_ok, other=0.0).to(tl.float32) + dq
-                tl.store(dq_ptrs, total.to(dq_ptr.dtype.element_ty), mask=md_ok)
-    part = (((b * SPLITS + split) * HKV + hk) * P + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
-    tl.store(part_k_ptr + part, dk * sm_scale, mask=nd_ok)
-    tl.store(part_v_ptr + part, dv, mask=nd_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,151 +147,24 @@ def _query_splits(sq: int, programs_per_split: int, device) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# The vendor kernels (own keys only), and a stand-in with the same contract for the CPU
-# --------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _native_gqa(vendor: str) -> bool:
-    override = os.environ.get("PREFIX_KERNELS_SPLIT_NATIVE_GQA")
-    if override is not None:
-        return vendor == "math" or vendor in override.split(",")
-    return NATIVE_GQA[vendor]
-
-
-def _expand_heads(t, hq):
-    """[B, Hkv, S, D] -> [B, Hq, S, D], query head h reading KV head h // G."""
-    b, hkv, s, d = t.shape
-    return t[:, :, None].expand(b, hkv, hq // hkv, s, d).reshape(b, hq, s, d)
-
-
-def _sum_heads(t, hkv, like):
-    """[B, Hq, S, D] -> [B, Hkv, S, D] in the layout of `like`: sum over each GQA group."""
-    b, hq, s, d = t.shape
-    out = torch.empty_like(like)
-    torch.sum(t.view(b, hkv, hq // hkv, s, d), dim=2, out=out)
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def _zero_seed(device):
-    """The RNG seed/offset the vendor backwards take; never read at dropout 0."""
-    return torch.zeros((), dtype=torch.int64, device=device)
-
-
-def _vendor_forward(vendor, q, k, v, scale, causal):
-    """o [B, H, Sq, D] and its LSE (natural log, the vendor's own layout) over the own keys."""
-    hq = q.shape[1]
-    if k.shape[1] != hq and not _native_gqa(vendor):
-        k, v = _expand_heads(k, hq), _expand_heads(v, hq)
-    if vendor == "cudnn":
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal,
-                                                                 False, scale=scale)
-    elif vendor == "flash":
-        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-    else:
-        res = _math_forward(q, k, v, scale, causal)
-    return res[0], res[1]
-
-
-def _vendor_backward(vendor, do, q, k, v, out, lse, scale, causal):
-    """dq, dk, dv of the own keys given the MERGED out and lse (natural log, [B, H, Sq])."""
-    b, hq, sq, _ = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    expand = hkv != hq and not _native_gqa(vendor)
-    ke, ve = (_expand_heads(k, hq), _expand_heads(v, hq)) if expand else (k, v)
-    lse = lse.unsqueeze(-1) if LSE_DIMS[vendor] == 4 else lse
-    if do.stride() != out.stride():       # the vendors want dO laid out as O
-        do = torch.empty_like(out).copy_(do)
-    if vendor == "cudnn":
-        seed = _zero_seed(q.device)       # dropout 0: the RNG state is never read
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            do, q, ke, ve, out, lse, seed, seed, None, None, None, sq, sk, 0.0, causal, scale=scale)
-    elif vendor == "flash":
-        seed = _zero_seed(q.device)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            do, q, ke, ve, out, lse, None, None, sq, sk, 0.0, causal, seed, seed, scale=scale)
-    else:
-        dq, dk, dv = _math_backward(do, q, ke, ve, out, lse, scale, causal)
-    if expand:
-        dk, dv = _sum_heads(dk, hkv, k), _sum_heads(dv, hkv, v)
-    return dq, dk, dv
-
-
-def _math_scores(q, k, scale, causal):
-    hq = q.shape[1]
-    kf = k.float().repeat_interleave(hq // k.shape[1], dim=1)
-    s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
-    if causal:
-        sq, sk = s.shape[-2:]
-        visible = torch.arange(sk, device=q.device)[None, :] <= torch.arange(sq, device=q.device)[:, None] + (sk - sq)
-        s = s.masked_fill(~visible, float("-inf"))
-    return s, kf
-
-
-def _math_forward(q, k, v, scale, causal):
-    """The stand-in vendor: plain PyTorch in fp32, LSE natural log [B, H, S, 1] like cuDNN's."""
-    s, _ = _math_scores(q, k, scale, causal)
-    lse = torch.logsumexp(s, dim=-1)
-    vf = v.float().repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    o = torch.matmul(torch.exp(s - lse[..., None]), vf)
-    return o.to(q.dtype), lse.unsqueeze(-1)
-
-
-def _math_backward(do, q, k, v, out, lse, scale, causal):
-    """The vendors' backward contract: softmax and rowsum(dO*O) from the GIVEN out and lse."""
-    hq, hkv = q.shape[1], k.shape[1]
-    s, kf = _math_scores(q, k, scale, causal)
-    p = torch.exp(s - lse.reshape(s.shape[:-1])[..., None].float())
-    dof = do.float()
-    vf = v.float().repeat_interleave(hq // hkv, dim=1)
-    delta = (dof * out.float()).sum(-1, keepdim=True)
-    dv = torch.matmul(p.transpose(-1, -2), dof)
-    ds = p * (torch.matmul(dof, vf.transpose(-1, -2)) - delta)
-    dq = torch.matmul(ds, kf) * scale
-    dk = torch.matmul(ds.transpose(-1, -2), q.float()) * scale
-    b, _, sk, d = dk.shape
-    dk = dk.view(b, hkv, hq // hkv, sk, d).sum(2)
-    dv = dv.view(b, hkv, hq // hkv, sk, d).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def _in_layout_of(t, like):
-    """t laid out as torch.empty_like(like), which is what the custom ops' fakes promise."""
-    if t.stride() == like.stride():
-        return t
-    target = torch.empty_like(like)
-    return t if t.stride() == target.stride() else target.copy_(t)
-
-
-def _lse_bhs(lse, b, h, sq):
-    """The vendor's LSE as a [B, H, Sq] view ([B, H, S, 1] from cuDNN, [B, H, S] from flash)."""
-    if lse.dim() == 4 and lse.shape[-1] == 1:
-        lse = lse[..., 0]
-    if tuple(lse.shape) != (b, h, sq):
-        raise RuntimeError(f"split attention: the vendor returned a log-sum-exp of shape "
-                           f"{tuple(lse.shape)}, expected [{b}, {h}, {sq}] (or with a trailing 1); "
-                           f"use path='fused'")
-    return lse
-
-
-# --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, vendor, forward,
+def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, vendor, mode,
                     match_layout=False):
-    """Merged (out, lse): lse natural log [B, H, Sq] fp32 contiguous; out in the vendor's layout,
-    or in q's (as the custom op's fake promises) with match_layout."""
+    """Merged (out, lse) of modes "merge" and "fused_forward": lse natural log [B, H, Sq] fp32
+    contiguous; out in the vendor's layout, or in q's (as the custom op's fake promises) with
+    match_layout."""
     b, h, sq, _ = q.shape
     hkv, p = k.shape[1], prefix_k.shape[2]
-    if forward == "fused":
+    if mode == "fused_forward":
         from .prefix_attention import _launch_forward as fused_forward
         out, lse2 = fused_forward(q, k, v, prefix_k, prefix_v, prefix_index, None, scale, causal)
         return out, lse2 * LN2
-    out, lse_own = _vendor_forward(vendor, q, k, v, scale, causal)
-    lse_own = _lse_bhs(lse_own, b, h, sq)
+    out, lse_own = vendor_forward(vendor, q, k, v, scale, causal)
+    lse_own = lse_bhs(lse_own, b, h, sq)
     if match_layout:
-        out = _in_layout_of(out, q)
+        out = in_layout_of(out, q)
     lse = torch.empty((b, h, sq), device=q.device, dtype=torch.float32)
     meta = _meta(q, p)
     _launch("merge", lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h),
@@ -595,9 +190,9 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, out, lse, sc
     dq, dk, dv = q.new_empty(0), k.new_empty(0), v.new_empty(0)
     dpk, dpv = prefix_k.new_empty(0), prefix_v.new_empty(0)
     if need_dq or need_dkv:
-        dq, dk, dv = _vendor_backward(vendor, do, q, k, v, out, lse, scale, causal)
+        dq, dk, dv = vendor_backward(vendor, do, q, k, v, out, lse, scale, causal)
         if match_layout:
-            dq, dk, dv = _in_layout_of(dq, q), _in_layout_of(dk, k), _in_layout_of(dv, v)
+            dq, dk, dv = in_layout_of(dq, q), in_layout_of(dk, k), in_layout_of(dv, v)
         dq = dq if need_dq else q.new_empty(0)
         dk, dv = (dk, dv) if need_dkv else (k.new_empty(0), v.new_empty(0))
     if not (need_dq or need_prefix):
@@ -652,14 +247,14 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, out, lse, sc
 def _split_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          prefix_k: torch.Tensor, prefix_v: torch.Tensor,
                          prefix_index: Optional[torch.Tensor], scale: float, causal: bool,
-                         vendor: str, forward: str, backward: str) -> tuple[torch.Tensor, torch.Tensor]:
+                         vendor: str, mode: str, backward: str) -> tuple[torch.Tensor, torch.Tensor]:
     # `backward` does not change the forward: it rides along for the autograd rule
-    return _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, vendor, forward,
+    return _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, vendor, mode,
                            match_layout=True)
 
 
 @_split_attention_fwd.register_fake
-def _(q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, vendor, forward, backward):
+def _(q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, vendor, mode, backward):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -699,10 +294,10 @@ def _grads(ctx, grad_out, launch_backward):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, vendor, forward, backward = inputs
+    q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, vendor, mode, backward = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, out, lse)
-    ctx.scale, ctx.causal, ctx.config = scale, causal, SplitConfig(vendor, forward, backward)
+    ctx.scale, ctx.causal, ctx.config = scale, causal, SplitConfig(vendor, mode, backward)
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -718,7 +313,7 @@ class _SplitAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, config):
         out, lse = _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, scale, causal,
-                                   config.vendor, config.forward)
+                                   config.vendor, config.mode)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, out, lse)
         ctx.scale, ctx.causal, ctx.config = scale, causal, config
         return out
@@ -733,8 +328,8 @@ class _SplitAttention(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 # path="auto": the split variant that beats the fused op on the H200, or None for the fused op
-# everywhere. None until benchmarks/probe_split.py has run on the GPU; then e.g.
-# SplitConfig("cudnn", "fused", "auto") (see `_auto_config` for a per-shape rule).
+# everywhere. None until benchmarks/probe_split.py has measured the split modes; then e.g.
+# SplitConfig("cudnn", "pad") (see `_auto_config` for a per-shape rule).
 AUTO_SPLIT: Optional[SplitConfig] = None
 
 
@@ -744,17 +339,20 @@ def _auto_config(q, k, prefix_k) -> Optional[SplitConfig]:
 
 
 def default_config(q) -> SplitConfig:
-    """The split variant `path='split'` runs: env PREFIX_KERNELS_SPLIT_VENDOR / _FORWARD /
-    _BACKWARD override the defaults; CPU tensors (interpreter) take the PyTorch stand-in."""
+    """The split variant `path='split'` runs: env PREFIX_KERNELS_SPLIT_VENDOR / _MODE / _BACKWARD
+    override the defaults; CPU tensors (interpreter) take the PyTorch stand-in."""
     env = os.environ.get
     vendor = "math" if not q.is_cuda else env("PREFIX_KERNELS_SPLIT_VENDOR", "cudnn")
-    forward = env("PREFIX_KERNELS_SPLIT_FORWARD", "vendor")
+    mode = env("PREFIX_KERNELS_SPLIT_MODE", "pad")
     backward = env("PREFIX_KERNELS_SPLIT_BACKWARD", "auto")
-    config = SplitConfig(vendor, forward, backward)
-    for value, allowed in zip(config, (VENDORS, FORWARDS, BACKWARDS)):
+    return _checked(SplitConfig(vendor, mode, backward))
+
+
+def _checked(config: SplitConfig) -> SplitConfig:
+    for value, allowed in zip(config, (VENDORS, MODES, BACKWARDS)):
         if value not in allowed:
             raise ValueError(f"prefix_attention: split setting {value!r} is not one of {allowed} "
-                             f"(PREFIX_KERNELS_SPLIT_VENDOR / _FORWARD / _BACKWARD)")
+                             f"(SplitConfig, or env PREFIX_KERNELS_SPLIT_VENDOR / _MODE / _BACKWARD)")
     return config
 
 
@@ -826,10 +424,14 @@ def split_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, scale: flo
     """The split path (inputs already checked by `prefix_attention`; prefix_k [N, Hkv, P, D]).
 
     Returns out (batch, heads_q, seqlen_q, head_dim) in q's dtype; gradients as the fused op's."""
+    _checked(config)
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
+    if config.mode == "pad":
+        from .padded_attention import padded_prefix_attention
+        return padded_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, config.vendor)
     if torch.compiler.is_compiling():
         out, _ = _split_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, float(scale),
                                       bool(causal), *config)
