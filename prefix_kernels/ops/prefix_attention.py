@@ -787,10 +787,11 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padd
         backend: "auto" (Triton for CUDA tensors, the reference elsewhere), "triton" (on CPU
             tensors only under TRITON_INTERPRET=1), or "reference".
         path: how the Triton backend runs: "fused" (our kernels for all keys), "split" (the
-            vendor's cuDNN/flash kernel for the own keys, ours for the prefix, merged by
-            log-sum-exp: ops/split_attention.py; calls it cannot serve run fused, announced
-            once), or "auto" (the faster for the shape). None reads PREFIX_KERNELS_ATTENTION
-            (default "auto").
+            vendor's cuDNN kernel does the attention, the prefix padded into the same call or
+            merged by log-sum-exp: ops/split_attention.py; needs fp16/bf16, no key padding,
+            causal only with Sq == Sk, determinism not requested; other calls run fused,
+            announced once), or "auto" (the faster for the shape). None reads
+            PREFIX_KERNELS_ATTENTION (default "auto").
 
     Returns:
         (batch, heads_q, seqlen_q, head_dim), dtype of q. Gradients flow to q, k, v and to the
