@@ -28,13 +28,13 @@ def _empty_rows(t, rows):
     return t.new_empty([shape[i] for i in order]).permute([order.index(i) for i in range(4)])
 
 
-def _bank_rows(bank, index, valid, b):
-    """[B, Hkv, P, D]: each row's bank entry. A row whose entry is out of range (a CUDA index is
-    not checked on the host) gets NaN keys and values, so its output is NaN as with the fused op."""
+def _bank_rows(banks, index, valid, b):
+    """[B, Hkv, P, D] per bank: each row's entry. A row whose entry is out of range (a CUDA index
+    is not checked on the host) gets NaN keys and values, so its output is NaN as with the fused op."""
     if index is None:
-        return bank[:1].expand(b, *bank.shape[1:])
-    rows = bank.index_select(0, index.clamp(0, bank.shape[0] - 1))
-    return torch.where(valid[:, None, None, None], rows, float("nan"))
+        return [bank[:1].expand(b, *bank.shape[1:]) for bank in banks]
+    safe = index.clamp(0, banks[0].shape[0] - 1)
+    return [torch.where(valid[:, None, None, None], bank.index_select(0, safe), float("nan")) for bank in banks]
 
 
 def _padded_inputs(q, k, v, rows_k, rows_v, causal):
@@ -69,8 +69,7 @@ class _PaddedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, vendor):
         n, p = prefix_k.shape[0], prefix_k.shape[2]
         valid = None if prefix_index is None else (prefix_index >= 0) & (prefix_index < n)
-        rows_k = _bank_rows(prefix_k, prefix_index, valid, q.shape[0])
-        rows_v = _bank_rows(prefix_v, prefix_index, valid, q.shape[0])
+        rows_k, rows_v = _bank_rows((prefix_k, prefix_v), prefix_index, valid, q.shape[0])
         qp, kp, vp = _padded_inputs(q, k, v, rows_k, rows_v, causal)
         out_p, lse_p = vendor_forward(vendor, qp, kp, vp, scale, causal)
         ctx.save_for_backward(qp, kp, vp, out_p, lse_p, prefix_index, valid)
