@@ -245,7 +245,7 @@ def test_cancel_frees_the_slot():
         eng.step()
     assert long.result().finish_reason == "cancelled" and len(long.output_ids) < 30
     assert waiting.result().token_ids == alone(PROMPTS[1], "b").token_ids
-    assert eng.num_active == 0 and eng._users == [0] * len(eng._users)
+    assert eng.num_active == 0 and all(eng.rows.users(r) == 0 for r in range(eng.rows.capacity))
 
 
 def test_background_thread_serves_concurrent_submissions():
