@@ -491,7 +491,7 @@ def test_prefill_chunks_of_rows_at_different_starts_attend_like_each_row_alone(b
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [16, 64])          # the Triton decode kernel; the CUDA one
+@pytest.mark.parametrize("head_dim", [16, 64, 96])      # the Triton decode kernel; the CUDA ones
 def test_cuda_graph_replay_equals_eager(head_dim):
     overrides = dict(hidden_size=4 * head_dim, head_dim=head_dim)
     g = torch.Generator().manual_seed(1)
@@ -499,7 +499,8 @@ def test_cuda_graph_replay_equals_eager(head_dim):
     outs = {}
     for graphs in (False, True):
         model = tiny_model("llama", **overrides).to("cuda", torch.bfloat16)
-        eng = Engine(model, table, max_batch=8, max_seq_len=64, cuda_graphs=graphs)
+        # prefill in chunks of 5: prompts arrive over several steps between graph replays
+        eng = Engine(model, table, max_batch=8, max_seq_len=64, cuda_graphs=graphs, prefill_chunk=5)
         eng.warmup()
         params = SamplingParams(temperature=0.8, top_p=0.95, seed=5, max_tokens=20)
         first = eng.submit([5, 6, 7, 8], "a", params)
