@@ -473,3 +473,27 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix_v, *, 
                             prefix_k, prefix_v, prefix_index, scale, max_seqlen, num_splits)
     return _launch_triton(q, k_cache, v_cache, seqlens, prefix_k, prefix_v, prefix_index, scale,
                           prefix_k.shape[2] + max_seqlen, num_splits)
+
+
+# --------------------------------------------------------------------------------------------
+# Custom op: decode attention inside a compiled graph
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("prefix_kernels::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        cache_seqlens: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                        prefix_index: Optional[torch.Tensor], scale: float, backend: str,
+                        max_seqlen: Optional[int]) -> torch.Tensor:
+    """`decode_attention` as one opaque node of a `torch.compile` graph (same arguments, all
+    positional; prefix_k/prefix_v [N, Hkv, P, D]). The kernel choice and the input checks run
+    when the graph runs (once, at capture, under a CUDA graph); the result is a new tensor
+    [B, Hq, Sq, D], contiguous, never a view of an input."""
+    return decode_attention(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix_v,
+                            prefix_index=prefix_index, scale=scale, backend=backend,
+                            max_seqlen=max_seqlen)
+
+
+@decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix_v, prefix_index, scale, backend,
+      max_seqlen):
+    return q.new_empty(q.shape)
