@@ -368,7 +368,7 @@ class DecodeStep:
 
     def _mark(self, *tensors):
         """Batch dims symbolic between separately compiled pieces (dynamic mode, B > 1)."""
-        if self._compiling and self.options.dynamic:
+        if self._compiling and self.options.dynamic and not torch.compiler.is_compiling():
             for t in tensors:
                 if t is not None and t.shape[0] > 1:
                     torch._dynamo.mark_dynamic(t, 0)
