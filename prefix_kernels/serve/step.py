@@ -411,7 +411,7 @@ class DecodeStep:
         """
         embed, layer, head, whole = self._functions(sampling)
         args = (tokens, positions, seqlens, rows, temperature, top_k, top_p, seeds, steps, out)
-        with _compile_limits(self._compiling):
+        with compile_limits(self._compiling):
             self._mark(*[a for a in args if a is not None])
             if whole is not None:
                 return whole(*args)
@@ -430,7 +430,7 @@ def _act(mlp):
 
 
 @contextlib.contextmanager
-def _compile_limits(compiling: bool):
+def compile_limits(compiling: bool = True):
     """Batch buckets x sampling variants recompile the same code more often than dynamo's
     default limit (8), past which it would run eager silently: raised for these calls only, and
     hitting it fails loudly."""
