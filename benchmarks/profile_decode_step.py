@@ -44,7 +44,6 @@ def build(config, device, dtype, max_batch, max_seq_len, backend):
     from transformers import AutoModelForCausalLM
 
     from prefix_kernels.integrations import transformers as hf
-    from prefix_kernels.serve.cache import StaticKVCache
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -52,12 +51,9 @@ def build(config, device, dtype, max_batch, max_seq_len, backend):
     bank = hf.patch_model(model, PREFIX_LEN, names=[f"p{i}" for i in range(NUM_PREFIXES)], init="random",
                           backend=backend)
     bank.requires_grad_(False).to(dtype)
-    hkv, d = bank.num_kv_heads, bank.head_dim
-    cache = StaticKVCache(bank.num_layers, max_batch, hkv, max_seq_len, d, dtype=dtype, device=device,
-                          backend=backend)
+    cache = engine_cache(model, bank, max_batch, max_seq_len, dtype, device, backend)
     cache.k.normal_()
     cache.v.normal_()
-    hf.set_attention_hook(model, cache)
     n = max_batch
     g = torch.Generator().manual_seed(1)
     buf = dict(
@@ -79,6 +75,39 @@ def start_positions(n, max_seq_len):
     return base + (torch.arange(n) * 7) % 56
 
 
+def engine_cache(model, bank, slots, max_seq_len, dtype, device, backend):
+    """The engine's KV cache, hooked into the patched model's attention; `cache.decoding(batch,
+    positions, seqlens)` is the context of a decode forward (the engine's cache API before and
+    after its split into cache.py / attention.py)."""
+    from prefix_kernels.integrations import transformers as hf
+
+    geometry = (bank.num_layers, slots, bank.num_kv_heads, max_seq_len, bank.head_dim)
+    heads = model.config.num_attention_heads
+    try:
+        from prefix_kernels.serve.attention import CacheAttention
+        from prefix_kernels.serve.cache import KVCache
+    except ImportError:
+        import contextlib
+
+        from prefix_kernels.serve.cache import StaticKVCache
+
+        cache = StaticKVCache(*geometry, num_q_heads=heads, dtype=dtype, device=device, backend=backend)
+
+        @contextlib.contextmanager
+        def decoding(batch, positions, seqlens):
+            cache.mode, cache.positions, cache.seqlens = "decode", positions, seqlens
+            try:
+                yield cache
+            finally:
+                cache.mode = None
+        cache.decoding = decoding
+        hf.set_attention_hook(model, cache)
+        return cache
+    cache = KVCache(*geometry, num_q_heads=heads, dtype=dtype, device=device)
+    hf.set_attention_hook(model, CacheAttention(cache, backend))
+    return cache
+
+
 def reset(buf, first_tokens, max_seq_len):
     start = start_positions(buf["positions"].shape[0], max_seq_len)
     buf["positions"].copy_(start)
@@ -90,13 +119,7 @@ def reset(buf, first_tokens, max_seq_len):
 def hf_step(model, cache, buf, batch):
     """Today's engine decode: the patched HF modules, the cache in decode mode, argmax."""
     def fn():
-        cache.mode, cache.positions, cache.seqlens = "decode", buf["positions"], buf["seqlens"]
-        try:
-            logits = model(input_ids=buf["tokens"][:batch, None], position_ids=buf["positions"][:batch, None],
-                           attention_mask=torch.ones_like(buf["tokens"][:batch, None]), use_cache=False,
-                           prefix_ids=buf["rows"][:batch]).logits[:, -1]
-        finally:
-            cache.mode = None
+        logits = hf_logits(model, cache, buf, batch)
         buf["tokens"][:batch].copy_(logits.argmax(-1))
         return logits
     return fn
@@ -231,7 +254,7 @@ def main(argv=None) -> int:
             key = variant_options(name, compiler)
             if key not in steps:
                 steps[key] = DecodeStep(model, cache.k, cache.v, bank.prefix, offset=offset, backend=backend,
-                                        options=key)
+                                        options=key, workspace=cache.workspace)
             fn = compiled_step(steps[key], buf, batch, sampling)
         start = time.perf_counter()
         if graphs is None:
@@ -303,13 +326,10 @@ def main(argv=None) -> int:
 
 
 def hf_logits(model, cache, buf, batch):
-    cache.mode, cache.positions, cache.seqlens = "decode", buf["positions"], buf["seqlens"]
-    try:
+    with cache.decoding(batch, buf["positions"], buf["seqlens"]):
         return model(input_ids=buf["tokens"][:batch, None], position_ids=buf["positions"][:batch, None],
                      attention_mask=torch.ones_like(buf["tokens"][:batch, None]), use_cache=False,
                      prefix_ids=buf["rows"][:batch]).logits[:, -1]
-    finally:
-        cache.mode = None
 
 
 def fp32_check(config, device, compiler, backend, max_seq_len, quick) -> dict:
@@ -324,7 +344,7 @@ def fp32_check(config, device, compiler, backend, max_seq_len, quick) -> dict:
     first = buf["tokens"].clone()
     from prefix_kernels.integrations.transformers import position_offset
     step = DecodeStep(model, cache.k, cache.v, bank.prefix, offset=position_offset(model), backend=backend,
-                      options=StepOptions(compiler=compiler))
+                      options=StepOptions(compiler=compiler), workspace=cache.workspace)
     with torch.no_grad():
         want = run_tokens(hf_step(model, cache, buf, batch), buf, batch, first, max_seq_len)
         fn = compiled_step(step, buf, batch, "greedy")

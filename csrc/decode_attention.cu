@@ -12,7 +12,7 @@
 // warps takes 16 keys of a tile and runs its own online softmax on tensor cores (mma.sync
 // m16n8k16, fp32 accumulators); the warps merge at the end.
 // Splits write a partial (out, log2-sum-exp) per row; the last block of a (row, head, chunk)
-// to finish merges them (a per-stream counter that the last block resets), or a separate
+// to finish merges them (counters in the caller's DecodeWorkspace, reset by that block), or a separate
 // combine kernel does when no counter buffer is given.
 //
 // Device code (parameters, tiles, split kernel, combine) is in decode_kernels.cuh; this file is

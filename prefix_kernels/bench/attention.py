@@ -201,9 +201,9 @@ def add_ratios(rows, mode="fwd+bwd"):
 
 
 def plot(rows, path, mode="fwd+bwd"):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
+    if plt is None:
+        return
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     width = 0.8 / len(variants)
@@ -218,9 +218,7 @@ def plot(rows, path, mode="fwd+bwd"):
     ax.set_xlabel("B,H,Hkv,S,D,P")
     ax.legend(fontsize=8)
     ax.set_title("prefix attention, forward+backward")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None):
@@ -248,9 +246,8 @@ def main(argv=None):
     modes = args.modes.split(",")
     env = common.environment()
 
-    from tqdm import tqdm
     rows = []
-    for shape in tqdm(shapes, desc="shapes", file=sys.stderr):
+    for shape in common.progress(shapes, desc="shapes", file=sys.stderr):
         rows += bench_shape(shape, dtype, device, variants, modes, args.rep_ms)
         torch.cuda.empty_cache() if device == "cuda" else None
     summary = add_ratios(rows)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.decode import decode_attention
+from ..ops.decode import DecodeWorkspace, decode_attention
 from ..ops.prefix_attention import prefix_attention
 
 
@@ -25,8 +25,8 @@ class StaticKVCache:
           positions 0..S-1 (padding lands past the prompt, where decode overwrites it).
     """
 
-    def __init__(self, num_layers, slots, num_kv_heads, max_seq_len, head_dim, *, dtype, device,
-                 backend="auto"):
+    def __init__(self, num_layers, slots, num_kv_heads, max_seq_len, head_dim, *, num_q_heads, dtype,
+                 device, backend="auto"):
         shape = (num_layers, slots, num_kv_heads, max_seq_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -38,6 +38,8 @@ class StaticKVCache:
         self.seqlens = torch.ones(slots, dtype=torch.long, device=device)
         self.prefill_slots = None
         self.mode = None
+        # the decode kernel's scratch, made here once: captured graphs read its fixed address
+        self.workspace = DecodeWorkspace(device, slots, num_q_heads, num_kv_heads)
 
     @property
     def nbytes(self) -> int:
@@ -55,7 +57,7 @@ class StaticKVCache:
             v_cache[rows, :, pos] = value[:, :, 0]
             return decode_attention(query, k_cache[:batch], v_cache[:batch], self.seqlens[:batch], prefix_k,
                                     prefix_v, prefix_index=prefix_index, scale=scale, backend=self.backend,
-                                    max_seqlen=self.max_seq_len)
+                                    max_seqlen=self.max_seq_len, workspace=self.workspace)
         if self.mode == "prefill":
             seq = key.shape[2]
             k_cache[self.prefill_slots, :, :seq] = key

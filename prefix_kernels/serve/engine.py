@@ -92,7 +92,8 @@ class Engine:
 
         bank = self.bank
         self.cache = StaticKVCache(bank.num_layers, self.max_batch, bank.num_kv_heads, self.max_seq_len,
-                                   bank.head_dim, dtype=self.dtype, device=self.device, backend=backend)
+                                   bank.head_dim, num_q_heads=model.config.num_attention_heads,
+                                   dtype=self.dtype, device=self.device, backend=backend)
         hf.set_attention_hook(model, self.cache)
         self.tokenizer = None if tokenizer is None else Tokenizer(
             tokenizer, _eos_ids(getattr(model, "generation_config", None)))
@@ -464,9 +465,9 @@ class Engine:
 
     def _capture(self, batch: int) -> None:
         # Warm-up forwards write each row's K/V at its current position: the same values the step
-        # about to run writes (free slots: position 0 of an unused slot). They run on the capture
-        # stream, so per-stream state made on first use (the decode kernel's combine counters)
-        # exists before capture and is what the graph reads.
+        # about to run writes (free slots: position 0 of an unused slot). They build and load the
+        # kernels before capture; the decode kernel's scratch is the cache's workspace, made with
+        # the cache.
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
             self._stream = torch.cuda.Stream(self.device)

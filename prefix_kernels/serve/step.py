@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.decode import decode_attention_op
+from ..ops.decode import DecodeWorkspace, decode_attention_op
 from .sampling import sample
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
@@ -250,10 +250,11 @@ def make_embed(g: Geometry):
 def make_layer(g: Geometry, act):
     hq, hkv, d = g.num_heads, g.num_kv_heads, g.head_dim
 
-    def layer(h, delta, w, k_cache, v_cache, prefix_k, prefix_v, positions, seqlens, rows, cos, sin):
+    def layer(h, delta, w, k_cache, v_cache, prefix_k, prefix_v, positions, seqlens, rows, cos, sin, counters):
         """One decoder layer for B rows: h [B, H] is the residual stream before the previous
         layer's MLP output `delta` is added (None for layer 0). Writes the row's key/value at
-        `positions` of k_cache/v_cache [slots, Hkv, Smax, D]; returns (h, this layer's delta)."""
+        `positions` of k_cache/v_cache [slots, Hkv, Smax, D]; counters: the decode kernel's
+        workspace (DecodeWorkspace.counters, or None); returns (h, this layer's delta)."""
         if delta is not None:
             h = h + delta
         b = h.shape[0]
@@ -271,7 +272,7 @@ def make_layer(g: Geometry, act):
         k_cache[slots, :, positions] = k.to(k_cache.dtype)
         v_cache[slots, :, positions] = v.to(v_cache.dtype)
         o = decode_attention_op(q[:, :, None], k_cache[:b], v_cache[:b], seqlens, prefix_k, prefix_v, rows,
-                                g.scale, g.backend, g.max_seqlen)
+                                g.scale, g.backend, g.max_seqlen, counters)
         h = h + _linear(o.view(b, hq * d), w, "o")
         x = _rms_norm(h, w["post_norm"], g.eps, g.gemma_norm)
         if "gate_up" in w:
@@ -327,10 +328,12 @@ class DecodeStep:
             (rows written while serving are seen by the next step, captured or not).
         offset: rotary position of cache position 0 (hf.position_offset(model)).
         backend: the decode kernel's ("auto", "cuda", "triton", "reference").
+        workspace: the decode kernel's DecodeWorkspace (the engine's cache owns one); None: a
+            new one for every slot of the cache on CUDA, none on the CPU.
     """
 
     def __init__(self, model, k_cache, v_cache, bank, *, offset: int, backend: str = "auto",
-                 options: StepOptions = StepOptions()):
+                 options: StepOptions = StepOptions(), workspace: DecodeWorkspace | None = None):
         why = unsupported_reason(model)
         if why is not None:
             raise NotImplementedError(f"DecodeStep: {why}")
@@ -341,6 +344,9 @@ class DecodeStep:
         self.model, self.options = model, options
         self.k_cache, self.v_cache, self.bank = k_cache, v_cache, bank
         self.geometry = g = Geometry.of(model, offset, k_cache.shape[3], backend)
+        if workspace is None and k_cache.is_cuda:
+            workspace = DecodeWorkspace(k_cache.device, k_cache.shape[1], g.num_heads, g.num_kv_heads)
+        self.counters = None if workspace is None else workspace.counters
         base = model.model
         self.layers = [layer_weights(layer, options.fuse) for layer in base.layers]
         self.embed_weight = model.get_input_embeddings().weight
@@ -361,7 +367,7 @@ class DecodeStep:
         for i, w in enumerate(self.layers):
             self._mark(h, delta, cos, sin, seqlens32, rows32)
             h, delta = layer_fn(h, delta, w, self.k_cache[i], self.v_cache[i], self.bank[i, 0], self.bank[i, 1],
-                                positions, seqlens32, rows32, cos, sin)
+                                positions, seqlens32, rows32, cos, sin, self.counters)
         self._mark(h, delta)
         return head_fn(h, delta, self.norm_weight, self.lm_weight, self.lm_bias, temperature, top_k, top_p,
                        seeds, steps, out)

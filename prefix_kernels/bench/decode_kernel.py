@@ -30,12 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from prefix_kernels.bench import common  # noqa: E402
-from prefix_kernels.ops import decode as dec  # noqa: E402
-from prefix_kernels.ops.reference import reference_prefix_attention  # noqa: E402
+from prefix_kernels.bench import common
+from prefix_kernels.ops import decode as dec
+from prefix_kernels.ops.reference import reference_prefix_attention
 
 HQ, HKV, D, P, SQ = 32, 4, 64, 32, 1
 DTYPE = torch.bfloat16
@@ -121,7 +118,7 @@ def variant_calls(name: str, x: dict, context: int, ext, splits: int | None = No
     splits: force the key-split count of the CUDA/Triton kernels (None = their heuristic)."""
     scale = 1.0 / math.sqrt(D)
     if name == "cuda":
-        counters = torch.zeros(4096, dtype=torch.int32, device="cuda")
+        counters = dec.DecodeWorkspace("cuda", x["q"].shape[0], HQ, HKV, SQ).counters
         return lambda: ext.decode_attention_fwd(x["q"], x["k"], x["v"], x["lens"], x["pk"], x["pv"],
                                                 x["pidx"], scale, splits or 0, context, counters)
     if name == "triton":
@@ -227,12 +224,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], copy_gbs: float, env: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("# matplotlib missing: no plot")
+    plt = common.pyplot()
+    if plt is None:
         return
     cases = sorted({(r["batch"], r["context"]) for r in rows})
     variants = list(dict.fromkeys(r["variant"] for r in rows))
@@ -251,8 +244,7 @@ def plot(rows: list[dict], copy_gbs: float, env: dict, path: Path) -> None:
     ax.set_title(f"Decode attention kernel, TinyLlama shape, bf16 - {env['device']}")
     ax.set_ylim(0, 115)
     ax.legend(loc="upper center", ncol=len(variants) + 1, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    common.save_figure(fig, path)
     print(f"# wrote {path}")
 
 

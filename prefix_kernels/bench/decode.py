@@ -29,7 +29,6 @@ prefix-less generate there.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -37,10 +36,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from prefix_kernels.bench import decode_baselines as baselines  # noqa: E402
-from prefix_kernels.bench.common import environment, format_table, results_dir, write_json  # noqa: E402
+from prefix_kernels.bench import common
+from prefix_kernels.bench import decode_baselines as baselines
+from prefix_kernels.bench.common import environment, format_table, results_dir, write_json
 
 CASES = ["engine", "peft", "hf-generate", "hf-compiled", "plain-step"]
 STEP_CASES = ("hf-compiled", "plain-step")        # decode steps only: N does not apply
@@ -49,14 +47,9 @@ PEFT_MIXED_ANCHOR = 234.0          # ANCHORS.md section 3: PEFT, B=32, 8 prefixe
 
 
 def model_config(quick: bool):
-    from transformers import LlamaConfig
-
     if quick:
-        return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    from prefix_kernels.bench.common import tinyllama_config
-
-    return tinyllama_config(max_position_embeddings=2048)      # ANCHORS.md section 3
+        return common.tiny_llama_config(max_position_embeddings=512)
+    return common.tinyllama_config(max_position_embeddings=2048)      # ANCHORS.md section 3
 
 
 def _sync(device):
@@ -210,9 +203,9 @@ def verdicts(rows, b_target) -> list[str]:
 
 
 def plot(rows, batches, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
+    if plt is None:
+        return
 
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
     colors = {"engine": "tab:green", "peft": "tab:gray", "hf-generate": "tab:blue"}
@@ -230,13 +223,11 @@ def plot(rows, batches, path):
         ax.set_yscale("log")
         ax.set_title(f"B={b}: tokens/s (higher is better)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.parser("prefix-kernels bench decode", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny model on the CPU: a smoke run")
     parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     parser.add_argument("--batches", type=int, nargs="+", help="default 1 8 32 128, peft and hf-generate at "
@@ -248,7 +239,6 @@ def main(argv=None) -> int:
     parser.add_argument("--eager", action="store_true", help="engine without CUDA graphs (eager decode step)")
     parser.add_argument("--out", default=None, help="folder for the JSON and PNG (default: the results dir)")
     args = parser.parse_args(argv)
-    from tqdm import tqdm
 
     if args.quick:
         device, dtype = torch.device("cpu"), torch.float32
@@ -275,7 +265,7 @@ def main(argv=None) -> int:
             for n in ([None] if case in ("hf-generate", *STEP_CASES) else counts(b))
             if args.batches or case not in ("peft", "hf-generate") or b in E2E_BATCHES or args.quick]
     rows = []
-    bar = tqdm(plan, desc="bench_decode", file=sys.stderr, mininterval=1)
+    bar = common.progress(plan, desc="bench_decode", file=sys.stderr, mininterval=1)
     engine = None
     for b, n, case in bar:
         bar.set_postfix_str(f"B={b} N={n} {case}")
@@ -305,7 +295,7 @@ def main(argv=None) -> int:
         if "error" in row and case == "engine":
             engine = _drop_engine(engine, model, device)     # requests may be left in it
         rows.append(row)
-        tqdm.write(_row_line(row), file=sys.stderr)
+        bar.write(_row_line(row), file=sys.stderr)
     _drop_engine(engine, model, device)
 
     table = [{"B": r["B"], "N": r["N"], "case": r["case"],

@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from prefix_kernels.bench import common
+
 SHAPES = {"tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=8192),
           "llama-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
@@ -128,7 +130,7 @@ def run_case(name, shape, gpus, strategy, args) -> dict:
                 "--batch", str(args.batch), "--seq", str(args.seq), "--prefix-len", str(args.prefix_len),
                 "--warmup", str(args.warmup), "--steps", str(args.steps)] + (["--quick"] if args.quick else [])
         try:
-            torchrun(["--standalone", f"--nproc-per-node={gpus}", os.path.abspath(__file__), *argv])
+            torchrun(["--standalone", f"--nproc-per-node={gpus}", "-m", "prefix_kernels.bench.scaling", *argv])
         except Exception as e:        # a failed case (out of memory, say) is reported, never dropped
             return {"case": name, "shape": shape, "gpus": gpus, "strategy": strategy,
                     "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} "
@@ -175,9 +177,9 @@ def table(rows) -> str:
 
 
 def plot(rows, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
+    if plt is None:
+        return
 
     rows = [r for r in rows if "error" not in r]
     names = [r["case"] for r in rows]
@@ -200,13 +202,11 @@ def plot(rows, path) -> None:
     axes[1].set_title("GiB per GPU (lower is better)")
     for ax in axes:
         ax.tick_params(axis="x", rotation=20)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.parser("prefix-kernels bench scaling", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny models, 2 gloo processes on the CPU")
     parser.add_argument("--cases", nargs="+", default=[c[0] for c in CASES],
                         choices=[c[0] for c in CASES + EXTRA])

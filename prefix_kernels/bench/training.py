@@ -17,7 +17,6 @@ under benchmarks/results/ with the GPU name, versions and git commit.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -26,19 +25,15 @@ import time
 
 import torch
 
+from prefix_kernels.bench import common
+
 CASES = ["prefix-kernels", "peft-prefix", "floor", "peft-lora-r8", "full-finetune"]
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def model_config(quick: bool):
-    from transformers import LlamaConfig
-
     if quick:
-        return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    from prefix_kernels.bench.common import tinyllama_config
-
-    return tinyllama_config(max_position_embeddings=8192)      # ANCHORS.md section 2
+        return common.tiny_llama_config(max_position_embeddings=256)
+    return common.tinyllama_config(max_position_embeddings=8192)      # ANCHORS.md section 2
 
 
 def build_case(case: str, config, prefix_len: int, device, dtype):
@@ -118,9 +113,7 @@ def run_case(case, config, batch, seq, prefix_len, device, dtype, warmup, steps)
 
 
 def environment(device) -> dict:
-    from prefix_kernels.bench.common import environment as common_environment
-
-    env = common_environment()
+    env = common.environment()
     env["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else env["device"]
     return env
 
@@ -165,9 +158,9 @@ def print_table(shape, rows, out=sys.stdout):
 
 
 def plot(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
+    if plt is None:
+        return
 
     shapes = list(results)
     fig, axes = plt.subplots(2, len(shapes), figsize=(6 * len(shapes), 7), squeeze=False)
@@ -189,18 +182,16 @@ def plot(results, path):
             axes[1][col].text(0.5, 0.5, "not measured (no CUDA)", ha="center", transform=axes[1][col].transAxes)
         for ax in (axes[0][col], axes[1][col]):
             ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.parser("prefix-kernels bench training", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny model on the CPU: a smoke run")
     parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; quick 2)")
-    parser.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
+    parser.add_argument("--out", default=None, help="folder for the JSON and PNG (default: the results dir)")
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -236,6 +227,7 @@ def main(argv=None) -> int:
         results[shape] = rows
         print_table(shape, rows)
 
+    args.out = args.out or str(common.results_dir())
     os.makedirs(args.out, exist_ok=True)
     stem = "training_quick" if args.quick else "training"
     payload = {"benchmark": "bench_training", "model": "TinyLlama-1.1B shape (random weights)" if not args.quick
