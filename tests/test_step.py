@@ -235,3 +235,27 @@ def test_gpu_compiled_logits_low_precision(dtype):
         compiled = case.step(compiler="inductor").logits(*case.inputs([7, 8, 9], 0)).float()
     floor = torch.finfo(dtype).eps * want.abs().max()
     assert (compiled - want).abs().max() <= 2 * (eager - want).abs().max() + floor
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("sampling", ["greedy", "filtered"])
+def test_gpu_graph_replay_equals_direct_call(sampling):
+    """bf16: replaying the captured step gives the tokens of calling the compiled step directly."""
+    from prefix_kernels.serve.graphs import GraphCache
+
+    torch._dynamo.reset()
+    case = Case("llama", dtype=torch.bfloat16, device="cuda")
+    step = case.step(compiler="inductor")
+    dev = case.device
+    sampling_inputs = (torch.tensor([0.0, 0.7, 1.3], device=dev), torch.tensor([0, 5, 0], device=dev),
+                       torch.tensor([1.0, 1.0, 0.8], device=dev), torch.tensor([1, 2, 3], device=dev),
+                       torch.tensor([0, 4, 9], device=dev))
+    with torch.no_grad():
+        direct = step(*case.inputs([7, 8, 9], 0), *sampling_inputs, sampling=sampling).clone()
+        tokens, pos, seqlens, rows = case.inputs([7, 8, 9], 0)
+        graphs = GraphCache(dev)
+        out = graphs.capture("g", lambda: step(tokens, pos, seqlens, rows, *sampling_inputs, out=tokens,
+                                               sampling=sampling), preserve=[tokens])
+        graphs.replay("g")
+    assert out.tolist() == direct.tolist() == tokens.tolist()
