@@ -250,11 +250,15 @@ def make_embed(g: Geometry):
 def make_layer(g: Geometry, act):
     hq, hkv, d = g.num_heads, g.num_kv_heads, g.head_dim
 
-    def layer(h, delta, w, k_cache, v_cache, prefix_k, prefix_v, positions, seqlens, rows, cos, sin, counters):
+    def layer(h, delta, w, k_cache, v_cache, prefix_k, prefix_v, positions, seqlens, rows, cos, sin, counters,
+              index=None):
         """One decoder layer for B rows: h [B, H] is the residual stream before the previous
         layer's MLP output `delta` is added (None for layer 0). Writes the row's key/value at
-        `positions` of k_cache/v_cache [slots, Hkv, Smax, D]; counters: the decode kernel's
-        workspace (DecodeWorkspace.counters, or None); returns (h, this layer's delta)."""
+        `positions` of k_cache/v_cache, this layer's [slots, Hkv, Smax, D], or with `index` every
+        layer's [L, slots, Hkv, Smax, D] (in a graph of all layers, a write into the input itself
+        rather than into a view of it is what inductor does in place: a view's write copied the
+        layer's whole cache). counters: the decode kernel's workspace (DecodeWorkspace.counters,
+        or None). Returns (h, this layer's delta)."""
         if delta is not None:
             h = h + delta
         b = h.shape[0]
@@ -269,8 +273,14 @@ def make_layer(g: Geometry, act):
             k = _rms_norm(k, w["k_norm"], g.qk_eps, g.gemma_norm)
         q, k = _rotate(q, cos, sin, g.rotary_dim), _rotate(k, cos, sin, g.rotary_dim)
         slots = torch.arange(b, device=h.device)
-        k_cache[slots, :, positions] = k.to(k_cache.dtype)
-        v_cache[slots, :, positions] = v.to(v_cache.dtype)
+        if index is None:
+            k_cache[slots, :, positions] = k.to(k_cache.dtype)
+            v_cache[slots, :, positions] = v.to(v_cache.dtype)
+        else:
+            at = torch.full_like(slots, index)
+            k_cache[at, slots, :, positions] = k.to(k_cache.dtype)
+            v_cache[at, slots, :, positions] = v.to(v_cache.dtype)
+            k_cache, v_cache = k_cache[index], v_cache[index]
         o = decode_attention_op(q[:, :, None], k_cache[:b], v_cache[:b], seqlens, prefix_k, prefix_v, rows,
                                 g.scale, g.backend, g.max_seqlen, counters)
         h = h + _linear(o.view(b, hq * d), w, "o")
@@ -364,10 +374,12 @@ class DecodeStep:
         h, cos, sin, seqlens32, rows32 = embed_fn(tokens, positions, seqlens, rows, self.embed_weight,
                                                   self.inv_freq)
         delta = None
+        whole = torch.compiler.is_compiling()         # one graph of every layer (per_layer=False)
         for i, w in enumerate(self.layers):
             self._mark(h, delta, cos, sin, seqlens32, rows32)
-            h, delta = layer_fn(h, delta, w, self.k_cache[i], self.v_cache[i], self.bank[i, 0], self.bank[i, 1],
-                                positions, seqlens32, rows32, cos, sin, self.counters)
+            k, v, index = (self.k_cache, self.v_cache, i) if whole else (self.k_cache[i], self.v_cache[i], None)
+            h, delta = layer_fn(h, delta, w, k, v, self.bank[i, 0], self.bank[i, 1], positions, seqlens32, rows32,
+                                cos, sin, self.counters, index)
         self._mark(h, delta)
         return head_fn(h, delta, self.norm_weight, self.lm_weight, self.lm_bias, temperature, top_k, top_p,
                        seeds, steps, out)
