@@ -259,3 +259,17 @@ def test_gpu_graph_replay_equals_direct_call(sampling):
                                                sampling=sampling), preserve=[tokens])
         graphs.replay("g")
     assert out.tolist() == direct.tolist() == tokens.tolist()
+
+
+def test_bad_inputs_are_named():
+    case = Case("llama")
+    step = case.step(compiler=None)
+    tokens, pos, seqlens, rows = case.inputs([7, 8, 9], 0)
+    with pytest.raises(ValueError, match="positions must be a torch.int64 tensor of shape \\[3\\]"):
+        step(tokens, pos[:2], seqlens, rows)
+    with pytest.raises(ValueError, match="temperature must be a torch.float32"):
+        step(tokens, pos, seqlens, rows, sampling="sampled")
+    with pytest.raises(ValueError, match="the cache has 3 slots"):
+        step(*(torch.zeros(4, dtype=torch.long) for _ in range(4)))
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        step(tokens, pos, seqlens, rows, sampling="beam")

@@ -427,13 +427,35 @@ class DecodeStep:
         inputs (`sampling.sample`), unused when sampling is "greedy" or None. out: [B] int64,
         optional: also receives the tokens (a captured step's feedback buffer).
         """
-        embed, layer, head, whole = self._functions(sampling)
         args = (tokens, positions, seqlens, rows, temperature, top_k, top_p, seeds, steps, out)
+        self._check(args, sampling)
+        embed, layer, head, whole = self._functions(sampling)
         with compile_limits(self._compiling):
             self._mark(*[a for a in args if a is not None])
             if whole is not None:
                 return whole(*args)
             return self._forward(*args, sampling, layer, head, embed)
+
+    _INPUTS = ("tokens", "positions", "seqlens", "rows", "temperature", "top_k", "top_p", "seeds", "steps", "out")
+    _FLOAT_INPUTS = ("temperature", "top_p")
+
+    def _check(self, args, sampling):
+        """Shapes, dtypes and devices on the host (no sync: values are the caller's)."""
+        if sampling is not None and sampling not in SAMPLING:
+            raise ValueError(f"sampling must be one of {SAMPLING} (or None for logits), got {sampling!r}")
+        batch = args[0].shape[0] if isinstance(args[0], torch.Tensor) else None
+        needed = self._INPUTS[:4] + (self._INPUTS[4:9] if sampling in ("sampled", "filtered") else ())
+        for name, t in zip(self._INPUTS, args):
+            if t is None and name not in needed:
+                continue
+            want = torch.float32 if name in self._FLOAT_INPUTS else torch.int64
+            if not isinstance(t, torch.Tensor) or t.shape != (batch,) or t.dtype != want \
+                    or t.device != self.k_cache.device:
+                raise ValueError(f"DecodeStep: {name} must be a {want} tensor of shape [{batch}] on "
+                                 f"{self.k_cache.device}, got {getattr(t, 'dtype', type(t).__name__)} "
+                                 f"{tuple(getattr(t, 'shape', ()))} on {getattr(t, 'device', None)}")
+        if not 1 <= batch <= self.k_cache.shape[1]:
+            raise ValueError(f"DecodeStep: {batch} rows, but the cache has {self.k_cache.shape[1]} slots")
 
     def logits(self, tokens, positions, seqlens, rows):
         """[B, V] logits of rows 0..B-1 (the cache is written as by a step)."""
