@@ -30,6 +30,9 @@ for step in "$@"; do
     decode) timeout 300 python3 benchmarks/bench_decode_kernel.py > $OUT/bench_decode.log 2>&1; tail -30 $OUT/bench_decode.log ;;
     decode-splits) timeout 200 python3 benchmarks/bench_decode_kernel.py --sweep-splits 2>&1 | tee $OUT/decode_splits.log ;;
     servetests-gpu) timeout 300 python3 -m pytest -q -p no:logging tests/test_serve_engine.py tests/test_serve_http.py > $OUT/servetests.log 2>&1; summary $OUT/servetests.log ;;
+    steptests-gpu) timeout 400 python3 -m pytest -q -p no:logging -m gpu tests/test_step.py tests/test_decode.py -k "step or custom_op" > $OUT/steptests.log 2>&1; summary $OUT/steptests.log ;;
+    decode-step) timeout 295 python3 benchmarks/profile_decode_step.py 2>&1 | tee $OUT/decode_step.log | grep -v "^\s*$" ;;
+    decode-step-extra) timeout 295 python3 benchmarks/profile_decode_step.py --batches 32 128 --extra static whole --no-fp32-check 2>&1 | tee $OUT/decode_step_extra.log ;;
     decode-e2e) timeout 400 python3 benchmarks/bench_decode.py > $OUT/bench_decode_e2e.log 2>&1; tr '\r' '\n' < $OUT/bench_decode_e2e.log | grep -v "it/s\]" | grep -v "^ *$" | tail -45 ;;
     *) echo "unknown step $step" ;;
   esac
