@@ -50,9 +50,8 @@ _CANDIDATES = {
 }
 # 16x16 blocks under the interpreter: small test shapes then span several blocks.
 _INTERPRET_CONFIG = _config(16, 16, 4, 1)
-_TUNE_KEY = {"fwd": ["HEAD_DIM", "seq_bucket", "CAUSAL", "HAS_KPM"],
-             "dq": ["HEAD_DIM", "seq_bucket", "CAUSAL", "HAS_KPM", "DQ_GRAD"],
-             "dkdv": ["HEAD_DIM", "seq_bucket", "CAUSAL", "HAS_KPM", "PREFIX_GRAD", "OWN_GRAD"]}
+_FEATURES = ["HEAD_DIM", "seq_bucket", "CAUSAL", "HAS_KPM", "DROPOUT"]
+_TUNE_KEY = {"fwd": _FEATURES, "dq": _FEATURES + ["DQ_GRAD"], "dkdv": _FEATURES + ["PREFIX_GRAD", "OWN_GRAD"]}
 
 
 def _autotune_enabled() -> bool:
@@ -126,7 +125,29 @@ def _kpm_args(key_padding_mask, q):
     return key_padding_mask, key_padding_mask.stride(0), key_padding_mask.stride(1)
 
 
-def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal):
+def _rng_args(dropout_p, rng):
+    """(threshold, keep_scale, seed, offset) for the kernels; zeros (never read) without dropout.
+
+    A key is kept iff its 16-bit draw >= threshold = round(p * 65536): the keep rate is 1 - p
+    to within 2^-17, and kept probabilities are scaled by 1 / (1 - p)."""
+    if dropout_p == 0:
+        return 0, 0.0, 0, 0
+    seed, offset = rng.tolist()
+    threshold = min(max(round(dropout_p * 65536), 1), 65535)
+    return threshold, 1.0 / (1.0 - dropout_p), int(seed), int(offset) & 0x7FFFFFFF
+
+
+def draw_rng() -> torch.Tensor:
+    """(seed, offset) of one dropout call: int64 [2] on the CPU, from torch's default generator.
+
+    torch.manual_seed makes the masks reproducible, and torch.utils.checkpoint restores this
+    generator before it recomputes a forward, so the recompute draws the same mask. A CPU
+    tensor: the launchers read it without a device sync."""
+    return torch.randint(2**32, 2**62, (2,), dtype=torch.int64)
+
+
+def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal,
+                    dropout_p=0.0, rng=None):
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     p = prefix_k.shape[2]
@@ -138,9 +159,10 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
             (q, k, v, prefix_k, prefix_v, prefix_index if prefix_index is not None else q, kpm, out, lse,
              *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
              s_kpm_b, s_kpm_n, *out.stride(),
-             h, h // hkv, sq, sk, p, prefix_k.shape[0], scale * LOG2E, bucket),
+             h, h // hkv, sq, sk, p, prefix_k.shape[0], scale * LOG2E,
+             *_rng_args(dropout_p, rng), bucket),
             dict(HAS_PIDX=prefix_index is not None, HAS_KPM=key_padding_mask is not None,
-                 CAUSAL=causal, HEAD_DIM=d), q.dtype, bucket)
+                 CAUSAL=causal, DROPOUT=dropout_p > 0, HEAD_DIM=d), q.dtype, bucket)
     return out, lse
 
 
@@ -159,7 +181,7 @@ def _prefix_splits(sq, rows, p, own_grad, device):
 
 
 def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
-                     scale, causal, need_dq, need_dkv, need_prefix):
+                     scale, causal, need_dq, need_dkv, need_prefix, dropout_p=0.0, rng=None):
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     n, p = prefix_k.shape[0], prefix_k.shape[2]
@@ -167,7 +189,8 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
     pidx = prefix_index if prefix_index is not None else q
     bucket = _seq_bucket(max(sq, sk))
     flags = dict(HAS_PIDX=prefix_index is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
-                 HEAD_DIM=d)
+                 DROPOUT=dropout_p > 0, HEAD_DIM=d)
+    rng_args = _rng_args(dropout_p, rng)
 
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q) if need_dq else q.new_empty(0)
@@ -178,7 +201,7 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
             (q, k, v, prefix_k, prefix_v, pidx, kpm, out, do, lse, delta, dq_arg,
              *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
              s_kpm_b, s_kpm_n, *out.stride(), *do.stride(), *dq_arg.stride(),
-             h, h // hkv, sq, sk, p, n, scale * LOG2E, scale, bucket),
+             h, h // hkv, sq, sk, p, n, scale * LOG2E, scale, *rng_args, bucket),
             dict(DQ_GRAD=need_dq, **flags), q.dtype, bucket)
 
     dpk, dpv = prefix_k.new_empty(0), prefix_v.new_empty(0)
@@ -199,7 +222,7 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
                 (q, k, v, prefix_k, prefix_v, pidx, kpm, do, lse, delta, dk_arg, dv_arg, part_k, part_v,
                  *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
                  s_kpm_b, s_kpm_n, *do.stride(), *dk_arg.stride(), *dv_arg.stride(),
-                 hkv, h // hkv, sq, sk, p, n, scale * LOG2E, scale, bucket),
+                 hkv, h // hkv, sq, sk, p, n, scale * LOG2E, scale, *rng_args, bucket),
                 dict(SPLITS=splits, PREFIX_GRAD=need_prefix, OWN_GRAD=need_dkv,
                      # out-of-range own keys need masking only without the causal mask
                      KEEP_MASK=key_padding_mask is not None or not causal, **flags), q.dtype, bucket)
@@ -222,12 +245,14 @@ def _prefix_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           prefix_k: torch.Tensor, prefix_v: torch.Tensor,
                           prefix_index: Optional[torch.Tensor],
                           key_padding_mask: Optional[torch.Tensor],
-                          scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal)
+                          scale: float, causal: bool, dropout_p: float, rng: Optional[torch.Tensor]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal,
+                           dropout_p, rng)
 
 
 @_prefix_attention_fwd.register_fake
-def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal):
+def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal, dropout_p, rng):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -237,15 +262,16 @@ def _prefix_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                           prefix_index: Optional[torch.Tensor],
                           key_padding_mask: Optional[torch.Tensor],
                           out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
-                          need_dq: bool, need_dkv: bool, need_prefix: bool
+                          need_dq: bool, need_dkv: bool, need_prefix: bool,
+                          dropout_p: float, rng: Optional[torch.Tensor]
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out,
-                            lse, scale, causal, need_dq, need_dkv, need_prefix)
+                            lse, scale, causal, need_dq, need_dkv, need_prefix, dropout_p, rng)
 
 
 @_prefix_attention_bwd.register_fake
 def _(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, scale, causal,
-      need_dq, need_dkv, need_prefix):
+      need_dq, need_dkv, need_prefix, dropout_p, rng):
     def like(t, needed):
         return torch.empty_like(t) if needed else t.new_empty(0)
     def contiguous_like(t, needed):   # the prefix gradients are written densely
@@ -254,22 +280,26 @@ def _(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
             contiguous_like(prefix_k, need_prefix), contiguous_like(prefix_v, need_prefix))
 
 
+def _save(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal, dropout_p,
+          rng, out, lse):
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, rng)
+    ctx.scale, ctx.causal, ctx.dropout_p = scale, causal, dropout_p
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse)
-    ctx.scale, ctx.causal = scale, causal
+    _save(ctx, *inputs, *output)
 
 
 def _grads(ctx, grad_out, launch_backward):
-    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse = ctx.saved_tensors
+    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, rng = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dq, need_dkv, need_prefix = need[0], need[1] or need[2], need[3] or need[4]
     dq, dk, dv, dpk, dpv = launch_backward(
         grad_out, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
-        ctx.scale, ctx.causal, need_dq, need_dkv, need_prefix)
-    return (dq if need_dq else None, dk if need[1] else None, dv if need[2] else None,
-            dpk if need[3] else None, dpv if need[4] else None, None, None, None, None)
+        ctx.scale, ctx.causal, need_dq, need_dkv, need_prefix, ctx.dropout_p, rng)
+    grads = (dq if need_dq else None, dk if need[1] else None, dv if need[2] else None,
+             dpk if need[3] else None, dpv if need[4] else None)
+    return grads + (None,) * (len(need) - len(grads))
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -281,11 +311,12 @@ class _PrefixAttention(torch.autograd.Function):
     per call on the host (fwd 61 us vs 16 us for a trivial op, torch 2.13, CPU)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal):
+    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal,
+                dropout_p=0.0, rng=None):
         out, lse = _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-                                   scale, causal)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse)
-        ctx.scale, ctx.causal = scale, causal
+                                   scale, causal, dropout_p, rng)
+        _save(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal,
+              dropout_p, rng, out, lse)
         return out
 
     @staticmethod
@@ -358,7 +389,7 @@ def _triton_unsupported_reason(q) -> Optional[str]:
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padding_mask=None,
-                     scale=None, causal=True, backend="auto"):
+                     scale=None, causal=True, backend="auto", dropout_p=0.0):
     """Attention over a per-row prefix from a prefix bank plus the row's own keys.
 
     Args:
@@ -376,12 +407,20 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padd
         causal: query i sits at key position seqlen_k - seqlen_q + i (bottom-right alignment).
         backend: "auto" (Triton for CUDA tensors, the reference elsewhere), "triton" (on CPU
             tensors only under TRITON_INTERPRET=1), or "reference".
+        dropout_p: attention dropout on the probabilities over all P + Sk keys (prefix slots
+            included, as PEFT's eager path), kept ones scaled by 1/(1 - p); pass it only in
+            training. The kernels draw the mask from a counter-based RNG (Philox) seeded from
+            torch's default CPU generator: reproducible under torch.manual_seed, the same in
+            backward and in a torch.utils.checkpoint recompute, nothing stored per element
+            (`dropout_mask` rebuilds it). The reference backend draws its own mask.
 
     Returns:
         (batch, heads_q, seqlen_q, head_dim), dtype of q. Gradients flow to q, k, v and to the
         bank (summed over the rows that share an entry and the query heads of a GQA group).
     """
     _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, backend)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"prefix_attention: dropout_p must be in [0, 1), got {dropout_p}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "auto":
@@ -396,7 +435,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padd
             backend = "reference"
     if backend == "reference":
         return reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index,
-                                          key_padding_mask, scale, causal)
+                                          key_padding_mask, scale, causal, dropout_p=dropout_p)
 
     if prefix_k.dim() == 3:
         prefix_k, prefix_v = prefix_k[None], prefix_v[None]
@@ -404,9 +443,24 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padd
         key_padding_mask = (key_padding_mask != 0).to(torch.uint8)    # [B, Sk] bytes: tiny
     if prefix_index is not None:
         prefix_index = prefix_index.to(q.device, non_blocking=True)
+    dropout_p = float(dropout_p)
+    rng = draw_rng() if dropout_p > 0 else None
     if torch.compiler.is_compiling():
         out, _ = _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index,
-                                       key_padding_mask, float(scale), bool(causal))
+                                       key_padding_mask, float(scale), bool(causal), dropout_p, rng)
         return out
     return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-                                  float(scale), bool(causal))
+                                  float(scale), bool(causal), dropout_p, rng)
+
+
+def dropout_mask(rng, batch, heads, seqlen_q, seqlen_k, prefix_len, dropout_p, device):
+    """The keep mask [batch, heads, seqlen_q, prefix_len + seqlen_k] (bool, prefix slots first)
+    that the kernels draw for `rng` (from draw_rng). A test and debugging aid: reseed torch's
+    generator as before the op call and call draw_rng() to get the op's rng."""
+    threshold, _, seed, offset = _rng_args(dropout_p, rng)
+    keep = torch.empty(batch, heads, seqlen_q, prefix_len + seqlen_k, dtype=torch.int8, device=device)
+    block = 16
+    kernels.dropout_mask[(triton.cdiv(seqlen_q, block), batch * heads)](
+        keep, seed, offset, heads, seqlen_q, seqlen_k, prefix_len, threshold,
+        BLOCK_M=block, BLOCK_N=block)
+    return keep.bool()

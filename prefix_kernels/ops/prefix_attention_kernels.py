@@ -71,16 +71,66 @@ def _own_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: 
     return full_hi, hi
 
 
+# Philox rounds: 7 pass TestU01's BigCrush for Philox4x32 (Salmon et al., SC'11); 10 (the
+# default) only add margin, at 10/7 the cost of what dominates a dropout tile.
+PHILOX_ROUNDS = tl.constexpr(7)
+
+
+@triton.jit
+def _dropout_keep(seed, rng_offset, stream, offs_m, start_n, threshold, BLOCK_N: tl.constexpr):
+    """keep [BLOCK_M, BLOCK_N]: which probabilities of queries offs_m and keys start_n + [0, BLOCK_N)
+    survive dropout (start_n a multiple of 8).
+
+    Counter-based: one Philox call, keyed by `seed`, per (query, group of 8 keys), counter
+    (key group, query, stream, call offset) with stream = 2 * (row * heads + head) + 1 for own
+    keys, + 0 for prefix slots. Its 4 words give 8 16-bit draws: key kept iff draw >= threshold
+    = round(p * 65536). Nothing is stored: forward, both backward kernels and dropout_mask
+    redraw the same bits.
+    """
+    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+    zero = (offs_m[:, None] * 0 + groups[None, :] * 0).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, zero + groups[None, :].to(tl.uint32), zero + offs_m[:, None].to(tl.uint32),
+                               zero + stream.to(tl.uint32), zero + rng_offset.to(tl.uint32),
+                               n_rounds=PHILOX_ROUNDS)
+    draws = tl.join(tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16)),
+                    tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16)))
+    draws = tl.reshape(draws, [offs_m.shape[0], BLOCK_N])
+    return draws.to(tl.int32) >= threshold
+
+
+@triton.jit(do_not_specialize=["seed", "rng_offset"])
+def dropout_mask(keep_ptr, seed, rng_offset, num_heads, seqlen_q, seqlen_k, prefix_len, threshold,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """keep [B, H, Sq, P + Sk] int8, exactly as the attention kernels draw it: prefix slots first,
+    then own keys. A test and debugging aid (the kernels never materialize it)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < seqlen_q
+    width = prefix_len + seqlen_k
+    row_ptr = keep_ptr + (pid_bh * seqlen_q + offs_m[:, None]) * width
+    for start_n in range(0, prefix_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, rng_offset, 2 * pid_bh, offs_m, start_n, threshold, BLOCK_N=BLOCK_N)
+        tl.store(row_ptr + offs_n[None, :], keep.to(tl.int8), mask=m_ok[:, None] & (offs_n < prefix_len)[None, :])
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, rng_offset, 2 * pid_bh + 1, offs_m, start_n, threshold, BLOCK_N=BLOCK_N)
+        tl.store(row_ptr + prefix_len + offs_n[None, :], keep.to(tl.int8),
+                 mask=m_ok[:, None] & (offs_n < seqlen_k)[None, :])
+
+
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k_n, stride_k_d, stride_v_n, stride_v_d,
-               kpm_ptr, stride_kpm_n, lo, hi, n_limit, q_pos, offs_d, qk_scale,
+               kpm_ptr, stride_kpm_n, lo, hi, n_limit, offs_m, q_pos, offs_d, qk_scale,
+               dropout_threshold, keep_scale, seed, rng_offset, stream,
                CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_HEADDIM: tl.constexpr,
-               PREC: tl.constexpr):
+               DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+               EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -94,13 +144,17 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k_n, stride_k_d, stride_v_
         if CAUSAL_MASK:
             s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
         if HAS_KPM:
-            keep = tl.load(kpm_ptr + offs_n * stride_kpm_n, mask=n_ok, other=0) != 0
-            s = tl.where(keep[None, :], s, float("-inf"))
+            real = tl.load(kpm_ptr + offs_n * stride_kpm_n, mask=n_ok, other=0) != 0
+            s = tl.where(real[None, :], s, float("-inf"))
         # m_i is finite here: the prefix (P >= 1) is always processed first
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)      # the softmax normalizer counts dropped keys too
+        if DROPOUT:
+            keep = _dropout_keep(seed, rng_offset, stream, offs_m, start_n, dropout_threshold,
+                                 BLOCK_N=BLOCK_N)
+            p = tl.where(keep, p, 0.0)
         v = _load_tile(v_ptr + offs_n[:, None] * stride_v_n + offs_d[None, :] * stride_v_d,
                        n_ok, d_ok, ROW_MASK=BOUNDS_MASK, COL_MASK=not EVEN_HEADDIM)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
@@ -109,7 +163,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k_n, stride_k_d, stride_v_
 
 
 @_derive
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "rng_offset"])
 def prefix_attn_fwd(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, o_ptr, lse_ptr,
     stride_q_b, stride_q_h, stride_q_s, stride_q_d,
@@ -119,9 +173,10 @@ def prefix_attn_fwd(
     stride_pv_n, stride_pv_h, stride_pv_p, stride_pv_d,
     stride_kpm_b, stride_kpm_n,
     stride_o_b, stride_o_h, stride_o_s, stride_o_d,
-    num_heads, group, seqlen_q, seqlen_k, prefix_len, num_entries, qk_scale, seq_bucket,
-    HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    num_heads, group, seqlen_q, seqlen_k, prefix_len, num_entries, qk_scale,
+    dropout_threshold, keep_scale, seed, rng_offset, seq_bucket,
+    HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program per (query block, row x query head): O and the log2-sum-exp."""
@@ -149,25 +204,30 @@ def prefix_attn_fwd(
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, pk_ptr + entry * stride_pk_n + hk * stride_pk_h,
         pv_ptr + entry * stride_pv_n + hk * stride_pv_h, stride_pk_p, stride_pk_d, stride_pv_p, stride_pv_d,
-        kpm_row_ptr, stride_kpm_n, 0, prefix_len, prefix_len, q_pos, offs_d, qk_scale,
-        CAUSAL_MASK=False, BOUNDS_MASK=True, HAS_KPM=False, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-        EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
+        kpm_row_ptr, stride_kpm_n, 0, prefix_len, prefix_len, offs_m, q_pos, offs_d, qk_scale,
+        dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh,
+        CAUSAL_MASK=False, BOUNDS_MASK=True, HAS_KPM=False, DROPOUT=DROPOUT, BLOCK_N=BLOCK_N,
+        HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
     # -- own keys: blocks every query sees, then the diagonal/edge blocks --
     full_hi, hi = _own_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     k_row_ptr = k_ptr + b * stride_k_b + hk * stride_k_h
     v_row_ptr = v_ptr + b * stride_v_b + hk * stride_v_h
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_row_ptr, v_row_ptr, stride_k_n, stride_k_d, stride_v_n, stride_v_d,
-        kpm_row_ptr, stride_kpm_n, 0, full_hi, seqlen_k, q_pos, offs_d, qk_scale,
-        CAUSAL_MASK=False, BOUNDS_MASK=False, HAS_KPM=HAS_KPM, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-        EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
+        kpm_row_ptr, stride_kpm_n, 0, full_hi, seqlen_k, offs_m, q_pos, offs_d, qk_scale,
+        dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh + 1,
+        CAUSAL_MASK=False, BOUNDS_MASK=False, HAS_KPM=HAS_KPM, DROPOUT=DROPOUT, BLOCK_N=BLOCK_N,
+        HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_row_ptr, v_row_ptr, stride_k_n, stride_k_d, stride_v_n, stride_v_d,
-        kpm_row_ptr, stride_kpm_n, full_hi, hi, seqlen_k, q_pos, offs_d, qk_scale,
-        CAUSAL_MASK=CAUSAL, BOUNDS_MASK=True, HAS_KPM=HAS_KPM, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-        EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
+        kpm_row_ptr, stride_kpm_n, full_hi, hi, seqlen_k, offs_m, q_pos, offs_d, qk_scale,
+        dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh + 1,
+        CAUSAL_MASK=CAUSAL, BOUNDS_MASK=True, HAS_KPM=HAS_KPM, DROPOUT=DROPOUT, BLOCK_N=BLOCK_N,
+        HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
 
     acc = acc / l_i[:, None]
+    if DROPOUT:
+        acc = acc * keep_scale
     if HAS_PIDX:
         acc = tl.where(entry_ok, acc, float("nan"))
     tl.store(lse_ptr + pid_bh * seqlen_q + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
@@ -182,10 +242,11 @@ def prefix_attn_fwd(
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k_n, stride_k_d, stride_v_n,
-                  stride_v_d, kpm_ptr, stride_kpm_n, lo, hi, n_limit, q_pos, offs_d, qk_scale,
+                  stride_v_d, kpm_ptr, stride_kpm_n, lo, hi, n_limit, offs_m, q_pos, offs_d, qk_scale,
+                  dropout_threshold, keep_scale, seed, rng_offset, stream,
                   CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_HEADDIM: tl.constexpr,
-                  PREC: tl.constexpr):
+                  DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -201,16 +262,20 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k_n, stride_k_d, s
         if CAUSAL_MASK:
             p = tl.where(offs_n[None, :] <= q_pos[:, None], p, 0.0)
         if HAS_KPM:
-            keep = tl.load(kpm_ptr + offs_n * stride_kpm_n, mask=n_ok, other=0) != 0
-            p = tl.where(keep[None, :], p, 0.0)
+            real = tl.load(kpm_ptr + offs_n * stride_kpm_n, mask=n_ok, other=0) != 0
+            p = tl.where(real[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        if DROPOUT:
+            keep = _dropout_keep(seed, rng_offset, stream, offs_m, start_n, dropout_threshold,
+                                 BLOCK_N=BLOCK_N)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     return dq
 
 
 @_derive
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "rng_offset"])
 def prefix_attn_bwd_dq(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     stride_q_b, stride_q_h, stride_q_s, stride_q_d,
@@ -222,9 +287,10 @@ def prefix_attn_bwd_dq(
     stride_o_b, stride_o_h, stride_o_s, stride_o_d,
     stride_do_b, stride_do_h, stride_do_s, stride_do_d,
     stride_dq_b, stride_dq_h, stride_dq_s, stride_dq_d,
-    num_heads, group, seqlen_q, seqlen_k, prefix_len, num_entries, qk_scale, sm_scale, seq_bucket,
+    num_heads, group, seqlen_q, seqlen_k, prefix_len, num_entries, qk_scale, sm_scale,
+    dropout_threshold, keep_scale, seed, rng_offset, seq_bucket,
     DQ_GRAD: tl.constexpr, HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr,
 ):
     """dQ of one query block, and delta = rowsum(O * dO) for the dK/dV kernel launched next
@@ -260,21 +326,23 @@ def prefix_attn_bwd_dq(
     dq = _bwd_dq_inner(dq, q, do, lse, delta, pk_ptr + entry * stride_pk_n + hk * stride_pk_h,
                        pv_ptr + entry * stride_pv_n + hk * stride_pv_h, stride_pk_p, stride_pk_d,
                        stride_pv_p, stride_pv_d, kpm_row_ptr, stride_kpm_n, 0, prefix_len, prefix_len,
-                       q_pos, offs_d, qk_scale,
-                       CAUSAL_MASK=False, BOUNDS_MASK=True, HAS_KPM=False, BLOCK_N=BLOCK_N,
-                       HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
+                       offs_m, q_pos, offs_d, qk_scale, dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh,
+                       CAUSAL_MASK=False, BOUNDS_MASK=True, HAS_KPM=False, DROPOUT=DROPOUT,
+                       BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
     # -- own keys --
     full_hi, hi = _own_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     k_row_ptr = k_ptr + b * stride_k_b + hk * stride_k_h
     v_row_ptr = v_ptr + b * stride_v_b + hk * stride_v_h
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_row_ptr, v_row_ptr, stride_k_n, stride_k_d, stride_v_n,
-                       stride_v_d, kpm_row_ptr, stride_kpm_n, 0, full_hi, seqlen_k, q_pos, offs_d, qk_scale,
-                       CAUSAL_MASK=False, BOUNDS_MASK=False, HAS_KPM=HAS_KPM, BLOCK_N=BLOCK_N,
-                       HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
+                       stride_v_d, kpm_row_ptr, stride_kpm_n, 0, full_hi, seqlen_k, offs_m, q_pos, offs_d,
+                       qk_scale, dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh + 1,
+                       CAUSAL_MASK=False, BOUNDS_MASK=False, HAS_KPM=HAS_KPM, DROPOUT=DROPOUT,
+                       BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_row_ptr, v_row_ptr, stride_k_n, stride_k_d, stride_v_n,
-                       stride_v_d, kpm_row_ptr, stride_kpm_n, full_hi, hi, seqlen_k, q_pos, offs_d, qk_scale,
-                       CAUSAL_MASK=CAUSAL, BOUNDS_MASK=True, HAS_KPM=HAS_KPM, BLOCK_N=BLOCK_N,
-                       HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
+                       stride_v_d, kpm_row_ptr, stride_kpm_n, full_hi, hi, seqlen_k, offs_m, q_pos, offs_d,
+                       qk_scale, dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh + 1,
+                       CAUSAL_MASK=CAUSAL, BOUNDS_MASK=True, HAS_KPM=HAS_KPM, DROPOUT=DROPOUT,
+                       BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
     dq_ptrs = (dq_ptr + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_s
                + offs_d[None, :] * stride_dq_d)
     tl.store(dq_ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -282,10 +350,11 @@ def prefix_attn_bwd_dq(
 
 @triton.jit
 def _bwd_kv_inner(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr,
-                  stride_q_s, stride_q_d, stride_do_s, stride_do_d, lo, hi, seqlen_q, k_pos, q_shift,
-                  offs_d, qk_scale,
-                  CAUSAL_MASK: tl.constexpr, KEEP_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  EVEN_HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+                  stride_q_s, stride_q_d, stride_do_s, stride_do_d, lo, hi, seqlen_q, k_start, k_pos,
+                  q_shift, offs_d, qk_scale, dropout_threshold, keep_scale, seed, rng_offset, stream,
+                  CAUSAL_MASK: tl.constexpr, KEEP_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, EVEN_HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks [lo, hi) of one query head.
 
     Out-of-range query rows load as zeros (q = dO = lse = delta = 0) and contribute nothing.
@@ -306,15 +375,21 @@ def _bwd_kv_inner(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr,
             pt = tl.where(k_pos[:, None] <= (offs_m + q_shift)[None, :], pt, 0.0)
         if KEEP_MASK:
             pt = tl.where(keep[:, None], pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        if DROPOUT:
+            kept = tl.trans(_dropout_keep(seed, rng_offset, stream, offs_m, k_start, dropout_threshold,
+                                          BLOCK_N=BLOCK_N))
+            dv += tl.dot(tl.where(kept, pt * keep_scale, 0.0).to(do.dtype), do, input_precision=PREC)
+            dpt = tl.where(kept, dpt * keep_scale, 0.0)
+        else:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
     return dk, dv
 
 
 @_derive
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "rng_offset"])
 def prefix_attn_bwd_dkdv(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr,
     dk_ptr, dv_ptr, part_k_ptr, part_v_ptr,
@@ -327,10 +402,11 @@ def prefix_attn_bwd_dkdv(
     stride_do_b, stride_do_h, stride_do_s, stride_do_d,
     stride_dk_b, stride_dk_h, stride_dk_n, stride_dk_d,
     stride_dv_b, stride_dv_h, stride_dv_n, stride_dv_d,
-    num_kv_heads, group, seqlen_q, seqlen_k, prefix_len, num_entries, qk_scale, sm_scale, seq_bucket,
+    num_kv_heads, group, seqlen_q, seqlen_k, prefix_len, num_entries, qk_scale, sm_scale,
+    dropout_threshold, keep_scale, seed, rng_offset, seq_bucket,
     SPLITS: tl.constexpr, PREFIX_GRAD: tl.constexpr, OWN_GRAD: tl.constexpr,
     KEEP_MASK: tl.constexpr, HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program per key block of one (row, KV head); prefix blocks come first in the grid.
@@ -356,7 +432,8 @@ def prefix_attn_bwd_dkdv(
         # -- a prefix key block, over one split of the queries --
         entry, entry_ok = _bank_entry(pidx_ptr, b, num_entries, HAS_PIDX=HAS_PIDX)
         split = pid_n % SPLITS
-        offs_n = (pid_n // SPLITS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        start_n = (pid_n // SPLITS) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < prefix_len
         k = _load_tile(pk_ptr + entry * stride_pk_n + hk * stride_pk_h + offs_n[:, None] * stride_pk_p
                        + offs_d[None, :] * stride_pk_d, n_ok, d_ok, ROW_MASK=True, COL_MASK=not EVEN_HEADDIM)
@@ -373,9 +450,10 @@ def prefix_attn_bwd_dkdv(
             dk, dv = _bwd_kv_inner(dk, dv, k, v, n_ok, q_ptr + b * stride_q_b + h * stride_q_h,
                                    do_ptr + b * stride_do_b + h * stride_do_h, lse_ptr + bh * seqlen_q,
                                    delta_ptr + bh * seqlen_q, stride_q_s, stride_q_d, stride_do_s,
-                                   stride_do_d, lo, hi, seqlen_q, offs_n, 0, offs_d, qk_scale,
-                                   CAUSAL_MASK=False, KEEP_MASK=True, HEAD_DIM=HEAD_DIM,
-                                   EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M, PREC=PREC)
+                                   stride_do_d, lo, hi, seqlen_q, start_n, offs_n, 0, offs_d, qk_scale,
+                                   dropout_threshold, keep_scale, seed, rng_offset, 2 * bh,
+                                   CAUSAL_MASK=False, KEEP_MASK=True, DROPOUT=DROPOUT, HEAD_DIM=HEAD_DIM,
+                                   EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PREC=PREC)
         part = (((b * SPLITS + split) * num_kv_heads + hk) * prefix_len + offs_n[:, None]) * HEAD_DIM \
             + offs_d[None, :]
         tile_ok = n_ok[:, None] & d_ok[None, :]
@@ -412,15 +490,19 @@ def prefix_attn_bwd_dkdv(
             do_head_ptr = do_ptr + b * stride_do_b + h * stride_do_h
             dk, dv = _bwd_kv_inner(dk, dv, k, v, keep, q_head_ptr, do_head_ptr, lse_ptr + bh * seqlen_q,
                                    delta_ptr + bh * seqlen_q, stride_q_s, stride_q_d, stride_do_s,
-                                   stride_do_d, lo, full_lo, seqlen_q, offs_n, q_shift, offs_d, qk_scale,
-                                   CAUSAL_MASK=CAUSAL, KEEP_MASK=KEEP_MASK, HEAD_DIM=HEAD_DIM,
-                                   EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M, PREC=PREC)
+                                   stride_do_d, lo, full_lo, seqlen_q, start_n, offs_n, q_shift, offs_d,
+                                   qk_scale, dropout_threshold, keep_scale, seed, rng_offset, 2 * bh + 1,
+                                   CAUSAL_MASK=CAUSAL, KEEP_MASK=KEEP_MASK, DROPOUT=DROPOUT,
+                                   HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M,
+                                   BLOCK_N=BLOCK_N, PREC=PREC)
             dk, dv = _bwd_kv_inner(dk, dv, k, v, keep, q_head_ptr, do_head_ptr, lse_ptr + bh * seqlen_q,
                                    delta_ptr + bh * seqlen_q, stride_q_s, stride_q_d, stride_do_s,
-                                   stride_do_d, full_lo, seqlen_q, seqlen_q, offs_n, q_shift, offs_d,
-                                   qk_scale,
-                                   CAUSAL_MASK=False, KEEP_MASK=KEEP_MASK, HEAD_DIM=HEAD_DIM,
-                                   EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M, PREC=PREC)
+                                   stride_do_d, full_lo, seqlen_q, seqlen_q, start_n, offs_n, q_shift,
+                                   offs_d, qk_scale, dropout_threshold, keep_scale, seed, rng_offset,
+                                   2 * bh + 1,
+                                   CAUSAL_MASK=False, KEEP_MASK=KEEP_MASK, DROPOUT=DROPOUT,
+                                   HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M,
+                                   BLOCK_N=BLOCK_N, PREC=PREC)
         tile_ok = n_ok[:, None] & d_ok[None, :]
         tl.store(dk_ptr + b * stride_dk_b + hk * stride_dk_h + offs_n[:, None] * stride_dk_n
                  + offs_d[None, :] * stride_dk_d, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=tile_ok)
