@@ -284,7 +284,8 @@ class PrefixBank(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"prefix_len={self.prefix_len}, entries={self.names}, projection_hidden={self.projection_hidden}")
+                f"prefix_len={self.prefix_len}, entries={self.names}, projection_hidden={self.projection_hidden}, "
+                f"sites={self.sites}")
 
     # -- saving adapters ------------------------------------------------------------------
 
