@@ -25,8 +25,7 @@ import inspect
 
 import torch
 
-from .transformers import (_STATE_ATTR, Family, _index_on_device, _inputs_require_grad, _Plan,
-                           _resolve_index)
+from .transformers import _STATE_ATTR, Family, _index_on_device, _Plan, _resolve_index
 
 # model_type -> Family. All take prefixes at the three sites; their decoders number positions
 # from the cache length, through `embed_positions(x, past_length, position_ids=...)`.
@@ -108,12 +107,14 @@ def plan_seq2seq(model, sites=None) -> _Plan:
 def install(model, state) -> list:
     """Hooks of a patched encoder-decoder model; returns their handles."""
     encoder, decoder = model.get_encoder(), model.get_decoder()
+    # names of the decoder position embedding's (input, past length, position_ids) parameters
+    params = list(inspect.signature(decoder.embed_positions.forward).parameters)
+    shift = functools.partial(_shift_positions, state, params[1], params.index("position_ids"))
     handles = [model.register_forward_pre_hook(_before_forward, with_kwargs=True),
                model.register_forward_hook(functools.partial(_after_forward, state), always_call=True),
                encoder.register_forward_pre_hook(functools.partial(_before_encoder, state, model),
                                                   with_kwargs=True),
-               decoder.embed_positions.register_forward_pre_hook(functools.partial(_shift_positions, state),
-                                                                 with_kwargs=True)]
+               decoder.embed_positions.register_forward_pre_hook(shift, with_kwargs=True)]
     embeddings = {id(m): m for m in (model.get_input_embeddings(), getattr(encoder, "embed_tokens", None),
                                      getattr(decoder, "embed_tokens", None)) if m is not None}
     for module in embeddings.values():
@@ -140,14 +141,28 @@ def _batch_and_device(kwargs, what):
     return x.shape[0], x.device
 
 
-def _reentrant_checkpointing(model) -> bool:
+def _checkpointing_func(model):
+    """The checkpoint function of a model training with gradient checkpointing, or None. (HF sets
+    it on the layers and the flag on the encoder and decoder, not on the top model.)"""
     if not (torch.is_grad_enabled() and model.training):
-        return False
+        return None
     for module in model.modules():
         func = getattr(module, "_gradient_checkpointing_func", None)
-        if func is not None and getattr(module, "gradient_checkpointing", True):
-            return bool(getattr(func, "keywords", {}).get("use_reentrant", False))
-    return False
+        if func is not None and getattr(module, "gradient_checkpointing", False):
+            return func
+    return None
+
+
+def _reentrant_checkpointing(model) -> bool:
+    func = _checkpointing_func(model)
+    return func is not None and bool(getattr(func, "keywords", {}).get("use_reentrant", False))
+
+
+def _inputs_require_grad(model, module, inputs, output):
+    """With reentrant checkpointing a layer whose inputs need no grad passes no gradient back to
+    the prefix it read: make the embeddings' output require grad."""
+    if _checkpointing_func(model) is not None:
+        output.requires_grad_(True)
 
 
 def _prepare(state, model, ids, batch, device, from_generate):
@@ -184,11 +199,11 @@ def _before_encoder(state, model, encoder, args, kwargs):
     ids = kwargs.pop("prefix_ids", None)
     if state.in_forward:
         return args, kwargs
-    bound = inspect.signature(encoder.forward).bind_partial(*args, **kwargs).arguments
     from_generate = ids is None and state.generate_ids is not None
     if from_generate:
         ids = state.generate_ids
-    batch, device = _batch_and_device(bound, "encoder")
+    inputs = dict(kwargs, input_ids=args[0]) if args else kwargs     # forward(input_ids, attention_mask, ...)
+    batch, device = _batch_and_device(inputs, "encoder")
     _prepare(state, model, ids, batch, device, from_generate)
     return args, kwargs
 
@@ -209,15 +224,22 @@ def _check_positions(state, model, kwargs):
                          "shorten the target, or patch with a smaller position_offset")
 
 
-def _shift_positions(state, embed, args, kwargs):
-    """Decoder position embedding pre-hook: real tokens at offset + (cache length + i)."""
-    if not state.offset:
+def _shift_positions(state, past_name, positions_at, embed, args, kwargs):
+    """Decoder position embedding pre-hook: real tokens at offset + (cache length + i).
+
+    The embedding is called as embed(x, past_length, position_ids=...); `past_name` is the name of
+    its past-length parameter and `positions_at` the index of position_ids among its parameters.
+    """
+    offset = state.offset
+    if not offset:
         return None
-    signature = inspect.signature(embed.forward)
-    bound = signature.bind(*args, **kwargs)
-    if bound.arguments.get("position_ids") is not None:
-        bound.arguments["position_ids"] = bound.arguments["position_ids"] + state.offset
+    args = list(args)
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"] + offset
+    elif len(args) > positions_at and args[positions_at] is not None:
+        args[positions_at] = args[positions_at] + offset
+    elif len(args) > 1:
+        args[1] = args[1] + offset
     else:
-        past_name = list(signature.parameters)[1]       # past_key_values_length / cache_length
-        bound.arguments[past_name] = bound.arguments.get(past_name, 0) + state.offset
-    return bound.args, bound.kwargs
+        kwargs[past_name] = kwargs.get(past_name, 0) + offset
+    return tuple(args), kwargs
