@@ -48,7 +48,7 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, d
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
-def oracle_model(family, sites, **overrides):
+def oracle_model(family, sites, dtype=torch.float32, **overrides):
     """The unpatched model (same weights) with ORACLE attention; returns (model, set_rows) where
     set_rows(prefix [L, 2, N, H, P, D], index [B]) chooses each row's prefix for the next forward."""
     from transformers import AttentionInterface
@@ -56,7 +56,7 @@ def oracle_model(family, sites, **overrides):
 
     AttentionInterface.register(ORACLE, _oracle_attention)
     AttentionMaskInterface.register(ORACLE, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-    model = tiny_seq2seq(family, **overrides)
+    model = tiny_seq2seq(family, **overrides).to(dtype)      # fp32 weights, cast: as the patched one
     model.config._attn_implementation = ORACLE
     rows = {}
     layer = 0
@@ -86,6 +86,8 @@ def run(model, ids, mask, dec, labels, weights=None, **kw):
 
 def compare_with_oracle(backend, family="bart", batch=3, src=7, tgt=5, sites=None, **overrides):
     ids, mask, dec, labels = seq2seq_batch(batch, src, tgt)
+    dec_mask = torch.ones_like(dec)
+    dec_mask[-1, -2:] = 0           # a right-padded target
     model = tiny_seq2seq(family, **overrides)
     bank = pk.patch_model(model, P, num_prefixes=3, names=["a", "b", "c"], sites=sites, position_offset=0,
                           backend=backend)
@@ -93,11 +95,11 @@ def compare_with_oracle(backend, family="bart", batch=3, src=7, tgt=5, sites=Non
         bank.prefix.normal_(0, 0.5)
     prefix_ids = ["c", "a", "c"][:batch]
     weights = torch.randn(batch, tgt, model.config.vocab_size, generator=torch.Generator().manual_seed(3)) * 1e-2
-    logits = run(model, ids, mask, dec, labels, weights, prefix_ids=prefix_ids)
+    logits = run(model, ids, mask, dec, labels, weights, prefix_ids=prefix_ids, decoder_attention_mask=dec_mask)
     oracle, set_rows = oracle_model(family, bank.sites, **overrides)
     leaf = bank.prefix.detach().clone().requires_grad_(True)
     set_rows(leaf, bank.indices(prefix_ids))
-    expected = run(oracle, ids, mask, dec, labels, weights)
+    expected = run(oracle, ids, mask, dec, labels, weights, decoder_attention_mask=dec_mask)
     assert_close(logits, expected, what="logits")
     assert_close(bank.prefix.grad, leaf.grad, atol=1e-5, what="bank grad")
     for site in bank.sites:      # every site is trained, and entry "b" (no row) gets no gradient
@@ -307,6 +309,22 @@ def test_gradient_checkpointing_same_gradients(reentrant, projection):
         assert_close(ckpt, plain, atol=1e-6, what="checkpointed grad")
 
 
+def test_torch_compile_matches_eager():
+    model = tiny_seq2seq("bart")
+    bank = pk.patch_model(model, P, num_prefixes=2, backend="reference")
+    ids, mask, dec, labels = seq2seq_batch()
+    rows = torch.tensor([1, 0, 1])
+    eager = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, labels=labels, prefix_ids=rows)
+    eager.loss.backward()
+    eager_grad = bank.prefix.grad.clone()
+    bank.prefix.grad = None
+    compiled = torch.compile(model, backend="aot_eager")
+    out = compiled(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, labels=labels, prefix_ids=rows)
+    out.loss.backward()
+    assert_close(out.logits, eager.logits, what="compiled logits")
+    assert_close(bank.prefix.grad, eager_grad, atol=1e-6, what="compiled grad")
+
+
 def test_unpatch_restores_model_bit_for_bit():
     model = tiny_seq2seq("bart")
     ids, mask, dec, _ = seq2seq_batch()
@@ -368,7 +386,7 @@ def test_cuda_bf16_training_step_needs_nothing_special(compiled):
     rows = torch.tensor([1, 0, 1, 1], device="cuda")
 
     def ours(dtype, compile_model):
-        model = tiny_seq2seq("bart", dtype=dtype).cuda()
+        model = tiny_seq2seq("bart").to(device="cuda", dtype=dtype)
         torch.manual_seed(7)
         bank = pk.patch_model(model, P, num_prefixes=2, position_offset=0)
         model.train()
