@@ -383,7 +383,7 @@ def test_cuda_bf16_training_step_needs_nothing_special(compiled):
     more than 2x what plain bf16 PyTorch (the oracle in bf16) errs, + a small floor; compiled
     (inductor) the same."""
     ids, mask, dec, labels = (t.cuda() for t in seq2seq_batch(batch=4, src=61, tgt=33))
-    rows = torch.tensor([1, 0, 1, 1], device="cuda")
+    rows = torch.tensor([1, 0, 1, 1]).cuda()
 
     def ours(dtype, compile_model):
         model = tiny_seq2seq("bart").to(device="cuda", dtype=dtype)
