@@ -186,6 +186,10 @@ def test_position_offset_matters():
                      what="offset P")
     with pytest.raises(ValueError, match="need 129 positions but bart has 128"):
         model(input_ids=ids, decoder_input_ids=torch.full((1, 126), 5))
+    from prefix_kernels.integrations.transformers import position_offset
+    no_decoder_prefix = tiny_seq2seq("bart")
+    pk.patch_model(no_decoder_prefix, P, sites=("encoder", "cross"))
+    assert position_offset(model) == P and position_offset(no_decoder_prefix) == 0
 
 
 def test_save_in_peft_layout_loads_in_peft(tmp_path):

@@ -8,8 +8,9 @@ through the same registered attention function. The KV cache (decoder self and c
 real tokens; the encoder runs once, its keys and values stay in HF's cross-attention cache.
 
 Positions follow PEFT's seq2seq prefix tuning: the decoder's real tokens sit at positions
-offset..offset+S-1 (offset = P by default, where PEFT's prefix in the decoder cache puts them);
-the encoder's positions are unchanged (PEFT has no encoder prefix). These families compute the
+offset..offset+S-1 (offset = P by default, where PEFT's prefix in the decoder cache puts them;
+0 when the decoder's self-attention has no prefix); the encoder's positions are unchanged
+(PEFT has no encoder prefix). These families compute the
 decoder's positions inside the decoder, from the cache length, so a pre-hook on the decoder's
 position embedding shifts them.
 
@@ -97,7 +98,8 @@ def plan_seq2seq(model, sites=None) -> _Plan:
     if embed is None or "position_ids" not in inspect.signature(embed.forward).parameters:
         raise NotImplementedError(f"{model.config.model_type}: the decoder's position embedding does not take "
                                   "position_ids; the position offset cannot be applied")
-    return _Plan(family, links, layout, hkv, head_dim, "SEQ_2_SEQ_LM", install)
+    return _Plan(family, links, layout, hkv, head_dim, "SEQ_2_SEQ_LM", install,
+                 offset_by_prefix="decoder" in layout)
 
 
 # --------------------------------------------------------------------------------------------

@@ -337,6 +337,9 @@ class _Plan:
     head_dim: int
     task_type: str
     install: Callable           # (model, state) -> hook handles
+    # by default the first real token sits at position P: where PEFT's prefix in the (decoder's)
+    # KV cache puts it; an encoder-decoder model without a decoder prefix keeps its positions
+    offset_by_prefix: bool = True
 
     @property
     def num_layers(self) -> int:
@@ -410,8 +413,8 @@ def patch_model(model, num_prefix_tokens: int = 32, *, projection_hidden: int | 
         projection_hidden: None, or the hidden size of Li & Liang's MLP reparameterization.
         init: "random", "zeros", or a text (with tokenizer=...) / list of token ids whose keys and
             values (from the unpatched model) initialize the prefix (decoder-only models).
-        position_offset: position of the first real (decoder) token; None = P (PEFT's convention),
-            0 = none.
+        position_offset: position of the first real (decoder) token; None = P (PEFT's convention;
+            0 for an encoder-decoder model without a decoder self-attention prefix), 0 = none.
         num_prefixes / names: a bank of several prefixes (names default to "default" for one,
             "0".."N-1" for several); choose per row with model(..., prefix_ids=[...]).
         backend: the op's backend ("auto", "triton", "reference").
@@ -440,7 +443,9 @@ def patch_model(model, num_prefix_tokens: int = 32, *, projection_hidden: int | 
     bank = PrefixBank(num_layers, hkv, head_dim, num_prefix_tokens, names=names,
                       projection_hidden=projection_hidden, init=init, device=device,
                       sites=plan.sites, task_type=plan.task_type)
-    offset = num_prefix_tokens if position_offset is None else int(position_offset)
+    if position_offset is None:
+        position_offset = num_prefix_tokens if plan.offset_by_prefix else 0
+    offset = int(position_offset)
 
     _register()
     state = _PatchState(model, bank, plan.family, offset, backend)
