@@ -526,10 +526,16 @@ def load_prefix(model, directory: str, name: str | None = None, **patch_kwargs) 
     """
     adapter = read_adapter(directory)
     name = name or "default"
-    if not is_patched(model):
+    patched_here = not is_patched(model)
+    if patched_here:
         if getattr(model.config, "is_encoder_decoder", False):
             patch_kwargs.setdefault("sites", adapter.sites)
         patch_model(model, adapter.config.num_virtual_tokens, init="zeros", names=[name], **patch_kwargs)
     bank = get_prefix_bank(model)
-    bank.load_adapter(name, adapter)
+    try:
+        bank.load_adapter(name, adapter)
+    except Exception:
+        if patched_here:        # leave the model as it came
+            unpatch_model(model)
+        raise
     return bank
