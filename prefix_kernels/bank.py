@@ -264,27 +264,50 @@ class PrefixBank(nn.Module):
 
 
 def read_peft_prefix(directory: str) -> tuple[dict, torch.Tensor]:
-    """(adapter config, prompt_embeddings [P, L*2*token_dim]) of a PEFT prefix-tuning adapter."""
+    """(adapter config, prompt_embeddings [P, L*2*token_dim]) of a PEFT prefix-tuning adapter.
+
+    Raises FileNotFoundError for a missing file and ValueError, naming the file, for anything
+    malformed: unreadable JSON or weights, missing config fields, a wrong shape, weights that
+    are not floating point or not finite (NaN, inf)."""
     config_path = os.path.join(directory, ADAPTER_CONFIG)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{directory!r} is not a prefix adapter: {ADAPTER_CONFIG} is missing")
     with open(config_path) as f:
         config = json.load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: not a JSON object")
     if config.get("peft_type") != "PREFIX_TUNING":
         raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}, expected 'PREFIX_TUNING'")
+    bad = [k for k in ("num_virtual_tokens", "num_layers", "token_dim")
+           if not isinstance(config.get(k), int) or isinstance(config.get(k), bool) or config.get(k) < 1]
+    if bad:
+        raise ValueError(f"{config_path}: {', '.join(bad)} must be positive integers")
     weights = os.path.join(directory, ADAPTER_WEIGHTS)
-    if os.path.isfile(weights):
-        from safetensors.torch import load_file
-        state = load_file(weights)
-    elif os.path.isfile(os.path.join(directory, "adapter_model.bin")):
-        state = torch.load(os.path.join(directory, "adapter_model.bin"), map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{directory!r}: no {ADAPTER_WEIGHTS} (or adapter_model.bin)")
-    if "prompt_embeddings" not in state:
-        raise ValueError(f"{directory!r}: the adapter has no 'prompt_embeddings' tensor (keys: {sorted(state)})")
+    try:
+        if os.path.isfile(weights):
+            from safetensors.torch import load_file
+            state = load_file(weights)
+        elif os.path.isfile(os.path.join(directory, "adapter_model.bin")):
+            weights = os.path.join(directory, "adapter_model.bin")
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"{directory!r}: no {ADAPTER_WEIGHTS} (or adapter_model.bin)")
+    except (FileNotFoundError, MemoryError):
+        raise
+    except Exception as e:          # a truncated or corrupt file: say which, not a raw traceback
+        raise ValueError(f"{weights}: cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(state, dict) or "prompt_embeddings" not in state:
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{directory!r}: the adapter has no 'prompt_embeddings' tensor (keys: {keys})")
     flat = state["prompt_embeddings"]
     p, width = config["num_virtual_tokens"], config["num_layers"] * 2 * config["token_dim"]
-    if flat.shape != (p, width):
-        raise ValueError(f"{directory!r}: prompt_embeddings has shape {tuple(flat.shape)}, but the config "
+    if not isinstance(flat, torch.Tensor) or flat.shape != (p, width):
+        shape = tuple(flat.shape) if isinstance(flat, torch.Tensor) else type(flat).__name__
+        raise ValueError(f"{directory!r}: prompt_embeddings has shape {shape}, but the config "
                          f"says [num_virtual_tokens, num_layers*2*token_dim] = [{p}, {width}]")
+    if not flat.is_floating_point():
+        raise ValueError(f"{weights}: prompt_embeddings has dtype {flat.dtype}; a prefix needs floating-point weights")
+    finite = torch.isfinite(flat)
+    if not bool(finite.all()):
+        raise ValueError(f"{weights}: prompt_embeddings has {int((~finite).sum())} non-finite values (NaN or inf)")
     return config, flat
