@@ -60,27 +60,39 @@ class Connection(web.RequestHandler):
         super().connection_made(transport)
         reg = self.registry
         if reg.closing or len(reg.connections) >= reg.max_connections:
-            self.rejected = True
             why = "the server is shutting down" if reg.closing else \
                 f"too many connections ({reg.max_connections}, --max-connections)"
-            transport.write(raw_response(ApiError(503, f"{why}; retry later", code="overloaded",
-                                                  headers={"Retry-After": "1"})))
-            transport.close()
+            self.refuse(ApiError(503, f"{why}; retry later", code="overloaded", headers={"Retry-After": "1"}))
             return
         reg.connections.add(self)
+
+    def refuse(self, err: ApiError) -> None:
+        """Answer err and close, reading (and dropping) what the client still sends for a moment,
+        so that closing with unread bytes does not reset the connection before the answer is read."""
+        self.rejected = True
+        self.registry.connections.discard(self)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(raw_response(err))
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(1.0, transport.close)
 
     def connection_lost(self, exc) -> None:
         self.registry.connections.discard(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.rejected:
+            return
         if not self.busy:
             self.got_bytes = True
         super().data_received(data)
 
     def eof_received(self) -> bool:
         self.eof = True
-        return True          # keep the transport open: the answer can still be written
+        return not self.rejected     # True keeps the transport open: the answer can still be written
 
     def begin(self) -> None:
         self.busy += 1
@@ -117,9 +129,8 @@ class Connection(web.RequestHandler):
             return
         reg = self.registry
         if self.got_bytes and now - self.idle_since > reg.read_timeout:
-            self.transport.write(raw_response(ApiError(
-                408, f"the request was not received within {reg.read_timeout:g} s (--read-timeout)")))
-            self.transport.close()
+            self.refuse(ApiError(408, f"the request was not received within {reg.read_timeout:g} s (--read-timeout)",
+                                 code="timeout"))
         elif (not self.got_bytes and now - self.idle_since > reg.keepalive_timeout) or (self.eof and not self.got_bytes):
             self.transport.close()
 
@@ -135,8 +146,10 @@ class Registry:
         self._task = None
 
     def factory(self, manager: web.Server, loop, **kwargs):
-        """The protocol factory for loop.create_server."""
-        return lambda: Connection(manager, self, loop=loop, **kwargs)
+        """The protocol factory for loop.create_server. aiohttp's own keep-alive timer (which
+        closes a half-received request without a word) is only a backstop behind ours."""
+        backstop = 2 * max(self.read_timeout, self.keepalive_timeout) + 1
+        return lambda: Connection(manager, self, loop=loop, keepalive_timeout=backstop, **kwargs)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._reap(), name="prefix-kernels-reaper")

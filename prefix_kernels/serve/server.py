@@ -136,8 +136,7 @@ class Server:
         self._http = web.Server(self._handle, handler_cancellation=True)
         self.registry = Registry(max_connections=cfg.max_connections, read_timeout=cfg.read_timeout,
                                  keepalive_timeout=cfg.keepalive_timeout)
-        factory = self.registry.factory(self._http, loop, keepalive_timeout=cfg.keepalive_timeout,
-                                        max_line_size=cfg.max_line_size, max_field_size=cfg.max_field_size,
+        factory = self.registry.factory(self._http, loop, max_line_size=cfg.max_line_size, max_field_size=cfg.max_field_size,
                                         access_log=None, lingering_time=1.0)
         self._listener = await loop.create_server(factory, self.host, self.port, backlog=cfg.backlog,
                                                   reuse_address=True)
@@ -227,9 +226,7 @@ class Server:
 
     def close(self, drain_timeout: float = 0.0) -> None:
         """Stop: in-flight requests get drain_timeout seconds, then abort; the engine is closed."""
-        if self._closed:
-            return
-        if self._loop is not None and self._thread is not None and not self.draining:
+        if not self._closed and self._thread is not None and not self.draining:
             asyncio.run_coroutine_threadsafe(self._drain(drain_timeout), self._loop).result(drain_timeout + 30)
         self._stop_loop()
         self.engine.close()
@@ -270,6 +267,8 @@ class Server:
             resp = self._error_response(request, ApiError(500, f"internal server error ({type(e).__name__})"), ctx)
         try:
             if resp is not None:
+                if not resp.prepared:
+                    resp.headers.update(self.access.cors_headers(request.headers))
                 if conn.eof:
                     resp.force_close()
                 await resp.prepare(request)
