@@ -18,7 +18,7 @@ class Watch:
     [(kind, text, token)] ([] for a non-streamed request) once there are any or it is done."""
 
     __slots__ = ("req", "stream", "deadline", "events", "delivered", "counted", "ready", "first_token_at",
-                 "timed_out")
+                 "timed_out", "sink", "pending")
 
     def __init__(self, req, stream: bool, deadline: float):
         self.req, self.stream, self.deadline = req, stream, deadline
@@ -28,6 +28,10 @@ class Watch:
         self.ready = asyncio.Event()
         self.first_token_at: float | None = None
         self.timed_out = False
+        # sink(text) -> bool: writes a streamed request's new text itself, from the pump's tick
+        # (no wake-up of its handler per token); False keeps the text pending (slow client)
+        self.sink = None
+        self.pending = ""
 
     async def wait(self) -> list:
         await self.ready.wait()
@@ -97,13 +101,27 @@ class EventPump:
                 w.ready.set()
                 continue
             if w.stream and (done or len(req.output_ids) > w.delivered):
-                # a token appended but not yet pushed is found again at the next tick
-                while (event := req.poll(0)) is not None:
-                    w.events.append(event)
-                    if event[0] == "delta":
-                        w.delivered += 1
+                # as many polls as there are new tokens (a token appended but not yet pushed is
+                # found at the next tick), and to the end once done
+                expected = len(req.output_ids) - w.delivered
+                sink = w.sink
+                while expected > 0 or done:
+                    event = req.poll(0)
+                    if event is None:
+                        break
+                    if event[0] != "delta":
+                        w.events.append(event)
+                        break
+                    w.delivered += 1
+                    expected -= 1
+                    if sink is None:
+                        w.events.append(event)
+                    elif event[1]:
+                        w.pending += event[1]
                 if w.events:
-                    w.ready.set()
+                    w.ready.set()           # the handler writes the end, with the pending text
+                elif w.pending and sink(w.pending):
+                    w.pending = ""
             elif done:
                 w.ready.set()
         if new_tokens and self._on_tokens is not None:

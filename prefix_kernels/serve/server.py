@@ -525,6 +525,9 @@ class Server:
         resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
                                                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                                        **self.access.cors_headers(request.headers)})
+        chunked = request.version >= (1, 1)
+        if chunked:
+            resp.enable_chunked_encoding()
         await resp.prepare(request)
         chunks = ChunkWriter(("chat" + req.id) if gen.chat else req.id, int(time.time()), gen.model, gen.chat)
         if gen.chat:
@@ -535,10 +538,13 @@ class Server:
                 ctx.finish = "timeout"
                 await resp.write(ChunkWriter.error(self._failure(req, watch)))
                 return resp
-            text = "".join(e[1] for e in events)
+            text = watch.pending + "".join(e[1] for e in events)
+            watch.pending = ""
             if not events or events[-1][0] != "done":
                 if text:
                     await resp.write(chunks.text(text))
+                if chunked and watch.sink is None and (text or gen.chat):     # the head is out: the
+                    watch.sink = _sink(request.transport, chunks)             # pump writes from here
                 continue
             ctx.finish = req.finish_reason
             err = self._failure(req, watch)
@@ -551,6 +557,21 @@ class Server:
                 out += ChunkWriter.DONE
             await resp.write(out)
             return resp
+
+
+STREAM_BUFFER_LIMIT = 256 << 10     # bytes queued for a slow client before its text waits in the pump
+
+
+def _sink(transport, chunks: ChunkWriter):
+    """Write a stream's text as HTTP/1.1 chunks straight to its transport (aiohttp has sent the
+    head and frames the end): per token, one json.dumps and one send, no task switch."""
+    def write(text: str) -> bool:
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size() > STREAM_BUFFER_LIMIT:
+            return False
+        data = chunks.text(text)
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return True
+    return write
 
 
 def _json_response(status: int, payload: dict, headers: dict | None = None) -> web.Response:
