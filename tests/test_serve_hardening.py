@@ -328,7 +328,7 @@ def test_6_sigterm_on_the_cli_drains_and_exits_zero(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "prefix_kernels.cli", "serve", "--port", "0", "--drain-timeout",
+    proc = subprocess.Popen([sys.executable, "-m", "prefix_kernels.cli", "serve", "--port", "0", "--device", "cpu", "--drain-timeout",
                              "30", "--max-seq-len", "512"], stderr=subprocess.PIPE, text=True)
     try:
         url = None
