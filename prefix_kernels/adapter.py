@@ -265,13 +265,23 @@ def read_adapter(directory: str) -> Adapter:
 
 def _read_weights(directory: str) -> dict:
     weights = os.path.join(directory, ADAPTER_WEIGHTS)
-    if os.path.isfile(weights):
-        from safetensors.torch import load_file
-        return load_file(weights)
     legacy = os.path.join(directory, ADAPTER_WEIGHTS_BIN)
-    if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory!r}: no {ADAPTER_WEIGHTS} (or {ADAPTER_WEIGHTS_BIN})")
+    if not os.path.isfile(weights) and not os.path.isfile(legacy):
+        raise FileNotFoundError(f"{directory!r}: no {ADAPTER_WEIGHTS} (or {ADAPTER_WEIGHTS_BIN})")
+    try:
+        if os.path.isfile(weights):
+            from safetensors.torch import load_file
+            state = load_file(weights)
+        else:
+            weights = legacy
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as e:          # a truncated or corrupt file: say which, not a raw traceback
+        raise ValueError(f"{weights}: cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"{weights}: expected a mapping of names to tensors, got {type(state).__name__}")
+    return state
 
 
 def _atomic_write(path: str, write) -> None:

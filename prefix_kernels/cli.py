@@ -5,6 +5,7 @@ import sys
 
 BENCHES = {
     "attention": "prefix_kernels.bench.attention",
+    "serve": "prefix_kernels.bench.serve",
 }
 
 
