@@ -21,6 +21,7 @@ import torch
 
 from ..adapter import read_adapter
 from ..bank import PrefixBank
+from .saving import save_patched_model
 
 ATTENTION_NAME = "prefix_kernels"   # must not contain flash/sdpa/flex/paged: transformers special-cases those
 _STATE_ATTR = "_prefix_kernels_state"
@@ -458,6 +459,8 @@ def patch_model(model, num_prefix_tokens: int = 32, *, projection_hidden: int | 
     model.__dict__[_STATE_ATTR] = state
     state.handles.extend(plan.install(model, state))
     model.__dict__["generate"] = functools.partial(_generate_with_prefix, state, model.generate)
+    # saving the patched model (Trainer.save_model, its checkpoints) writes the adapters: saving.py
+    model.__dict__["save_pretrained"] = functools.partial(save_patched_model, model)
     model.config._attn_implementation = ATTENTION_NAME
     return bank
 
@@ -473,6 +476,7 @@ def unpatch_model(model):
         module.__dict__.pop(_LINK_ATTR, None)
     del model.prefix_bank
     model.__dict__.pop("generate", None)
+    model.__dict__.pop("save_pretrained", None)
     model.config._attn_implementation = state.original_attn
     params = dict(model.named_parameters())
     for name, requires_grad in state.requires_grad:
