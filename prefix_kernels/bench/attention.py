@@ -11,6 +11,9 @@ the prefix, in one process run:
   prefix_kernels_fused  this package, our kernels for all keys (path="fused")
   prefix_kernels_split  this package, the vendor kernel for the own keys + ours for the prefix,
                   merged by log-sum-exp (path="split"; an error row where the split cannot run)
+
+Without a GPU: a check of the Triton kernels under the CPU interpreter, CPU timings (float32,
+median and IQR) and the committed H200 table instead (bench/attention_cpu.py).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from ..cli_common import HelpFormatter
 from . import common
 
 # (B, H, Hkv, S, D, P, N bank entries used by the B rows): the 7 shapes of issue 10
@@ -229,9 +233,9 @@ def add_ratios(rows, mode="fwd+bwd"):
 
 
 def plot(rows, path, mode="fwd+bwd"):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
+    if plt is None:
+        return
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     width = 0.8 / len(variants)
@@ -246,14 +250,12 @@ def plot(rows, path, mode="fwd+bwd"):
     ax.set_xlabel("B,H,Hkv,S,D,P")
     ax.legend(fontsize=8)
     ax.set_title("prefix attention, forward+backward")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="prefix-kernels bench attention", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--shape", action="append", default=None,
                         help="B,H,Hkv,S,D,P[,N] (repeatable); default: the issue's shapes")
@@ -262,7 +264,11 @@ def main(argv=None):
     parser.add_argument("--rep-ms", type=float, default=200)
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--output", default=None, help="JSON file name under benchmarks/results/")
+    parser.add_argument("--repeats", type=int, default=15, help="no GPU: timed calls per CPU timing")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        from .attention_cpu import main as cpu_main
+        return cpu_main(args)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -276,9 +282,8 @@ def main(argv=None):
     modes = args.modes.split(",")
     env = common.environment()
 
-    from tqdm import tqdm
     rows = []
-    for shape in tqdm(shapes, desc="shapes", file=sys.stderr):
+    for shape in common.progress(shapes, desc="shapes", file=sys.stderr):
         rows += bench_shape(shape, dtype, device, variants, modes, args.rep_ms)
         torch.cuda.empty_cache() if device == "cuda" else None
     summary = add_ratios(rows)
