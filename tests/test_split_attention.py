@@ -316,10 +316,10 @@ from triton.compiler import ASTSource
 from triton._C.libtriton import ir
 from triton.compiler.compiler import make_backend
 from prefix_kernels.ops import split_kernels as K
-from prefix_kernels.ops.prefix_attention import _reduce_prefix_grads
+from prefix_kernels.ops.prefix_attention_kernels import reduce_prefix_grads
 
 def lower(kernel, constexprs):
-    fp32_ptrs = ("lse_own_ptr", "lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr", "PART_K", "PART_V")
+    fp32_ptrs = ("lse_own_ptr", "lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr")
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -328,7 +328,7 @@ def lower(kernel, constexprs):
             signature[name] = "*i64"
         elif name in fp32_ptrs:
             signature[name] = "*fp32"
-        elif name.endswith("_ptr") or name in ("DPK", "DPV"):
+        elif name.endswith("_ptr"):
             signature[name] = "*bf16"
         else:
             signature[name] = "fp32" if name in ("qk_scale", "sm_scale") else "i32"
@@ -346,7 +346,7 @@ def lower(kernel, constexprs):
 common = dict(HAS_PIDX=True, HEAD_DIM=80, BLOCK_D=128, PREC="tf32", BLOCK_M=64, BLOCK_N=32)
 jobs = {"merge": (K._split_fwd_merge, common), "dq": (K._split_bwd_dq, dict(common, DQ_GRAD=True)),
         "dprefix": (K._split_bwd_dprefix, common), "onepass": (K._split_bwd_onepass, dict(common, DQ_GRAD=True)),
-        "reduce": (_reduce_prefix_grads, dict(HAS_PIDX=True, BLOCK=1024))}
+        "reduce": (reduce_prefix_grads, dict(HAS_PIDX=True, BLOCK=1024))}
 failed = 0
 for name, (kernel, constexprs) in jobs.items():
     try:

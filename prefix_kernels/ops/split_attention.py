@@ -10,7 +10,7 @@ Three modes (`SplitConfig.mode`), measured against each other by benchmarks/prob
            with the MERGED output and log-sum-exp: its softmax and its rowsum(dO*O) are then the
            global ones, so its dq, dk, dv are exact for the own keys (PyTorch's ring attention
            runs its parts the same way); Triton adds the prefix's share of dq in place and writes
-           fp32 bank partials, reduced in a fixed order by the fused op's `_reduce_prefix_grads`.
+           fp32 bank partials, reduced in a fixed order by the fused op's `reduce_prefix_grads`.
   "fused_forward"  the fused Triton forward (prefix included) with the backward of "merge".
 Backward kinds of "merge" / "fused_forward" (`SplitConfig.backward`): "onepass" (one kernel per
 (row, KV head, query split) adds the prefix dq and writes the bank partials, reading q, dO, O
@@ -32,6 +32,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
+from .prefix_attention_kernels import reduce_prefix_grads
 from .split_kernels import _split_bwd_dprefix, _split_bwd_dq, _split_bwd_onepass, _split_fwd_merge
 from .utils import LOG2E, interpreting, sm_count, warn_once
 from .vendor_attention import VENDOR_MAX_HEAD_DIM, in_layout_of, lse_bhs, vendor_backward, vendor_forward
@@ -229,11 +230,10 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, out, lse, sc
                      hkv, h // hkv, sq, p, n, splits, scale * LOG2E, scale, bucket),
                     common, q.dtype)
     if need_prefix:
-        from .prefix_attention import _reduce_prefix_grads
         dpk, dpv = prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)
         row = hkv * p * d
         block = 1024 if not interpreting() else 256
-        _reduce_prefix_grads[(triton.cdiv(row, block), n)](
+        reduce_prefix_grads[(triton.cdiv(row, block), n)](
             part_k, part_v, pidx, dpk, dpv, b, row, splits,
             HAS_PIDX=prefix_index is not None, BLOCK=block)
     return dq, dk, dv, dpk, dpv
