@@ -9,11 +9,9 @@ the prefix, in one process run:
   concat_flex     concat + compiled FlexAttention with a block mask
   prefix_kernels  this package (path "auto": the op's own choice)
   prefix_kernels_fused  this package, our kernels for all keys (path="fused")
-  prefix_kernels_split  this package, the vendor kernel for the own keys + ours for the prefix,
-                  merged by log-sum-exp (path="split"; an error row where the split cannot run)
-
-Without a GPU: a check of the Triton kernels under the CPU interpreter, CPU timings (float32,
-median and IQR) and the committed H200 table instead (bench/attention_cpu.py).
+  prefix_kernels_split  this package, path="split": the vendor's cuDNN kernel does the attention, the
+                  prefix padded into the same call (mode from PREFIX_KERNELS_SPLIT_MODE, default
+                  "pad"); an error row where the split cannot run
 """
 from __future__ import annotations
 
