@@ -275,6 +275,8 @@ def chosen_configs():
     lines = []
     for module, label in ((fused, "fused"), (sa, "split")):
         for key, config in getattr(module, "_CHOSEN", {}).items():
+            if isinstance(config, tuple):       # the fused op keeps (config, derived constexprs)
+                config = config[0]
             consts = dict(item for item in key if isinstance(item, tuple) and len(item) == 2)
             shown = {k: v for k, v in consts.items() if k.startswith(("BLOCK_N", "HAS_PIDX", "DQ", "PREFIX", "OWN"))}
             bucket = next((x for x in key[1:] if isinstance(x, int) and not isinstance(x, bool)), None)
