@@ -206,7 +206,7 @@ class PrefixBank(nn.Module):
         self._init_entry(len(self.names) - 1, init)
         return len(self.names) - 1
 
-    def rename(self, old, new: str) -> int:
+    def rename(self, old: str | int, new: str) -> int:
         """Give entry `old` (a name or an index) the name `new`; returns its index. The storage
         is untouched (a serving engine's captured graphs keep reading the same row)."""
         i = self.index_of(old)
@@ -216,7 +216,7 @@ class PrefixBank(nn.Module):
         self.names[i] = new
         return i
 
-    def load_adapter(self, entry, adapter) -> int:
+    def load_adapter(self, entry: str | int, adapter: str | Adapter) -> int:
         """Load an adapter (a folder, or an `Adapter` from `read_adapter`) into `entry`; returns its index.
 
         `entry` is a name or an index. An existing entry is overwritten in place (its storage is

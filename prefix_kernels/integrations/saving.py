@@ -24,7 +24,8 @@ def _bank_for_saving(bank: PrefixBank, state_dict: dict | None) -> PrefixBank:
     if not values:
         return bank
     copy = PrefixBank(bank.num_layers, bank.num_kv_heads, bank.head_dim, bank.prefix_len, names=list(bank.names),
-                      projection_hidden=bank.projection_hidden, init="zeros", device="cpu")
+                      projection_hidden=bank.projection_hidden, init="zeros", device="cpu",
+                      sites=getattr(bank, "sites", None), task_type=getattr(bank, "task_type", "CAUSAL_LM"))
     copy.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in values.items()})
     return copy
 
