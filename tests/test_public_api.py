@@ -71,3 +71,20 @@ def test_plots_and_progress_bars_are_an_extra(extra):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert not {"matplotlib", "tqdm"} & set(project["dependencies"])
     assert {"matplotlib", "tqdm"} <= set(project["optional-dependencies"][extra])
+
+
+def test_without_the_bench_extra_plots_and_bars_are_skipped_with_a_note(monkeypatch, capsys):
+    from prefix_kernels.bench import common
+    from prefix_kernels.train_log import progress_bar
+
+    for name in ("matplotlib", "matplotlib.pyplot", "tqdm", "tqdm.auto"):
+        monkeypatch.setitem(__import__("sys").modules, name, None)      # import fails
+    assert common.pyplot() is None
+    bar = common.progress([1, 2, 3], desc="x")
+    assert list(bar) == [1, 2, 3]
+    train_bar = progress_bar(total=2, initial=0, enabled=True)
+    train_bar.update(1)
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert notes[0] == "matplotlib is not installed: no plot (pip install 'prefix-kernels[bench]')"
+    assert notes[1] == "tqdm is not installed: no progress bar (pip install 'prefix-kernels[bench]')"
+    assert notes[2].startswith("tqdm is not installed: progress as plain lines")
