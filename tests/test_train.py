@@ -245,3 +245,11 @@ def test_main_reports_errors_cleanly(tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith(": the folder has no config.json (not a transformers model folder)")
     assert train.main(["--model", "x"]) == 2
     assert "--model needs --data FILE or --task NAME=FILE" in capsys.readouterr().err
+
+
+def test_nproc_relaunch_keeps_every_task():
+    args = _args("--task", "a=a.jsonl", "--task", "b=b.jsonl", "--grad-accum", "2", "--nproc", "2")
+    argv = train._to_argv(args, drop=("nproc",))
+    assert argv[argv.index("--task"):argv.index("--task") + 4] == ["--task", "a=a.jsonl", "--task", "b=b.jsonl"]
+    assert "--nproc" not in argv and argv[argv.index("--grad-accum") + 1] == "2"
+    assert _args(*argv).task == ["a=a.jsonl", "b=b.jsonl"]

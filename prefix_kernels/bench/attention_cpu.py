@@ -158,6 +158,18 @@ def _cell(r: dict, mode: str) -> str:
     return f"{r[f'{mode} ms']:.3f} [{lo:.3f}-{hi:.3f}]"
 
 
+def _noise_note(row: dict) -> str:
+    """Say when a row's figures cannot be trusted: a spread wider than the median (a busy
+    machine), or a forward+backward measured faster than the forward alone."""
+    if "fwd ms" not in row:
+        return ""
+    if row["fwd+bwd ms"] < row["fwd ms"]:
+        return "noisy: fwd+bwd < fwd"
+    if any(hi - lo > row[f"{m} ms"] for m in ("fwd", "fwd+bwd") for lo, hi in [row[f"{m} IQR"]]):
+        return "noisy: IQR wider than the median"
+    return ""
+
+
 def report(checks, timings, gpu, gpu_path, env) -> str:
     lines = [f"No GPU: {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}",
              "", "1. Triton kernels (CPU interpreter) vs the float64 reference: max |error| "
@@ -171,9 +183,7 @@ def report(checks, timings, gpu, gpu_path, env) -> str:
               "reference, not the kernels: this says nothing about GPU speed."]
     label = {"prefix_kernels": "prefix_kernels*"}
     cells = [{"shape": r["shape"], "variant": label.get(r["variant"], r["variant"]), "fwd": _cell(r, "fwd"),
-              "fwd+bwd": _cell(r, "fwd+bwd"),
-              "note": r.get("error", "") or ("noisy: fwd+bwd < fwd" if r.get("fwd+bwd ms", 1e9) < r.get("fwd ms", 0)
-                                             else "")} for r in timings]
+              "fwd+bwd": _cell(r, "fwd+bwd"), "note": r.get("error", "") or _noise_note(r)} for r in timings]
     lines.append(common.format_table(cells, ["shape", "variant", "fwd", "fwd+bwd", "note"]))
     lines += ["* on CPU tensors the op runs its PyTorch reference (the test oracle), not the Triton kernels", ""]
     if gpu is None:
