@@ -10,12 +10,14 @@ import logging
 import os
 import sys
 
+from ..cli_common import HelpFormatter
+
 DTYPES = ("bfloat16", "float16", "float32")
 INSTALL_HINT = "prefix-kernels serve needs aiohttp: pip install 'prefix-kernels[serve]' (or: pip install aiohttp)"
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="prefix-kernels serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="prefix-kernels serve", formatter_class=HelpFormatter,
                                 description="OpenAI-compatible server, one model per prefix (the request's 'model' "
                                 "field picks the prefix)")
     p.add_argument("--model", help="a transformers causal LM (folder or hub id); omit for a tiny CPU demo")
@@ -82,20 +84,14 @@ def _named_dirs(pairs):
     return out
 
 
-def demo_engine_inputs(vocab_size=128, prefix_len=8, names=("demo-a", "demo-b"), seed=0):
-    """(model, prefixes, tokenizer) of the demo: a tiny random Llama and byte-level text (ASCII:
-    a 128-token vocabulary, so whatever it samples decodes)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def demo_engine_inputs(adapters=None):
+    """(model, prefixes, tokenizer) of the demo: `prefix-kernels train`'s demo model and byte
+    tokenizer (prefix_kernels/demo.py), serving the given {name: adapter folder} (what the train
+    demo writes) or, with none, two random prefixes."""
+    from ..demo import demo_model, demo_prefixes, demo_tokenizer
 
-    from .text import ByteTokenizer
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    prefixes = {n: torch.randn(2, 2, 2, prefix_len, 16) for n in names}
-    return model, prefixes, ByteTokenizer(vocab_size)
+    model = demo_model().eval()
+    return model, dict(adapters) if adapters else demo_prefixes(model), demo_tokenizer()
 
 
 def build(args):
@@ -108,10 +104,8 @@ def build(args):
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if args.model is None:
-        if args.prefix:
-            raise SystemExit("--prefix needs --model (the demo serves its own random prefixes)")
-        model, prefixes, tokenizer = demo_engine_inputs()
-        name = "tiny-random-llama (demo)"
+        model, prefixes, tokenizer = demo_engine_inputs(_named_dirs(args.prefix))
+        name = "prefix-kernels-demo"
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
