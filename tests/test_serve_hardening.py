@@ -409,9 +409,9 @@ def _corrupt_adapters(root):
 def test_8_9_10_corrupt_adapters_are_400_without_paths_or_contents(tmp_path):
     root = tmp_path / "root"
     kinds = _corrupt_adapters(root)
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors: prompt_embeddings has 128 non-finite"):
+    with pytest.raises(ValueError, match=r"nan'.*prompt_embeddings holds non-finite values"):
         read_peft_prefix(str(kinds["nan"]))
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors: prompt_embeddings has dtype torch.int32"):
+    with pytest.raises(ValueError, match=r"integer'.*prompt_embeddings has dtype torch.int32"):
         read_peft_prefix(str(kinds["integer"]))
     srv = start_server(enable_admin=True, admin_key="adm", adapter_root=str(root))
     try:
