@@ -264,6 +264,7 @@ def main(argv=None) -> int:
                "new_tokens": new_tokens, "prefix_len": prefix_len, "prefixes": args.prefixes,
                "requests_per_client": args.requests_per_client, "clients": args.clients,
                "switch_interval": sys.getswitchinterval(), "poll_interval": args.poll_interval,
+               "prefill_chunk": getattr(engine, "prefill_chunk", None), "max_batch": max_batch,
                "aiohttp": _version("aiohttp"), "environment": env, "results": rows, "verdicts": lines}
     json_path = write_json(f"{stem}.json", payload)
     png_path = results_dir() / f"{stem}.png"

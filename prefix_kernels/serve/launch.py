@@ -31,6 +31,8 @@ def _parser():
     g.add_argument("--max-seq-len", type=int, default=2048, help="prompt + output tokens per request")
     g.add_argument("--max-prefixes", type=int, default=64, help="bank capacity (prefixes added later included)")
     g.add_argument("--queue-size", type=int, default=256, help="waiting requests before 429")
+    g.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prompt tokens prefilled per engine step (between decode steps)")
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32")
     g.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly")
@@ -117,7 +119,7 @@ def build(args):
         name = os.path.basename(os.path.normpath(args.model))    # no server path in /v1/models
     model = model.to(device, dtype)
     engine = Engine(model, prefixes, tokenizer=tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                    max_prefixes=args.max_prefixes, queue_size=args.queue_size,
+                    max_prefixes=args.max_prefixes, queue_size=args.queue_size, prefill_chunk=args.prefill_chunk,
                     cuda_graphs=False if args.no_cuda_graphs else None)
     return engine, name
 
