@@ -62,6 +62,8 @@ def _parser():
                    help="requests in flight per client (API key, else address); 0: no limit")
     g.add_argument("--client-max-tokens", type=int, default=0,
                    help="max_tokens in flight per client; 0: no limit")
+    g.add_argument("--poll-interval", type=float, default=0.001,
+                   help="seconds between the server's looks at the engine's new tokens (one write per stream each)")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds the requests in flight get to finish")
     g = p.add_argument_group("logs")
@@ -137,7 +139,7 @@ def server_options(args) -> dict:
                 read_timeout=args.read_timeout, keepalive_timeout=args.keepalive_timeout,
                 max_connections=args.max_connections, backlog=args.backlog, drain_timeout=args.drain_timeout,
                 client_max_requests=args.client_max_requests, client_max_tokens=args.client_max_tokens,
-                log_prompts=args.log_prompts)
+                log_prompts=args.log_prompts, poll_interval=args.poll_interval)
 
 
 def main(argv=None) -> int:

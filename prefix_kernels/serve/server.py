@@ -99,6 +99,12 @@ class Server:
         self.engine = engine
         self.host, self.port, self.model_name = host, int(port), model_name
         cfg = self.config = dataclasses.replace(config or ServerConfig(), **options)
+        for name in ("request_timeout", "read_timeout", "keepalive_timeout", "poll_interval", "max_connections",
+                     "backlog", "max_line_size", "max_field_size"):
+            if not getattr(cfg, name) > 0:
+                raise ValueError(f"the server's {name} must be > 0, got {getattr(cfg, name)}")
+        if cfg.drain_timeout < 0 or cfg.client_max_requests < 0 or cfg.client_max_tokens < 0:
+            raise ValueError("drain_timeout, client_max_requests and client_max_tokens must be >= 0")
         self.access = Access(cfg.api_keys, cfg.admin_key, cfg.enable_admin, cfg.adapter_root, cfg.allowed_origins,
                              cfg.allowed_hosts, host)
         prompt_bytes = cfg.max_prompt_bytes or 32 * engine.max_seq_len
