@@ -224,3 +224,11 @@ def test_a_slow_stream_reader_gets_its_text_coalesced(server, monkeypatch):
     ref = alone("slow reader", "d", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)).text
     assert status == 200 and "".join(e["choices"][0]["text"] for e in events) == ref
     assert len(events) <= 2          # the first token (which sends the head), then the rest at the end
+
+
+def test_options_out_of_range_are_refused():
+    engine = make_engine()
+    for option, value in [("read_timeout", 0), ("poll_interval", -1), ("max_connections", 0), ("drain_timeout", -1),
+                          ("max_tokens_cap", 0)]:
+        with pytest.raises(ValueError, match=option):
+            Server(engine, port=0, **{option: value})

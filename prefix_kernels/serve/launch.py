@@ -153,8 +153,10 @@ def main(argv=None) -> int:
     from .server import Server
 
     options = server_options(args)
-    try:     # the access rules are checked before the model loads
+    try:     # the options and access rules are checked before the model loads
         from .security import Access
+        from .server import ServerConfig
+        ServerConfig(**options).check()
         Access(options["api_keys"], options["admin_key"], options["enable_admin"], options["adapter_root"],
                bind_host=args.host)
     except ValueError as e:
