@@ -121,6 +121,24 @@ def test_add_and_remove_prefix_while_serving():
     assert eng.generate([PROMPTS[2]], "b", params)[0].token_ids == alone(PROMPTS[2], "b", params).token_ids
 
 
+def test_adapter_folders_serve_like_their_tensors(tmp_path):
+    from prefix_kernels.bank import PrefixBank
+
+    table = prefixes()
+    layers, _, hkv, p, d = table["a"].shape
+    bank = PrefixBank(layers, hkv, d, p, names=["a"])
+    bank.set_entry("a", table["a"])
+    bank.save_pretrained(str(tmp_path / "a"))
+    eng = Engine(tiny_model("llama"), {"a": str(tmp_path / "a")}, tokenizer=ByteTokenizer(128), max_batch=4,
+                 max_seq_len=48)
+    assert eng.generate([PROMPTS[0]], "a", GREEDY)[0].token_ids == alone(PROMPTS[0], "a").token_ids
+    longer = PrefixBank(layers, hkv, d, p + 1, names=["x"])
+    longer.save_pretrained(str(tmp_path / "x"))
+    with pytest.raises(ValueError, match=rf"\(5 virtual tokens, 2 layers, token_dim {hkv * d}\) does not fit"):
+        eng.add_prefix("x", str(tmp_path / "x"))
+    assert eng.prefixes == ["a"] and eng.rows.num_free == eng.rows.capacity - 1
+
+
 def test_replacing_a_prefix_keeps_requests_in_flight_on_the_old_one():
     table = prefixes()
     eng = engine(names=("a",), max_prefixes=2)
