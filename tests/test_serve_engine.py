@@ -465,7 +465,7 @@ def test_kv_cache_stores_only_inside_a_mode():
     assert not cache.k[1, 0, :, 1:].any()                      # row 1's padding is not stored
     with cache.prefilling([2], [3], [2]):                      # a continuation: window over the cache
         k, v = cache.update(1, key[:1, :, :2], key[:1, :, :2])
-        assert cache.mode.key_mask.tolist() == [[True] * 5]
+        assert cache.mode.key_mask.tolist() == [[1] * 5]
     assert k.shape == (1, 1, 5, 4) and torch.equal(k[0, :, :3], key[0]) and torch.equal(k[0, :, 3:], key[0, :, :2])
 
 
