@@ -497,3 +497,47 @@ def test_auto_without_extension_falls_back_to_triton(monkeypatch):
         assert_fa_rule(out, *case, what="auto -> triton")
     finally:
         _build.cuda_extension.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------
+# The custom op (prefix_kernels::decode_attention): what torch.compile sees
+# --------------------------------------------------------------------------------------------
+
+def test_custom_op_schema_fake_and_compile():
+    """opcheck: schema (the workspace counters declared mutated), fake tensor, dispatch; then a
+    fullgraph compile through the op equals the eager function."""
+    q, k, v, lens, pk, pv, pidx = make_case(B=3, HQ=8, HKV=2, D=32, SMAX=20, P=3, N=4)
+    ws = dec.DecodeWorkspace("cpu", 3, 8, 2)
+    args = (q, k, v, lens, pk, pv, pidx, 0.2, "reference", 20, ws.counters)
+    torch.library.opcheck(dec.decode_attention_op, args)
+    want = decode_attention(q, k, v, lens, pk, pv, prefix_index=pidx, scale=0.2, backend="reference")
+    compiled = torch.compile(lambda *a: dec.decode_attention_op(*a) * 2, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), 2 * want)
+    torch.testing.assert_close(dec.decode_attention_op(*args[:-1], None), want)
+
+
+@gpu
+@needs_gpu
+def test_custom_op_compiled_in_cuda_graph():
+    """inductor around the op (CUDA kernel, the workspace's fused combine), captured in a CUDA
+    graph with no warm-up launch of the kernel on the capture stream, replayed with new inputs."""
+    _cuda_ext()
+    q, k, v, lens_t, pk, pv, pidx = _gpu_case(torch.bfloat16, 64, 32, 4, 1, [300, 17, 0, 640], smax=1024)
+    lens_d, pidx_d = lens_t.cuda().int(), pidx.cuda().int()
+    ws = dec.DecodeWorkspace("cuda", 4, 32, 4)
+    fn = torch.compile(lambda q: dec.decode_attention_op(q * 1.0, k, v, lens_d, pk, pv, pidx_d, 0.125, "auto",
+                                                         1024, ws.counters), fullgraph=True)    # 0.125 = 1/sqrt(64)
+    fn(q)                       # compiles (on the default stream)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = fn(q)
+    for step in range(2):
+        q.copy_(torch.randn_like(q))
+        lens_d.add_(1)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_fa_rule(out, q, k, v, lens_d.cpu().long(), pk, pv, pidx, what=f"replay {step}")
+        assert ws.counters.count_nonzero().item() == 0

@@ -15,6 +15,13 @@ model built from the config (random weights, bf16, SDPA), side by side in one pr
                 take longer than --peft-budget-s, the rate of the groups run so far stands for
                 all (the row says how many ran)
   hf-generate   the bare model (no prefix), one `generate` of all B rows: the usual baseline
+  hf-compiled   the bare model's decode step with HF's StaticCache under torch.compile
+                (mode="reduce-overhead", fullgraph): what a user would pick for speed
+  plain-step    a gpt-fast-style no-prefix step (fused GEMMs, masked-matmul attention) compiled
+                in a hand-captured CUDA graph: what a compiled step reaches without prefixes
+                (both: prefix_kernels/bench/decode_baselines.py; decode steps only, no prefill)
+A second table puts the decode steps side by side: ms per step, tokens/s = B / step, the
+memory limit (weights + KV bytes at 4.3 TB/s) and each case's ratio to the engine's step.
 Results: a table on stdout, JSON and a PNG under benchmarks/results/ (or $PREFIX_KERNELS_RESULTS)
 with the GPU name, versions and git commit. Note: PEFT 0.21's generate drops the prefix on
 transformers >= 5.24 (it works on 5.17, the GPU machine's): the quick run's peft rows time a
@@ -30,9 +37,12 @@ import time
 import torch
 
 from prefix_kernels.bench import common
+from prefix_kernels.bench import decode_baselines as baselines
 from prefix_kernels.bench.common import environment, format_table, results_dir, write_json
 
-CASES = ["engine", "peft", "hf-generate"]
+CASES = ["engine", "peft", "hf-generate", "hf-compiled", "plain-step"]
+STEP_CASES = ("hf-compiled", "plain-step")        # decode steps only: N does not apply
+E2E_BATCHES = (1, 32, 128)                        # peft / hf-generate by default (slow at every B)
 PEFT_MIXED_ANCHOR = 234.0          # ANCHORS.md section 3: PEFT, B=32, 8 prefixes, H200
 
 
@@ -140,11 +150,41 @@ def run_peft(model, prefixes, prompts, n_prefixes, prefix_len, new_tokens, budge
 
 # -- report -------------------------------------------------------------------------------------
 
+def step_rows(rows, model, prompt_len, new_tokens, prefix_len) -> list[dict]:
+    """The decode steps side by side per B: each engine case at its most mixed N, the baselines."""
+    out = []
+    for b in sorted({r["B"] for r in rows}):
+        mine = [r for r in rows if r["B"] == b and "error" not in r and "decode_step_ms" in r]
+        engines = {}
+        for r in mine:
+            if r["case"].startswith("engine") and (r["case"] not in engines or r["N"] > engines[r["case"]]["N"]):
+                engines[r["case"]] = r
+        ref = engines.get("engine")
+        for r in [*engines.values(), *(r for r in mine if r["case"] in STEP_CASES)]:
+            limit = r.get("limit_ms")
+            if limit is None:       # an engine case: its rows' prefixes count once each
+                limit = baselines.memory_limit_ms(model, b, prompt_len + new_tokens // 2, r["N"] * prefix_len)
+            ms = r["decode_step_ms"]
+            out.append({"B": b, "case": r["case"] + (f" N={r['N']}" if r["case"].startswith("engine") else ""),
+                        "ms/step": f"{ms:.3f}", "tok/s": f"{b / ms * 1e3:,.0f}", "limit ms": f"{limit:.3f}",
+                        "x limit": f"{ms / limit:.2f}",
+                        "vs engine": f"{ms / ref['decode_step_ms']:.2f}x" if ref else ""})
+    return out
+
+
 def verdicts(rows, b_target) -> list[str]:
     """The issue's bars: mixed >= 0.95x single-prefix engine; >= 20x PEFT mixed (B=32, N=8);
-    target >= 25k tok/s at B=32."""
+    engine step ahead of HF's compiled step at every B; target >= 25k tok/s at B=32."""
     ok = {(r["B"], r["N"], r["case"]): r["tokens_per_s"] for r in rows if "error" not in r}
     lines = []
+    for r in rows:
+        if r["case"] != "hf-compiled" or "error" in r:
+            continue
+        engine = [e["decode_step_ms"] for e in rows if e["B"] == r["B"] and e["case"] == "engine" and "error" not in e]
+        if engine:
+            worst = max(engine)
+            lines.append(f"required B={r['B']}: engine step {worst:.3f} ms vs hf-compiled {r['decode_step_ms']:.3f} ms "
+                         f"({'PASS' if worst < r['decode_step_ms'] else 'FAIL'})")
     for (b, n, case), tps in ok.items():
         single = ok.get((b, 1, "engine"))
         if case == "engine" and n > 1 and single:
@@ -171,7 +211,7 @@ def plot(rows, batches, path):
     colors = {"engine": "tab:green", "peft": "tab:gray", "hf-generate": "tab:blue"}
     for ax, b in zip(axes[0], batches):
         mine = [r for r in rows if r["B"] == b and "error" not in r]
-        ns = sorted({r["N"] for r in mine if r["case"] != "hf-generate"})
+        ns = sorted({r["N"] for r in mine if r["case"] in ("engine", "peft")})
         width = 0.4
         for k, case in enumerate(["engine", "peft"]):
             vals = [next((r["tokens_per_s"] for r in mine if r["N"] == n and r["case"] == case), 0) for n in ns]
@@ -190,7 +230,10 @@ def main(argv=None) -> int:
     parser = common.parser("prefix-kernels bench decode", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny model on the CPU: a smoke run")
     parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
-    parser.add_argument("--batches", type=int, nargs="+", help="default 1 32 128 (quick: 1 4)")
+    parser.add_argument("--batches", type=int, nargs="+", help="default 1 8 32 128, peft and hf-generate at "
+                        "1 32 128 (quick: 1 4)")
+    parser.add_argument("--steps", type=int, default=None, help="timed decode steps of hf-compiled / plain-step "
+                        "(default 64; quick: 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed engine runs (median)")
     parser.add_argument("--peft-budget-s", type=float, default=15.0, help="seconds of PEFT groups per case")
     parser.add_argument("--eager", action="store_true", help="engine without CUDA graphs (eager decode step)")
@@ -206,7 +249,7 @@ def main(argv=None) -> int:
             print("bench_decode: no CUDA GPU; run with --quick for a CPU smoke run", file=sys.stderr)
             return 2
         device, dtype = torch.device("cuda"), torch.bfloat16
-        batches, prompt_len, new_tokens, prefix_len = args.batches or [1, 32, 128], 256, 128, 32
+        batches, prompt_len, new_tokens, prefix_len = args.batches or [1, 8, 32, 128], 256, 128, 32
         counts = lambda b: sorted({n for n in (1, 8, 64, b) if n <= b})
     if args.out:
         os.environ["PREFIX_KERNELS_RESULTS"] = args.out
@@ -216,8 +259,11 @@ def main(argv=None) -> int:
           f"{env['transformers']}, peft {env['peft']}, commit {env['git_commit'][:10]}", flush=True)
     model = build_model(config, device, dtype)
     prefixes = make_prefixes(config, max(max(counts(b)) for b in batches), prefix_len)
+    step_count = args.steps or (2 if args.quick else 64)
+    compiler = None if args.quick else "inductor"          # quick: the baselines' code, not the compiler
     plan = [(b, n, case) for b in batches for case in args.cases
-            for n in ([None] if case == "hf-generate" else counts(b))]
+            for n in ([None] if case in ("hf-generate", *STEP_CASES) else counts(b))
+            if args.batches or case not in ("peft", "hf-generate") or b in E2E_BATCHES or args.quick]
     rows = []
     bar = common.progress(plan, desc="bench_decode", file=sys.stderr, mininterval=1)
     engine = None
@@ -236,6 +282,10 @@ def main(argv=None) -> int:
                 if case == "peft":
                     row.update(run_peft(model, prefixes, prompts, n, prefix_len, new_tokens, args.peft_budget_s,
                                         device))
+                elif case == "hf-compiled":
+                    row.update(baselines.run_hf_compiled(model, prompts, step_count, compiler))
+                elif case == "plain-step":
+                    row.update(baselines.run_plain_step(model, b, prompt_len, step_count, compiler))
                 else:
                     row.update(run_hf(model, prompts, new_tokens, device))
         except torch.cuda.OutOfMemoryError as e:
@@ -255,6 +305,9 @@ def main(argv=None) -> int:
               "note": r.get("groups_run", "") and f"groups {r['groups_run']}" or r.get("error", "")[:70]}
              for r in rows]
     print("\n" + format_table(table, ["B", "N", "case", "tok/s", "seconds", "step ms", "note"]))
+    steps_table = step_rows(rows, model, prompt_len, new_tokens, prefix_len)
+    print("\ndecode steps (tok/s = B / step; limit: weights + KV bytes at 4.3 TB/s):\n"
+          + format_table(steps_table, ["B", "case", "ms/step", "tok/s", "limit ms", "x limit", "vs engine"]))
     b_target = 32 if 32 in batches else max(batches)
     lines = verdicts(rows, b_target)
     print("\n".join(lines))
@@ -262,7 +315,7 @@ def main(argv=None) -> int:
     payload = {"benchmark": "bench_decode", "model": "tiny llama (quick)" if args.quick else
                "TinyLlama-1.1B shape (random weights)", "dtype": str(dtype), "prompt_len": prompt_len,
                "new_tokens": new_tokens, "prefix_len": prefix_len, "environment": env, "results": rows,
-               "verdicts": lines}
+               "decode_steps": steps_table, "verdicts": lines}
     json_path = write_json(f"{stem}.json", payload)
     png_path = results_dir() / f"{stem}.png"
     plot(rows, batches, png_path)
@@ -273,6 +326,8 @@ def main(argv=None) -> int:
 def _row_line(row):
     if "error" in row:
         return f"B={row['B']} N={row['N']} {row['case']}: failed: {row['error'][:200]}"
+    if "seconds" not in row:
+        return f"B={row['B']} {row['case']}: {row['tokens_per_s']:,.0f} tok/s ({row['decode_step_ms']:.3f} ms/step)"
     return f"B={row['B']} N={row['N']} {row['case']}: {row['tokens_per_s']:,.0f} tok/s ({row['seconds']:.3f} s)"
 
 

@@ -299,6 +299,14 @@ class DecodeWorkspace:
                              f"heads_kv={heads_kv}, seqlen_q={seqlen_q}")
         return batch * heads_kv * -(-(heads_q // heads_kv) * seqlen_q // CUDA_M_TILE)
 
+    @classmethod
+    def over(cls, counters: torch.Tensor) -> "DecodeWorkspace":
+        """A workspace over existing counters (int32, all zero): how the custom op, which takes
+        tensors only, gets its caller's workspace back."""
+        workspace = cls.__new__(cls)
+        workspace.device, workspace.size, workspace.counters = counters.device, counters.numel(), counters
+        return workspace
+
     def __repr__(self) -> str:
         return f"DecodeWorkspace(device={self.device}, counters={self.size})"
 
@@ -516,3 +524,30 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix_v, *, 
                             None if workspace is None else workspace.counters)
     return _launch_triton(q, k_cache, v_cache, seqlens, prefix_k, prefix_v, prefix_index, scale,
                           prefix_k.shape[2] + max_seqlen, num_splits)
+
+
+# --------------------------------------------------------------------------------------------
+# Custom op: decode attention inside a compiled graph
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("prefix_kernels::decode_attention", mutates_args=("workspace_counters",))
+def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        cache_seqlens: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                        prefix_index: Optional[torch.Tensor], scale: float, backend: str,
+                        max_seqlen: Optional[int], workspace_counters: Optional[torch.Tensor]
+                        ) -> torch.Tensor:
+    """`decode_attention` as one opaque node of a `torch.compile` graph: the same arguments, all
+    positional (prefix_k/prefix_v [N, Hkv, P, D]), the workspace as its counter tensor
+    (`DecodeWorkspace.counters`, or None), which the CUDA kernel uses and leaves zero. The kernel
+    choice and the input checks run when the graph runs (once, at capture, under a CUDA graph);
+    the result is a new tensor [B, Hq, Sq, D], contiguous, never a view of an input."""
+    workspace = None if workspace_counters is None else DecodeWorkspace.over(workspace_counters)
+    return decode_attention(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix_v,
+                            prefix_index=prefix_index, scale=scale, backend=backend,
+                            max_seqlen=max_seqlen, workspace=workspace)
+
+
+@decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix_v, prefix_index, scale, backend,
+      max_seqlen, workspace_counters):
+    return q.new_empty(q.shape)
