@@ -134,7 +134,8 @@ def test_adapter_folders_serve_like_their_tensors(tmp_path):
     assert eng.generate([PROMPTS[0]], "a", GREEDY)[0].token_ids == alone(PROMPTS[0], "a").token_ids
     longer = PrefixBank(layers, hkv, d, p + 1, names=["x"])
     longer.save_pretrained(str(tmp_path / "x"))
-    with pytest.raises(ValueError, match=rf"\(5 virtual tokens, 2 layers, token_dim {hkv * d}\) does not fit"):
+    with pytest.raises(ValueError, match="does not fit this model's prefix bank: num_virtual_tokens is 5 in the "
+                                         "adapter but 4 here"):
         eng.add_prefix("x", str(tmp_path / "x"))
     assert eng.prefixes == ["a"] and eng.rows.num_free == eng.rows.capacity - 1
 
@@ -436,15 +437,20 @@ def test_bank_rows_count_users_and_free_retired_rows():
     assert rows.num_free == 1 and rows.names == ["x"]               # the failed fill gave its row back
     held = rows.acquire("x")
     assert rows.install("x", lambda row: None, replace=True) == 1     # x moves; row 0 stays in use
-    assert rows.num_free == 0 and len(set(bank.names)) == 2 and bank.names[1] == "x"
+    assert rows.num_free == 0 and bank.names == [".retired-0", "x"]
     rows.release(held)
-    assert rows.num_free == 1 and bank.names[0].startswith("<free>")
+    assert rows.num_free == 1 and bank.names[0] == ".free-0"
     rows.remove("x")
     assert rows.num_free == 2 and rows.names == []
     with pytest.raises(Unknown):
         rows.acquire("x")
     with pytest.raises(RuntimeError, match="released more often"):
         rows.release(0)
+    # names the bank cannot hold as folder names, or that look like its stand-ins: served all the same
+    assert [rows.install(n, lambda row: None) for n in (".free-1", "a b")] == [0, 1]
+    assert rows.names == [".free-1", "a b"] and bank.names == [".served-0", ".served-1"]
+    with pytest.raises(ValueError, match="non-empty string"):
+        rows.install("", lambda row: None)
 
 
 def test_kv_cache_stores_only_inside_a_mode():

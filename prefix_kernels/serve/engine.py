@@ -11,7 +11,7 @@ forward, a long prompt spread over several steps), then one decode step for ever
 prompt is in. So a long prompt never stalls the rows that are decoding: they get a token every
 step. Its parts: rows.py (which bank row serves which prefix, reference-counted), cache.py (the
 KV cache, which only stores), attention.py (the layers' attention over prefix + cache),
-prefixes.py (prefixes given as tensors or adapter folders).
+prefixes.py (prefixes given as tensors or adapter folders, read once).
 
 The decode step runs slots 0..B-1 with B the next power of two over the highest decoding slot,
 and on CUDA it is a captured CUDA graph per B (static inputs: last tokens, positions, lengths,
@@ -191,9 +191,8 @@ class Engine:
             self.rows.remove(name)
 
     def _install(self, name: str, entry: PrefixSource, replace: bool = False) -> None:
-        value = entry.bank_tensor(self.bank)
-        # in place: captured graphs read the same storage
-        self.rows.install(name, lambda row: self.bank.set_entry(row, value), replace=replace)
+        entry.check(self.bank)
+        self.rows.install(name, lambda row: entry.write(self.bank, row), replace=replace)
 
     # -- submission ----------------------------------------------------------------------------
 

@@ -1,40 +1,46 @@
-"""The prefixes given to the engine: tensors, or PEFT adapter folders read here (the engine's one
-reader of adapter files; it becomes `PrefixBank.load_adapter` once the bank has it)."""
+"""The prefixes given to the engine: tensors [L, 2, Hkv, P, D], or adapter folders, read here
+(`read_adapter`, the engine's one reader of adapter files) and loaded by the bank."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
-from ..bank import PrefixBank, peft_flat_to_bank, read_peft_prefix
+from ..adapter import Adapter, read_adapter
+from ..bank import PrefixBank
 
 
 @dataclass
 class PrefixSource:
-    """A prefix given to the engine: a tensor [L, 2, Hkv, P, D] or an adapter folder, read once."""
+    """A prefix given to the engine: a tensor or an adapter read from its folder (read once)."""
     prefix_len: int
     tensor: torch.Tensor | None = None
-    folder: str | None = None
-    config: dict | None = None
-    flat: torch.Tensor | None = None            # PEFT's prompt_embeddings [P, L * 2 * Hkv * D]
+    adapter: Adapter | None = None
 
-    def bank_tensor(self, bank: PrefixBank) -> torch.Tensor:
-        """The prefix as [L, 2, Hkv, P, D] for `bank`, or ValueError naming what does not fit."""
-        if self.tensor is not None:
-            return self.tensor
-        config = self.config
-        if config["num_virtual_tokens"] != bank.prefix_len or self.flat.shape[1] != bank.num_layers * 2 * bank.token_dim:
-            raise ValueError(f"adapter {self.folder!r} ({config['num_virtual_tokens']} virtual tokens, "
-                             f"{config['num_layers']} layers, token_dim {config['token_dim']}) does not fit this "
-                             f"bank ({bank.prefix_len} tokens, {bank.num_layers} layers, token_dim {bank.token_dim})")
-        return peft_flat_to_bank(self.flat, bank.num_layers, bank.num_kv_heads, bank.head_dim)
+    def check(self, bank: PrefixBank) -> None:
+        """ValueError naming what does not fit `bank` (before any bank row is taken)."""
+        if self.adapter is not None:
+            bank.check_adapter(self.adapter)
+            return
+        want = (bank.num_layers, 2, bank.num_kv_heads, bank.prefix_len, bank.head_dim)
+        if tuple(self.tensor.shape) != want:
+            raise ValueError(f"a prefix of shape {list(self.tensor.shape)} does not fit this model's bank: want "
+                             f"[layers, 2, kv_heads, prefix_len, head_dim] = {list(want)}")
+
+    def write(self, bank: PrefixBank, row: int) -> None:
+        """Copy the prefix into bank row `row`, in place (captured graphs read the same storage)."""
+        if self.adapter is not None:
+            bank.load_adapter(row, self.adapter)
+        else:
+            bank.set_entry(row, self.tensor)
 
 
 def read_prefix(value) -> PrefixSource:
-    """An adapter folder (read here: the engine's one reader of adapter files) or a tensor."""
-    if isinstance(value, str):
-        config, flat = read_peft_prefix(value)
-        return PrefixSource(config["num_virtual_tokens"], folder=value, config=config, flat=flat)
+    """An adapter folder (str or path) or a tensor [layers, 2, kv_heads, prefix_len, head_dim]."""
+    if isinstance(value, (str, os.PathLike)):
+        adapter = read_adapter(os.fspath(value))
+        return PrefixSource(adapter.config.num_virtual_tokens, adapter=adapter)
     if isinstance(value, torch.Tensor):
         if value.dim() != 5 or value.shape[1] != 2:
             raise ValueError(f"a prefix tensor must be [layers, 2, kv_heads, prefix_len, head_dim], got "
@@ -44,6 +50,7 @@ def read_prefix(value) -> PrefixSource:
 
 
 def read_prefixes(source) -> dict[str, PrefixSource]:
+    """name -> PrefixSource of a PrefixBank (every entry) or a dict name -> folder/tensor."""
     if source is None:
         return {}
     if isinstance(source, PrefixBank):
