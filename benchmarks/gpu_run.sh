@@ -18,7 +18,7 @@ for step in "$@"; do
     optests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:logging tests/test_prefix_attention.py -k "gpu or low_precision or compile or determin or only_requested or unused" > $OUT/optests.log 2>&1; summary $OUT/optests.log ;;
     hftests-gpu) timeout 300 python3 -m pytest -q -p no:logging -m gpu tests/test_patch_model.py > $OUT/hftests.log 2>&1; summary $OUT/hftests.log ;;
     encdectests-gpu) timeout 420 python3 -m pytest -q -p no:logging -m gpu tests/test_seq2seq.py > $OUT/encdectests.log 2>&1; summary $OUT/encdectests.log ;;
-    decodetests-gpu) timeout 400 python3 -m pytest -q -p no:logging -m gpu tests/test_decode.py > $OUT/decodetests.log 2>&1; summary $OUT/decodetests.log ;;
+    decodetests-gpu) timeout 540 python3 -m pytest -q -p no:logging -m gpu tests/test_decode.py > $OUT/decodetests.log 2>&1; summary $OUT/decodetests.log ;;
     profile) timeout 200 python3 benchmarks/profile_attention.py 2>&1 | tee $OUT/profile.log ;;
     host) timeout 200 python3 benchmarks/profile_host.py 2>&1 | tee $OUT/host.log | cut -c1-160 ;;
     attention) timeout 420 python3 benchmarks/bench_attention.py > $OUT/bench_attention.log 2>&1; grep -v "^shapes\|it/s\]" $OUT/bench_attention.log | tail -45 ;;
