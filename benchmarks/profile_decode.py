@@ -1,19 +1,17 @@
 """Where the engine's decode step goes: the captured graph's GPU time vs the whole step.
 
-TinyLlama-1.1B shape (bench_decode.py's model and prefixes), B rows decoding after a 256-token
+TinyLlama-1.1B shape (prefix_kernels/bench/decode.py's model and prefixes), B rows decoding after a 256-token
 prompt. Prints the wall time of a full engine step, the time of replaying the captured decode
 graph alone, the kernels per step and the heaviest ones (torch.profiler sees graph kernels).
 usage: python benchmarks/profile_decode.py [B ...]      (default 32)
 """
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_decode as bd  # noqa: E402
+from prefix_kernels.bench import decode as bd
 
 
 def main():

@@ -1,6 +1,6 @@
 """Where the training step's time goes: per-kernel GPU time of prefix-kernels vs the floor.
 
-Same step as bench_training.py (TinyLlama-1.1B shape, bf16, forward with labels + backward +
+Same step as prefix_kernels/bench/training.py (TinyLlama-1.1B shape, bf16, forward with labels + backward +
 AdamW), profiled with torch.profiler after warm-up. Prints, per case, the wall time per step, the
 summed GPU kernel time per step (their difference is GPU idle time: host overhead or syncs) and
 the heaviest kernels, so a gap to the floor can be placed in a kernel or in the host.
@@ -8,13 +8,11 @@ usage: python benchmarks/profile_training.py [B,S,P ...]     (default 2,4096,128
 """
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_training as bt  # noqa: E402
+from prefix_kernels.bench import training as bt
 
 
 def profile_case(case, config, batch, seq, prefix_len, steps=3):

@@ -1,20 +1,14 @@
 """The scaling benchmark: its --quick smoke run (2 gloo processes) and the issue's verdicts."""
-import importlib.util
 import json
-import os
 import warnings
 
 import pytest
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_scaling.py")
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_scaling", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from prefix_kernels.bench import scaling
+    return scaling
 
 
 @pytest.mark.filterwarnings("ignore:Unable to enable fault handler")     # torchrun under pytest's capture

@@ -1,12 +1,10 @@
 """The training benchmark's --quick smoke run: every case runs and lands in the JSON and PNG."""
-import importlib.util
 import json
-import os
 import warnings
 
 import pytest
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_training.py")
+from prefix_kernels.bench import training as bench
 
 
 @pytest.fixture(autouse=True)
@@ -15,9 +13,6 @@ def _quiet():
 
 
 def test_quick_run_writes_every_case(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_training", _PATH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     assert bench.main(["--quick", "--warmup", "0", "--steps", "1", "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "training_quick.json").read_text())
     assert set(payload["environment"]) >= {"gpu", "torch", "triton", "transformers", "git_commit"}

@@ -1,8 +1,9 @@
 """decode_attention against a per-row float64 oracle.
 
 CPU (TRITON_INTERPRET=1): the Triton split-KV kernels, the reference path, dispatch and errors.
-GPU (-m gpu): the CUDA kernel in fp16/bf16, D = 64/128/256, a bank of 100, lengths up to 16k,
-forced splits with both combines, strided caches, CUDA graphs; and the Triton kernels.
+GPU (-m gpu): the CUDA kernel in fp16/bf16, D = 64/80/96/128/256, a bank of 100, lengths up to 16k,
+forced splits with both combines (with and without a DecodeWorkspace), strided caches, CUDA
+graphs captured without warm-up; and the Triton kernels.
 Low precision is judged by flash-attention's rule: error vs the fp64 oracle at most 2x PyTorch's
 own same-dtype error, plus a floor of one dtype epsilon at the output's scale.
 
@@ -254,6 +255,13 @@ BAD_INPUTS = {
     "index_range": (lambda c: dict(prefix_index=torch.tensor([0, 5, 1])), "bank has 5 entries"),
     "backend": (lambda c: dict(backend="fast"), "backend must be"),
     "splits": (lambda c: dict(num_splits=0), "num_splits"),
+    "workspace_type": (lambda c: dict(workspace=torch.zeros(64, dtype=torch.int32)),
+                       "workspace must be a DecodeWorkspace"),
+    "workspace_small": (lambda c: dict(workspace=dec.DecodeWorkspace("cpu", 2, 8, 2)),
+                        r"holds 4 counters but this launch \(batch=3, heads_q=8, heads_kv=2, "
+                        r"seqlen_q=1\) needs 6"),
+    "workspace_device": (lambda c: dict(workspace=dec.DecodeWorkspace("meta", 3, 8, 2)),
+                         "workspace is on meta but q is on cpu"),
 }
 
 
@@ -264,9 +272,32 @@ def test_bad_inputs_raise_clear_errors(name):
                 prefix_index=pidx)
     change, message = BAD_INPUTS[name]
     args.update(change(args))
-    kwargs = {key: args.pop(key) for key in ("prefix_index", "backend", "num_splits") if key in args}
+    kwargs = {key: args.pop(key) for key in ("prefix_index", "backend", "num_splits", "workspace")
+              if key in args}
     with pytest.raises(ValueError, match=message):
         decode_attention(*args.values(), **kwargs)
+
+
+def test_workspace_size_is_one_counter_per_block_row():
+    # batch * Hkv * ceil(G * Sq / 16): G*Sq = 4 -> 1 chunk, 24 -> 2, 16 -> exactly 1
+    assert dec.DecodeWorkspace.required(3, 8, 2, 1) == 6
+    assert dec.DecodeWorkspace.required(2, 32, 4, 3) == 16
+    assert dec.DecodeWorkspace.required(5, 16, 1, 1) == 5
+    assert dec.DecodeWorkspace.required(0, 8, 2) == 0
+    ws = dec.DecodeWorkspace("cpu", 4, 32, 4)
+    assert ws.size == 16 and ws.counters.dtype == torch.int32 and not ws.counters.any()
+    with pytest.raises(ValueError, match="heads_q a multiple of heads_kv"):
+        dec.DecodeWorkspace("cpu", 4, 6, 4)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if INTERPRET else []))
+def test_workspace_is_accepted_and_unused_off_the_cuda_kernel(backend):
+    case = make_case(SQ=2)
+    q, k, v, lens, pk, pv, pidx = case
+    ws = dec.DecodeWorkspace("cpu", 3, 8, 2, 2)
+    out = decode_attention(q, k, v, lens, pk, pv, prefix_index=pidx, backend=backend, workspace=ws)
+    assert torch.equal(out, decode_attention(q, k, v, lens, pk, pv, prefix_index=pidx, backend=backend))
+    assert not ws.counters.any()
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,7 +335,7 @@ GPU_SHAPES = {
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("D", [64, 80, 96, 128, 256])
 @pytest.mark.parametrize("shape", list(GPU_SHAPES))
 def test_cuda_vs_reference(dtype, D, shape):
     _cuda_ext()
@@ -318,7 +349,7 @@ def test_cuda_vs_reference(dtype, D, shape):
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("D,SQ", [(64, 1), (128, 1), (64, 4)])
+@pytest.mark.parametrize("D,SQ", [(64, 1), (80, 1), (96, 1), (128, 1), (64, 4), (96, 4)])
 def test_cuda_long_context(dtype, D, SQ):
     _cuda_ext()
     case = _gpu_case(dtype, D, 32, 4, SQ, [16384, 9001, 1, 4097])
@@ -333,15 +364,33 @@ def test_cuda_long_context(dtype, D, SQ):
 @needs_gpu
 @pytest.mark.parametrize("fused", [True, False], ids=["last_block_combines", "combine_kernel"])
 @pytest.mark.parametrize("num_splits", [1, 2, 13, 128])
-def test_cuda_forced_splits(num_splits, fused):
-    ext = _cuda_ext()
-    case = _gpu_case(torch.bfloat16, 128, 16, 2, 3, [2000, 0, 77, 1999, 5])
+@pytest.mark.parametrize("D", [80, 96, 128])     # float2 / 8-byte / 16-byte epilogue stores
+def test_cuda_forced_splits(num_splits, fused, D):
+    _cuda_ext()
+    case = _gpu_case(torch.bfloat16, D, 16, 2, 3, [2000, 0, 77, 1999, 5])
     q, k, v, lens_t, pk, pv, pidx = case
+    workspace = dec.DecodeWorkspace("cuda", 5, 16, 2, 3) if fused else None
     for _ in range(3):   # the counters must come back to zero for the next launch
-        out = dec._launch_cuda(ext, q.contiguous(), k, v, lens_t.cuda().int(), pk, pv,
-                               pidx.cuda().int(), q.shape[-1] ** -0.5, 0, num_splits,
-                               fused_combine=fused)
-        assert_fa_rule(out, *case, what=f"splits={num_splits} fused={fused}")
+        out = decode_attention(q, k, v, lens_t.cuda().int(), pk, pv, prefix_index=pidx.cuda().int(),
+                               backend="cuda", num_splits=num_splits, workspace=workspace)
+        assert_fa_rule(out, *case, what=f"D={D} splits={num_splits} fused={fused}")
+        if fused:
+            assert workspace.counters.count_nonzero().item() == 0
+
+
+@gpu
+@needs_gpu
+def test_cuda_workspace_serves_smaller_launches_and_stays_zero():
+    """One workspace sized for the largest launch serves smaller ones (fewer rows, Sq = 1)."""
+    _cuda_ext()
+    workspace = dec.DecodeWorkspace("cuda", 6, 32, 4, 4)
+    for lens, sq in (([900, 3, 0, 4000, 1, 77], 4), ([129, 2000], 1), ([5000, 17, 64], 3)):
+        case = _gpu_case(torch.float16, 64, 32, 4, sq, lens)
+        q, k, v, lens_t, pk, pv, pidx = case
+        out = decode_attention(q, k, v, lens_t, pk, pv, prefix_index=pidx, backend="cuda",
+                               num_splits=7, workspace=workspace)
+        assert_fa_rule(out, *case, what=f"workspace reuse B={len(lens)} Sq={sq}")
+        assert workspace.counters.count_nonzero().item() == 0
 
 
 @gpu
@@ -374,28 +423,31 @@ def test_cuda_bad_device_indices_give_nan_rows():
 
 @gpu
 @needs_gpu
-def test_cuda_graph_replay():
-    """Captured once, replayed with new queries and lengths: the in-kernel combine's counters
-    are per stream and reset by the kernel itself."""
+@pytest.mark.parametrize("workspace", [True, False], ids=["workspace", "no_workspace"])
+def test_cuda_graph_replay(workspace):
+    """Captured once with no warm-up launch, replayed with new queries and lengths: the
+    workspace made before capture is what the graph reads, and the kernel leaves it zero."""
     _cuda_ext()
     q, k, v, lens_t, pk, pv, pidx = _gpu_case(torch.bfloat16, 64, 32, 4, 1, [900, 17, 0, 640],
                                           smax=1024)
     lens_d = lens_t.cuda().int()
     pidx_d = pidx.cuda().int()
+    ws = dec.DecodeWorkspace("cuda", 4, 32, 4) if workspace else None
+    dec._extension()      # the build and the kernels' one-time attributes happen outside capture
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):   # warm-up on the capture stream creates its counters
-        decode_attention(q, k, v, lens_d, pk, pv, prefix_index=pidx_d, num_splits=8)
-    torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
-        out = decode_attention(q, k, v, lens_d, pk, pv, prefix_index=pidx_d, num_splits=8)
+        out = decode_attention(q, k, v, lens_d, pk, pv, prefix_index=pidx_d, num_splits=8,
+                               workspace=ws)
     for step in range(3):
         q.copy_(torch.randn_like(q))
         lens_d.add_(1)
         graph.replay()
         torch.cuda.synchronize()
         assert_fa_rule(out, q, k, v, lens_d.cpu().long(), pk, pv, pidx, what=f"replay {step}")
+        if ws is not None:
+            assert ws.counters.count_nonzero().item() == 0
 
 
 @gpu
@@ -419,7 +471,7 @@ def test_auto_picks_cuda_without_warning():
 @needs_gpu
 @pytest.mark.skipif(INTERPRET, reason="Triton on CUDA tensors needs TRITON_INTERPRET unset")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
 @pytest.mark.parametrize("shape", ["tinyllama_sq1", "mqa_sq3", "gqa_sq5_chunks"])
 def test_triton_gpu_vs_reference(dtype, D, shape):
     HQ, HKV, SQ, lens = GPU_SHAPES[shape]
@@ -445,3 +497,47 @@ def test_auto_without_extension_falls_back_to_triton(monkeypatch):
         assert_fa_rule(out, *case, what="auto -> triton")
     finally:
         _build.cuda_extension.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------
+# The custom op (prefix_kernels::decode_attention): what torch.compile sees
+# --------------------------------------------------------------------------------------------
+
+def test_custom_op_schema_fake_and_compile():
+    """opcheck: schema (the workspace counters declared mutated), fake tensor, dispatch; then a
+    fullgraph compile through the op equals the eager function."""
+    q, k, v, lens, pk, pv, pidx = make_case(B=3, HQ=8, HKV=2, D=32, SMAX=20, P=3, N=4)
+    ws = dec.DecodeWorkspace("cpu", 3, 8, 2)
+    args = (q, k, v, lens, pk, pv, pidx, 0.2, "reference", 20, ws.counters)
+    torch.library.opcheck(dec.decode_attention_op, args)
+    want = decode_attention(q, k, v, lens, pk, pv, prefix_index=pidx, scale=0.2, backend="reference")
+    compiled = torch.compile(lambda *a: dec.decode_attention_op(*a) * 2, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), 2 * want)
+    torch.testing.assert_close(dec.decode_attention_op(*args[:-1], None), want)
+
+
+@gpu
+@needs_gpu
+def test_custom_op_compiled_in_cuda_graph():
+    """inductor around the op (CUDA kernel, the workspace's fused combine), captured in a CUDA
+    graph with no warm-up launch of the kernel on the capture stream, replayed with new inputs."""
+    _cuda_ext()
+    q, k, v, lens_t, pk, pv, pidx = _gpu_case(torch.bfloat16, 64, 32, 4, 1, [300, 17, 0, 640], smax=1024)
+    lens_d, pidx_d = lens_t.cuda().int(), pidx.cuda().int()
+    ws = dec.DecodeWorkspace("cuda", 4, 32, 4)
+    fn = torch.compile(lambda q: dec.decode_attention_op(q * 1.0, k, v, lens_d, pk, pv, pidx_d, 0.125, "auto",
+                                                         1024, ws.counters), fullgraph=True)    # 0.125 = 1/sqrt(64)
+    fn(q)                       # compiles (on the default stream)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = fn(q)
+    for step in range(2):
+        q.copy_(torch.randn_like(q))
+        lens_d.add_(1)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_fa_rule(out, q, k, v, lens_d.cpu().long(), pk, pv, pidx, what=f"replay {step}")
+        assert ws.counters.count_nonzero().item() == 0

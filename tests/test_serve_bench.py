@@ -1,12 +1,10 @@
 """The end-to-end decode benchmark's --quick smoke run: every case runs and lands in the JSON and PNG."""
-import importlib.util
 import json
-import os
 import warnings
 
 import pytest
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_decode.py")
+from prefix_kernels.bench import decode as bench
 
 
 @pytest.fixture(autouse=True)
@@ -15,9 +13,6 @@ def _quiet():
 
 
 def test_quick_run_writes_every_case(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_decode", _PATH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     assert bench.main(["--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "decode_e2e_quick.json").read_text())
     assert set(payload["environment"]) >= {"device", "torch", "triton", "transformers", "git_commit"}
@@ -25,9 +20,12 @@ def test_quick_run_writes_every_case(tmp_path):
     assert {(r["B"], r["N"], r["case"]) for r in rows} == {
         (1, 1, "engine"), (1, 1, "peft"), (1, "-", "hf-generate"),
         (4, 1, "engine"), (4, 2, "engine"), (4, 4, "engine"), (4, 1, "peft"), (4, 2, "peft"), (4, 4, "peft"),
-        (4, "-", "hf-generate")}
+        (4, "-", "hf-generate"), (1, "-", "hf-compiled"), (1, "-", "plain-step"), (4, "-", "hf-compiled"),
+        (4, "-", "plain-step")}
     for row in rows:
         assert "error" not in row, row
         assert row["tokens_per_s"] > 0
     assert any(v.startswith("required B=4 N=2") for v in payload["verdicts"])
+    assert any(v.startswith("required B=4: engine step") for v in payload["verdicts"])
+    assert {r["case"] for r in payload["decode_steps"]} >= {"engine N=4", "hf-compiled", "plain-step"}
     assert (tmp_path / "decode_e2e_quick.png").stat().st_size > 1000

@@ -1,10 +1,12 @@
 """What every benchmark needs: the environment record, timing, a table, JSON and a plot."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,10 +23,12 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "git_commit": git_commit(),
     }
+    from importlib.metadata import PackageNotFoundError, version
+
     for name in ("triton", "transformers", "peft"):
         try:
-            env[name] = __import__(name).__version__
-        except ImportError:
+            env[name] = version(name)         # without importing it (peft alone takes seconds)
+        except PackageNotFoundError:
             env[name] = None
     return env
 
@@ -99,3 +103,75 @@ def tinyllama_config(max_position_embeddings: int):
     return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                        num_attention_heads=32, num_key_value_heads=4,
                        max_position_embeddings=max_position_embeddings)
+
+
+def tiny_llama_config(max_position_embeddings: int):
+    """The --quick runs' model: a 2-layer Llama small enough for a CPU smoke run."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=max_position_embeddings)
+
+
+def parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """Every benchmark's argument parser: `prefix-kernels bench NAME`, its docstring as the
+    description, defaults shown in --help."""
+    from ..cli_common import parser as cli_parser
+
+    return cli_parser(prog, doc)
+
+
+_BENCH_EXTRA = "(pip install 'prefix-kernels[bench]')"
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a one-line note) when it is missing:
+    plotting is the `bench` extra, not a dependency of the kernels."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no plot {_BENCH_EXTRA}", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path) -> None:
+    """The end of every plot: tight layout, 120 dpi PNG, figure closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class _PlainProgress:
+    """What the benchmarks use of tqdm, when tqdm is missing: iterate, a postfix, write a line."""
+
+    def __init__(self, iterable, **_):
+        self._iterable = iterable
+
+    def __iter__(self):
+        return iter(self._iterable)
+
+    def set_postfix_str(self, _text: str) -> None:
+        pass
+
+    @staticmethod
+    def write(line: str, file=None) -> None:
+        print(line, file=file or sys.stderr)
+
+    def close(self) -> None:
+        pass
+
+
+def progress(iterable, **kwargs):
+    """A tqdm progress bar over iterable, or a plain iterator when tqdm (the `bench` extra) is missing."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(f"tqdm is not installed: no progress bar {_BENCH_EXTRA}", file=sys.stderr)
+        return _PlainProgress(iterable)
+    return tqdm(iterable, **kwargs)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Optional
 
 import torch
@@ -28,7 +27,7 @@ from .utils import LOG2E, interpreting as _interpreting, sm_count, warn_once as 
 log = logging.getLogger("prefix_kernels")
 
 MAX_DECODE_QUERIES = 16            # Sq per row; longer query blocks are prefill: prefix_attention
-CUDA_HEAD_DIMS = (64, 128, 256)
+CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 128
@@ -217,34 +216,10 @@ def _launch_triton(q, k_cache, v_cache, seqlens, prefix_k, prefix_v, prefix_inde
     return out
 
 
-# Counter buffers of the CUDA kernel's in-kernel combine, per (device, stream): the last block of
-# each (row, head, chunk) resets its counter, so a buffer is reusable by the next launch in
-# stream order, and never shared by two streams.
-_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _combine_counters(q, needed: int) -> Optional[torch.Tensor]:
-    if os.environ.get("PREFIX_KERNELS_DECODE_COMBINE") == "kernel":
-        return None
-    stream = torch.cuda.current_stream(q.device)
-    key = (q.device.index, stream.cuda_stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < needed:
-        if torch.cuda.is_current_stream_capturing():
-            # allocating (and zeroing) inside a graph capture would tie the buffer to the graph;
-            # a warm-up call on this stream before capture creates it (the usual recipe)
-            return None
-        buf = torch.zeros(max(needed, 4096), device=q.device, dtype=torch.int32)
-        _COUNTERS[key] = buf
-    return buf
-
-
 def _launch_cuda(ext, q, k_cache, v_cache, seqlens, prefix_k, prefix_v, prefix_index, scale,
-                 max_seqlen, num_splits, fused_combine=True):
-    b, hq, sq, _ = q.shape
-    hkv = k_cache.shape[1]
-    m_chunks = triton.cdiv((hq // hkv) * sq, ext.M_TILE)
-    counters = _combine_counters(q, b * hkv * m_chunks) if fused_combine else None
+                 max_seqlen, num_splits, counters=None):
+    """counters: a DecodeWorkspace's int32 buffer (the last block of a split merges), or None
+    (a separate combine kernel merges)."""
     return ext.decode_attention_fwd(q, k_cache, v_cache, seqlens, prefix_k, prefix_v,
                                     prefix_index, float(scale), int(num_splits or 0),
                                     int(max_seqlen or 0), counters)
@@ -279,6 +254,76 @@ def reference_decode_attention(q, k_cache, v_cache, cache_seqlens, prefix_k, pre
     return reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index,
                                       key_padding_mask=mask.to(q.device), scale=scale,
                                       causal=True, upcast=upcast)
+
+
+# --------------------------------------------------------------------------------------------
+# The caller's workspace
+# --------------------------------------------------------------------------------------------
+
+CUDA_M_TILE = 16     # query rows per block of the CUDA kernel (csrc M_TILE): one counter per block
+
+
+class DecodeWorkspace:
+    """Scratch memory that the caller owns for `decode_attention`'s CUDA kernel (as flashinfer's
+    `float_workspace_buffer`): the counters of its in-kernel combine.
+
+    When a launch splits the keys, the last block of each (row, KV head, 16-query chunk) to
+    finish merges the splits, found by an atomic counter that it sets back to 0: the buffer,
+    zeroed once here, is zero again after every launch and serves the next one in stream order.
+    Create it outside any CUDA graph capture; a captured launch then reads its fixed address.
+    One workspace serves one stream at a time (launches running concurrently on two streams
+    need one each).
+
+    Args:
+        device: where the kernel runs.
+        batch, heads_q, heads_kv, seqlen_q: the largest launch it serves; any smaller launch
+            (fewer rows or queries) fits too.
+
+    Attributes:
+        counters: int32 [size] on `device`, all zero between launches.
+    """
+
+    def __init__(self, device, batch: int, heads_q: int, heads_kv: int, seqlen_q: int = 1):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.size = self.required(batch, heads_q, heads_kv, seqlen_q)
+        self.counters = torch.zeros(max(self.size, 1), dtype=torch.int32, device=self.device)
+
+    @staticmethod
+    def required(batch: int, heads_q: int, heads_kv: int, seqlen_q: int = 1) -> int:
+        """Counters a launch needs: batch * heads_kv * ceil(heads_q / heads_kv * seqlen_q / 16)."""
+        if min(batch, heads_q, heads_kv, seqlen_q) < 0 or heads_kv == 0 or heads_q % heads_kv:
+            raise ValueError(f"DecodeWorkspace: need batch, seqlen_q >= 0 and heads_q a multiple of "
+                             f"heads_kv >= 1, got batch={batch}, heads_q={heads_q}, "
+                             f"heads_kv={heads_kv}, seqlen_q={seqlen_q}")
+        return batch * heads_kv * -(-(heads_q // heads_kv) * seqlen_q // CUDA_M_TILE)
+
+    @classmethod
+    def over(cls, counters: torch.Tensor) -> "DecodeWorkspace":
+        """A workspace over existing counters (int32, all zero): how the custom op, which takes
+        tensors only, gets its caller's workspace back."""
+        workspace = cls.__new__(cls)
+        workspace.device, workspace.size, workspace.counters = counters.device, counters.numel(), counters
+        return workspace
+
+    def __repr__(self) -> str:
+        return f"DecodeWorkspace(device={self.device}, counters={self.size})"
+
+
+def _check_workspace(workspace, q, heads_kv):
+    if workspace is None:
+        return
+    if not isinstance(workspace, DecodeWorkspace):
+        _fail(f"workspace must be a DecodeWorkspace or None, got {type(workspace).__name__}")
+    if workspace.device != q.device:
+        _fail(f"the workspace is on {workspace.device} but q is on {q.device}: create one per device")
+    b, hq, sq, _ = q.shape
+    needed = DecodeWorkspace.required(b, hq, heads_kv, sq)
+    if workspace.counters.numel() < needed:
+        _fail(f"the workspace holds {workspace.counters.numel()} counters but this launch (batch={b}, "
+              f"heads_q={hq}, heads_kv={heads_kv}, seqlen_q={sq}) needs {needed}: create "
+              f"DecodeWorkspace(device, batch, heads_q, heads_kv, seqlen_q) for the largest launch")
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,7 +455,7 @@ def select_backend(q, k_cache, v_cache, prefix_k, prefix_v, backend="auto") -> t
 # --------------------------------------------------------------------------------------------
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix_v, *, prefix_index=None,
-                     scale=None, backend="auto", max_seqlen=None, num_splits=None):
+                     scale=None, backend="auto", max_seqlen=None, num_splits=None, workspace=None):
     """Attention of a few new queries per row over the row's prefix and its static KV cache.
 
     Row b attends to the P slots of bank entry prefix_index[b] (always visible, no mask) and to
@@ -437,6 +482,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix_v, *, 
         max_seqlen: optional host-side upper bound of cache_seqlens: sizes the key split without
             reading the lengths (default: their max when on the CPU, else max_cache_len).
         num_splits: force the number of key splits (1..128); default: chosen to fill the GPU.
+        workspace: a DecodeWorkspace on q's device, sized for this launch or larger: the CUDA
+            kernel's last block of each split group merges the splits (no extra launch). None:
+            a separate combine kernel merges them (one more launch, no state kept anywhere).
+            Checked on every path; only the CUDA kernel uses it.
 
     Returns:
         (batch, heads_q, seqlen_q, head_dim), dtype of q, contiguous.
@@ -450,6 +499,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix_v, *, 
         _fail(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
     max_cache_len = k_cache.shape[2]
     _check_index_values(cache_seqlens, prefix_index, max_cache_len, prefix_k.shape[0])
+    _check_workspace(workspace, q, k_cache.shape[1])
 
     path, why = select_backend(q, k_cache, v_cache, prefix_k, prefix_v, backend)
     if path == "cuda":
@@ -470,6 +520,34 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix_v, *, 
         prefix_index = prefix_index.to(device=q.device, dtype=torch.int32, non_blocking=True)
     if path == "cuda":
         return _launch_cuda(_extension()[0], q.contiguous(), k_cache, v_cache, seqlens.contiguous(),
-                            prefix_k, prefix_v, prefix_index, scale, max_seqlen, num_splits)
+                            prefix_k, prefix_v, prefix_index, scale, max_seqlen, num_splits,
+                            None if workspace is None else workspace.counters)
     return _launch_triton(q, k_cache, v_cache, seqlens, prefix_k, prefix_v, prefix_index, scale,
                           prefix_k.shape[2] + max_seqlen, num_splits)
+
+
+# --------------------------------------------------------------------------------------------
+# Custom op: decode attention inside a compiled graph
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("prefix_kernels::decode_attention", mutates_args=("workspace_counters",))
+def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        cache_seqlens: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                        prefix_index: Optional[torch.Tensor], scale: float, backend: str,
+                        max_seqlen: Optional[int], workspace_counters: Optional[torch.Tensor]
+                        ) -> torch.Tensor:
+    """`decode_attention` as one opaque node of a `torch.compile` graph: the same arguments, all
+    positional (prefix_k/prefix_v [N, Hkv, P, D]), the workspace as its counter tensor
+    (`DecodeWorkspace.counters`, or None), which the CUDA kernel uses and leaves zero. The kernel
+    choice and the input checks run when the graph runs (once, at capture, under a CUDA graph);
+    the result is a new tensor [B, Hq, Sq, D], contiguous, never a view of an input."""
+    workspace = None if workspace_counters is None else DecodeWorkspace.over(workspace_counters)
+    return decode_attention(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix_v,
+                            prefix_index=prefix_index, scale=scale, backend=backend,
+                            max_seqlen=max_seqlen, workspace=workspace)
+
+
+@decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix_v, prefix_index, scale, backend,
+      max_seqlen, workspace_counters):
+    return q.new_empty(q.shape)

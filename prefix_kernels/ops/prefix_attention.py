@@ -16,6 +16,7 @@ import torch
 import triton
 
 from . import prefix_attention_kernels as kernels
+from . import split_attention
 from .prefix_attention_inputs import (as_prefix_index, check_features, check_inputs, padding_mask_as_bool,
                                       triton_unsupported_reason as _triton_unsupported_reason)
 from .reference import reference_prefix_attention
@@ -47,6 +48,21 @@ _CANDIDATES = {
              128: [_config(64, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 128, 4, 3), _config(64, 128, 8, 2)],
              256: [_config(64, 64, 8, 2), _config(32, 64, 4, 2), _config(32, 32, 4, 2)]},
 }
+# Hopper candidates (issue 10, design 2), appended after the ones above: deeper pipelines and
+# 8 warps at D=128, after Triton's fused-attention tutorial on H100 (fwd 128x128, 8 warps, 3-4
+# stages; bwd 32x128 dK/dV and 128x32 dQ at 4-5 stages). Configs over the shared memory of a GPU
+# fail to compile and autotune skips them; benchmarks/probe_split.py prints which ones win.
+_HOPPER_CANDIDATES = {
+    "fwd": {64: [_config(128, 128, 8, 3), _config(128, 64, 4, 4)],
+            128: [_config(128, 64, 8, 4), _config(128, 128, 8, 4)]},
+    "dq": {64: [_config(128, 64, 4, 4), _config(128, 128, 8, 3)],
+           128: [_config(128, 64, 8, 4), _config(128, 128, 8, 3)]},
+    "dkdv": {64: [_config(32, 128, 4, 5), _config(64, 128, 4, 4)],
+             128: [_config(32, 128, 4, 5), _config(64, 128, 8, 4)]},
+}
+for _name, _table in _HOPPER_CANDIDATES.items():
+    for _cls, _configs in _table.items():
+        _CANDIDATES[_name][_cls].extend(_configs)
 # 16x16 blocks under the interpreter: small test shapes then span several blocks.
 _INTERPRET_CONFIG = _config(16, 16, 4, 1)
 _FEATURES = ["HEAD_DIM", "seq_bucket", "CAUSAL", "HAS_KPM", "DROPOUT", "SOFTCAP", "HAS_WINDOW", "HAS_SEGMENTS"]
@@ -375,8 +391,8 @@ _prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padding_mask=None,
-                     scale=None, causal=True, backend="auto", dropout_p=0.0, softcap=None, window=None,
-                     segment_start=None):
+                     scale=None, causal=True, backend="auto", dropout_p=0.0, path=None, softcap=None,
+                     window=None, segment_start=None):
     """Attention over a per-row prefix from a prefix bank plus the row's own keys.
 
     Args:
@@ -414,6 +430,13 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padd
             see each other; each sees its row's prefix. Blocks before a query block's earliest
             start are skipped. Build it with segment_start_from_position_ids or
             segment_start_from_cu_seqlens (ops/segments.py). Needs causal.
+        path: how the Triton backend runs: "fused" (our kernels for all keys), "split" (the
+            vendor's cuDNN kernel does the attention, the prefix padded into the same call or
+            merged by log-sum-exp: ops/split_attention.py; needs fp16/bf16, no key padding,
+            causal only with Sq == Sk, determinism not requested; other calls run fused,
+            announced once), or "auto" (the faster for the shape). None reads
+            PREFIX_KERNELS_ATTENTION (default "auto"). Calls with dropout, softcap, a window or
+            segments run fused.
 
     Returns:
         (batch, heads_q, seqlen_q, head_dim), dtype of q. Gradients flow to q, k, v and to the
@@ -448,6 +471,12 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padd
     if prefix_index is not None:
         prefix_index = prefix_index.to(q.device, non_blocking=True)
     dropout_p = float(dropout_p)
+    split = split_attention.split_plan(path, q, k, prefix_k, key_padding_mask, causal,
+                                       dropout=dropout_p > 0, softcap=softcap, window=window,
+                                       segments=segment_start is not None)
+    if split is not None:
+        return split_attention.split_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index,
+                                                      float(scale), bool(causal), split)
     rng = draw_rng() if dropout_p > 0 else None
     if torch.compiler.is_compiling():
         out, _ = _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,

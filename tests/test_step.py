@@ -1,0 +1,275 @@
+"""The hand-fused decode step (serve/step.py) against the patched HF model, on tiny random models.
+
+CPU: eager and torch.compile(backend="aot_eager") steps == the patched model's own logits (fp32,
+mixed prefixes, rows at different positions, two steps in a row so the cache write is read
+back), the weight fusion (no copy, the model unchanged, reversible), sampling inside the step.
+GPU (-m gpu): inductor + CUDA graphs, fp32 exact greedy tokens and bf16 logits within tolerance.
+"""
+from __future__ import annotations
+
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+
+from conftest import requires_gpu
+from hf_tiny import VOCAB, tiny_model
+from prefix_kernels.integrations import transformers as hf
+from prefix_kernels.serve.sampling import sample
+from prefix_kernels.serve.step import DecodeStep, StepOptions, fuse_linears, unfuse_weights, unsupported_reason
+
+P, SMAX = 4, 24
+LENS, ROWS = [5, 9, 1], [2, 0, 2]         # rows at different positions, entries shared and not
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*deprecated.*")
+
+
+class Case:
+    """A patched tiny model with a 3-entry bank, the prompts' keys/values in a [L, B, Hkv, Smax, D]
+    cache (from the model's own cached forward, one row at a time), and its oracle."""
+
+    def __init__(self, family, dtype=torch.float32, device="cpu", lens=LENS, rows=ROWS):
+        self.model = tiny_model(family, dtype=dtype).to(device)
+        self.bank = hf.patch_model(self.model, P, names=["a", "b", "c"], init="random")
+        self.bank.requires_grad_(False).to(dtype)
+        self.device, self.dtype = torch.device(device), dtype
+        g = torch.Generator().manual_seed(3)
+        self.prompts = [torch.randint(2, VOCAB, (n,), generator=g) for n in lens]
+        self.rows = rows
+        attn = self.model.model.layers[0].self_attn
+        cfg = self.model.config
+        shape = (cfg.num_hidden_layers, len(lens), cfg.num_key_value_heads, SMAX, attn.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        with torch.no_grad():
+            for b, (ids, row) in enumerate(zip(self.prompts, rows)):
+                cache = self.model(input_ids=ids[None].to(device), prefix_ids=[row], use_cache=True).past_key_values
+                for i, layer in enumerate(cache.layers):
+                    self.k[i, b, :, :len(ids)] = layer.keys[0]
+                    self.v[i, b, :, :len(ids)] = layer.values[0]
+
+    def step(self, **options):
+        backend = "reference" if self.device.type == "cpu" else "auto"
+        return DecodeStep(self.model, self.k, self.v, self.bank.prefix, offset=hf.position_offset(self.model),
+                          backend=backend, options=StepOptions(**options))
+
+    def inputs(self, tokens, done):
+        """Step inputs after `done` decode steps: tokens [B], positions, seqlens, rows."""
+        pos = torch.tensor([len(p) + done for p in self.prompts], device=self.device)
+        return (torch.tensor(tokens, device=self.device), pos, pos + 1,
+                torch.tensor(self.rows, device=self.device))
+
+    @torch.no_grad()
+    def oracle(self, new_tokens):
+        """Last-position logits of the patched model over prompt + new tokens, per row."""
+        out = []
+        for ids, row, new in zip(self.prompts, self.rows, new_tokens):
+            seq = torch.cat([ids, torch.tensor(new)])[None].to(self.device)
+            out.append(self.model(input_ids=seq, prefix_ids=[row]).logits[0, -1])
+        return torch.stack(out)
+
+
+def check_two_steps(case, step, atol=2e-5):
+    first, second = [7, 8, 9], [11, 12, 13]
+    with torch.no_grad():
+        got1 = step.logits(*case.inputs(first, 0))
+        got2 = step.logits(*case.inputs(second, 1))
+    want1 = case.oracle([[t] for t in first])
+    want2 = case.oracle([[a, b] for a, b in zip(first, second)])
+    torch.testing.assert_close(got1.float(), want1.float(), atol=atol, rtol=1e-5)
+    torch.testing.assert_close(got2.float(), want2.float(), atol=atol, rtol=1e-5)
+    return got1
+
+
+# -- the eager step, every family ------------------------------------------------------------
+
+@pytest.mark.parametrize("family,fuse", [("llama", True), ("llama", False), ("mistral", True), ("qwen2", True),
+                                         ("qwen3", True), ("phi3", True), ("gemma", True)])
+def test_eager_step_matches_patched_model(family, fuse):
+    case = Case(family)
+    logits = check_two_steps(case, case.step(compiler=None, fuse=fuse))
+    assert (logits[0] - logits[2]).abs().max() > 1e-3      # rows differ: the inputs matter
+
+
+def test_prefix_entry_matters():
+    case = Case("llama", rows=[0, 1, 2], lens=[4, 4, 4])
+    case.prompts = [case.prompts[0]] * 3
+    for b in range(3):                                      # same tokens, three prefixes
+        case.k[:, b], case.v[:, b] = case.k[:, 0], case.v[:, 0]
+    with torch.no_grad():                                   # one cache, token and position; three entries
+        logits = case.step(compiler=None).logits(*case.inputs([5, 5, 5], 0))
+    assert (logits[0] - logits[1]).abs().max() > 1e-3 and (logits[1] - logits[2]).abs().max() > 1e-3
+
+
+# -- compiled (aot_eager on the CPU: the graph dynamo and AOT autograd build, run eagerly) -----
+
+@pytest.mark.parametrize("family,per_layer,batches", [("llama", True, (1, 2)), ("qwen3", True, ()),
+                                                    ("phi3", False, ())])
+def test_compiled_step_matches_patched_model(family, per_layer, batches):
+    torch._dynamo.reset()
+    case = Case(family)
+    step = case.step(compiler="aot_eager", per_layer=per_layer)
+    check_two_steps(case, step)
+    with torch.no_grad():                                   # B=1 recompiles, B=2 reuses the dynamic graph
+        for batch in batches:
+            tokens, pos, seqlens, rows = case.inputs([7, 8, 9], 0)
+            got = step.logits(tokens[:batch], pos[:batch], seqlens[:batch], rows[:batch])
+            torch.testing.assert_close(got, case.oracle([[7], [8], [9]])[:batch], atol=2e-5, rtol=1e-5)
+
+
+# -- weights: fused as views, no second copy, the model unchanged --------------------------------
+
+def test_fused_weights_are_views_of_one_storage():
+    model = tiny_model("llama")
+    x = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        want = model(x).logits
+    attn = model.model.layers[0].self_attn
+    old = weakref.ref(attn.q_proj.weight)
+    params = sum(p.numel() for p in model.parameters())
+    fused, bias = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+    gc.collect()
+    assert old() is None, "the unfused weight must be freed (no second copy)"
+    assert bias is None and fused.shape == (attn.q_proj.out_features + 2 * attn.k_proj.out_features, 64)
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == params
+    again, _ = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+    assert again.data_ptr() == fused.data_ptr()             # found, not rebuilt
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, want, atol=0, rtol=0)
+    unfuse_weights(model)
+    assert attn.q_proj.weight.untyped_storage().data_ptr() != attn.k_proj.weight.untyped_storage().data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, want, atol=0, rtol=0)
+
+
+def test_fused_qkv_bias():                                   # Qwen2: q/k/v carry biases
+    model = tiny_model("qwen2")
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+        w, b = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        torch.testing.assert_close(torch.nn.functional.linear(x, w, b), want)
+
+
+def test_unsupported_families_say_why():
+    assert "gpt2" in unsupported_reason(tiny_model("gpt2"))
+    model = tiny_model("gemma2")
+    hf.patch_model(model, P)
+    with pytest.raises(NotImplementedError, match="gemma2"):
+        DecodeStep(model, torch.zeros(1), torch.zeros(1), torch.zeros(1), offset=P)
+
+
+def test_dtype_mismatch_is_an_error():
+    case = Case("llama")
+    with pytest.raises(ValueError, match="k_cache is torch.float16"):
+        DecodeStep(case.model, case.k.half(), case.v, case.bank.prefix, offset=P)
+
+
+# -- sampling inside the step --------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampling", ["greedy", "sampled", "filtered"])
+def test_sampling_in_step_equals_sampling_its_logits(sampling):
+    case = Case("llama")
+    step = case.step(compiler=None)
+    b = len(LENS)
+    temperature = torch.tensor([0.0, 0.7, 1.3])
+    top_k, top_p = torch.tensor([0, 5, 0]), torch.tensor([1.0, 1.0, 0.8])
+    seeds, steps = torch.tensor([1, 2, 3]), torch.tensor([0, 4, 9])
+    out = torch.zeros(b, dtype=torch.long)
+    with torch.no_grad():
+        logits = step.logits(*case.inputs([7, 8, 9], 0))
+        tokens = step(*case.inputs([7, 8, 9], 0), temperature, top_k, top_p, seeds, steps, out=out, sampling=sampling)
+    want = sample(logits, temperature, top_k, top_p, seeds, steps, any_sampled=sampling != "greedy",
+                  any_filtered=sampling == "filtered")
+    assert tokens.tolist() == want.tolist() == out.tolist()
+    assert tokens[0] == logits[0].argmax()                  # temperature 0 is greedy in every variant
+
+
+# -- GPU: inductor and CUDA graphs ---------------------------------------------------------------
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
+def test_gpu_compiled_graph_greedy_fp32(family):
+    """fp32: the captured inductor step's greedy tokens over 6 steps == the patched model's."""
+    from prefix_kernels.serve.graphs import GraphCache
+
+    torch._dynamo.reset()
+    case = Case(family, device="cuda")
+    step = case.step(compiler="inductor")
+    tokens, pos, seqlens, rows = case.inputs([7, 8, 9], 0)
+    graphs = GraphCache(case.device)
+    history = [[7], [8], [9]]
+    with torch.no_grad():
+        graphs.capture("g", lambda: step(tokens, pos, seqlens, rows, out=tokens), preserve=[tokens])
+        for _ in range(6):
+            want = case.oracle(history).argmax(-1)
+            got = graphs.replay("g")
+            assert got.tolist() == want.tolist() == tokens.tolist()
+            for h, t in zip(history, want.tolist()):
+                h.append(t)
+            pos += 1
+            seqlens += 1
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_compiled_logits_low_precision(dtype):
+    """bf16/fp16: compiled logits within 2x the eager step's own error against the fp32 step."""
+    torch._dynamo.reset()
+    ref_case = Case("llama", dtype=torch.float32, device="cuda")
+    with torch.no_grad():
+        want = ref_case.step(compiler=None).logits(*ref_case.inputs([7, 8, 9], 0)).float()
+    case = Case("llama", dtype=dtype, device="cuda")
+    with torch.no_grad():
+        eager = case.step(compiler=None).logits(*case.inputs([7, 8, 9], 0)).float()
+        compiled = case.step(compiler="inductor").logits(*case.inputs([7, 8, 9], 0)).float()
+    floor = torch.finfo(dtype).eps * want.abs().max()
+    assert (compiled - want).abs().max() <= 2 * (eager - want).abs().max() + floor
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("sampling", ["greedy", "filtered"])
+def test_gpu_graph_replay_equals_direct_call(sampling):
+    """bf16: replaying the captured step gives the tokens of calling the compiled step directly."""
+    from prefix_kernels.serve.graphs import GraphCache
+
+    torch._dynamo.reset()
+    case = Case("llama", dtype=torch.bfloat16, device="cuda")
+    step = case.step(compiler="inductor")
+    dev = case.device
+    sampling_inputs = (torch.tensor([0.0, 0.7, 1.3], device=dev), torch.tensor([0, 5, 0], device=dev),
+                       torch.tensor([1.0, 1.0, 0.8], device=dev), torch.tensor([1, 2, 3], device=dev),
+                       torch.tensor([0, 4, 9], device=dev))
+    with torch.no_grad():
+        direct = step(*case.inputs([7, 8, 9], 0), *sampling_inputs, sampling=sampling).clone()
+        tokens, pos, seqlens, rows = case.inputs([7, 8, 9], 0)
+        graphs = GraphCache(dev)
+        out = graphs.capture("g", lambda: step(tokens, pos, seqlens, rows, *sampling_inputs, out=tokens,
+                                               sampling=sampling), preserve=[tokens])
+        graphs.replay("g")
+    assert out.tolist() == direct.tolist() == tokens.tolist()
+
+
+def test_bad_inputs_are_named():
+    case = Case("llama")
+    step = case.step(compiler=None)
+    tokens, pos, seqlens, rows = case.inputs([7, 8, 9], 0)
+    with pytest.raises(ValueError, match="positions must be a torch.int64 tensor of shape \\[3\\]"):
+        step(tokens, pos[:2], seqlens, rows)
+    with pytest.raises(ValueError, match="temperature must be a torch.float32"):
+        step(tokens, pos, seqlens, rows, sampling="sampled")
+    with pytest.raises(ValueError, match="the cache has 3 slots"):
+        step(*(torch.zeros(4, dtype=torch.long) for _ in range(4)))
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        step(tokens, pos, seqlens, rows, sampling="beam")
