@@ -243,3 +243,48 @@ def test_packed_with_a_cache_or_several_rows_of_cu_seq_lens_raises():
     model(input_ids=ids[:1, :3], past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match="with a KV cache"):
         model(input_ids=ids[:1], position_ids=torch.tensor([[3, 4, 0, 1, 2, 3]]), past_key_values=cache)
+
+
+# -- GPU: the kernels inside models ----------------------------------------------------------------
+
+GPU_MODEL_CASES = {
+    "gemma2_softcap": ("gemma2", dict(attn_logit_softcapping=0.1), False),
+    "mistral_window": ("mistral", dict(sliding_window=16), False),
+    "llama_packed": ("llama", {}, True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", GPU_MODEL_CASES)
+def test_models_on_the_gpu_match_the_reference_backend(case):
+    family, overrides, packed = GPU_MODEL_CASES[case]
+    model = tiny_model(family, **overrides).cuda()
+    bank = pk.patch_model(model, P, backend="triton")
+    with torch.no_grad():
+        bank.prefix.normal_(0, 0.5)
+    ids = torch.randint(2, VOCAB, (1 if packed else 2, 57), device="cuda")
+    kw = dict(position_ids=torch.tensor([list(range(20)) + list(range(37))], device="cuda")) if packed else {}
+    got = model(input_ids=ids, **kw).logits
+    model.__dict__["_prefix_kernels_state"].backend = "reference"
+    want = model(input_ids=ids, **kw).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpt2_with_attention_dropout_trains_on_the_gpu_in_bf16():
+    model = tiny_model("gpt2", attn_pdrop=0.1, dtype=torch.bfloat16).cuda()
+    bank = pk.patch_model(model, P)
+    model.train()
+    ids, mask, labels = (t.cuda() for t in padded_batch(batch=4, seq=40))
+    opt = torch.optim.Adam(bank.parameters(), lr=5e-2)
+    losses = []
+    for _ in range(10):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        assert torch.isfinite(bank.prefix.grad).all()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
