@@ -36,6 +36,7 @@ import time
 import torch
 
 from . import loadgen
+from . import common
 from .common import environment, format_table, results_dir, write_json
 
 REQUIRED_RATIO = 0.9
@@ -150,12 +151,9 @@ def verdicts(rows) -> list[str]:
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     conc = [r for r in rows if r["mode"] == "concurrency" and "tokens_per_s" in r]
-    if not conc:
+    plt = common.pyplot() if conc else None         # matplotlib is the `bench` extra
+    if plt is None:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     cs = [r["C"] for r in conc]
@@ -175,9 +173,7 @@ def plot(rows, path):
     ax2.set_xlabel("concurrent clients")
     ax2.set_title("latency through HTTP, ms (lower is better)")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
     return True
 
 

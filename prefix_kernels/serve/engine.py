@@ -174,9 +174,10 @@ class Engine:
 
     @property
     def prefixes(self) -> list[str]:
+        """Names of the prefixes being served."""
         return self.rows.names
 
-    def add_prefix(self, name: str, prefix) -> None:
+    def add_prefix(self, name: str, prefix: "str | torch.Tensor") -> None:
         """Add (or replace) a prefix while serving: an adapter folder or a tensor [L, 2, Hkv, P, D].
 
         Replacing a name gives new requests the new prefix; requests in flight keep the old one.
@@ -196,7 +197,7 @@ class Engine:
 
     # -- submission ----------------------------------------------------------------------------
 
-    def submit(self, prompt, prefix: str, params: SamplingParams | None = None, *, stream: bool = False) -> Request:
+    def submit(self, prompt: str | list[int], prefix: str, params: SamplingParams | None = None, *, stream: bool = False) -> Request:
         """Queue a request: `prompt` is text (needs a tokenizer) or a list of token ids.
 
         Raises UnknownPrefix, PromptTooLong, QueueFull, EngineClosed or ValueError; never blocks.
@@ -208,7 +209,9 @@ class Engine:
             prompt = self.tokenizer.encode(prompt)
         return self._submit_ids(list(prompt), prefix, params, stream)
 
-    def submit_chat(self, messages, prefix: str, params: SamplingParams | None = None, *, stream=False) -> Request:
+    def submit_chat(self, messages: list[dict], prefix: str, params: SamplingParams | None = None, *,
+                    stream: bool = False) -> Request:
+        """Queue a chat request: messages [{"role", "content"}] through the tokenizer's chat template."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer")
         return self._submit_ids(self.tokenizer.encode_chat(messages), prefix, params or SamplingParams(), stream)
@@ -237,7 +240,8 @@ class Engine:
             self._cv.notify_all()
         return req
 
-    def generate(self, prompts, prefixes, params: SamplingParams | None = None) -> list[Completion]:
+    def generate(self, prompts: list, prefixes: str | list[str],
+                 params: SamplingParams | None = None) -> list[Completion]:
         """Submit every prompt (one prefix name, or one per prompt) and wait for all of them."""
         if isinstance(prefixes, str):
             prefixes = [prefixes] * len(prompts)
@@ -256,9 +260,11 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
+        """Requests queued for a slot."""
         return len(self._waiting)
 
     def has_work(self) -> bool:
+        """Whether a step would do anything (requests waiting, running or a step in flight)."""
         return bool(self._waiting) or self.num_active > 0 or self._pending is not None
 
     def start(self) -> "Engine":
@@ -502,7 +508,7 @@ class Engine:
         self._graphs[batch] = (graph, logits)
 
     @torch.no_grad()
-    def warmup(self, batch_sizes=None) -> None:
+    def warmup(self, batch_sizes: list[int] | None = None) -> None:
         """Capture the decode graphs (largest first: they share one memory pool) and compile the
         kernels, so the first requests do not pay for it."""
         with self._lock:
