@@ -130,11 +130,157 @@ def test_reference_backend_dropout_keeps_the_expectation():
     assert abs(out.mean().item() - 1) < 0.1 and (out != 1).any()
 
 
+# -- softcap, sliding window, packed sequences ----------------------------------------------------
+
+def _packed_starts(B, S, lengths, device):
+    """segment_start [B, S] of documents of the given lengths packed in each row (the rest of a
+    row, if any, is one more document)."""
+    from prefix_kernels.ops.segments import segment_start_from_position_ids
+
+    rows = []
+    for b in range(B):
+        pos = torch.cat([torch.arange(n) for n in lengths[b]] + [torch.arange(S - sum(lengths[b]))])
+        rows.append(pos)
+    return segment_start_from_position_ids(torch.stack(rows)).to(device)
+
+
+FEATURE_CASES = {
+    # window smaller than a 16-block; skipped blocks for later query blocks
+    "window5": (dict(SQ=37, padding="left"), dict(window=5)),
+    # window 18 over 50 keys: blocks below the bound, plain blocks and diagonal blocks; 18 = 2
+    # mod 16 puts the last query that sees a key block first in a query block (off by one bites)
+    "window18_gqa4": (dict(SQ=50, H=8, HKV=2, padding="right"), dict(window=18)),
+    "window1": (dict(SQ=18, P=3), dict(window=1)),
+    "window_sq_lt_sk": (dict(SQ=5, SK=40, padding="left"), dict(window=10)),
+    "softcap_causal": (dict(SQ=21, padding="left"), dict(softcap=2.0)),
+    "softcap_full_p_gt_s": (dict(SQ=9, P=20, padding="holes"), dict(softcap=1.5, causal=False)),
+    "packed": (dict(B=2, SQ=45, H=4, HKV=1), dict(segments=[[11, 19, 15], [1, 30]])),
+    "packed_padded_mqa": (dict(B=2, SQ=33, H=2, HKV=1, padding="right"), dict(segments=[[7, 9], [20]])),
+    "packed_window_softcap_dropout": (dict(B=2, SQ=40, P=5),
+                                      dict(segments=[[17, 16], [3, 3, 30]], window=9, softcap=3.0,
+                                           dropout_p=0.2)),
+}
+
+
+@pytest.mark.parametrize("case", FEATURE_CASES)
+def test_features_match_fp64_reference(case):
+    shape, features = FEATURE_CASES[case]
+    features = dict(features)
+    device = kernel_device()
+    tensors, index, mask = make_inputs(device=device, **shape)
+    if "segments" in features:
+        q = tensors[0]
+        features["segment_start"] = _packed_starts(q.shape[0], q.shape[2], features.pop("segments"), device)
+    grad_out = torch.randn_like(tensors[0])
+    torch.manual_seed(2)
+    out, grads = run(tensors, index, mask, grad_out, "triton", **features)
+    if features.get("dropout_p"):
+        features["dropout_mask"] = _keep_mask(2, tensors, features["dropout_p"])
+    ref_out, ref_grads = reference_fp64(tensors, index, mask, grad_out, **features)
+    assert_close_fp64((out, *grads), (ref_out, *ref_grads))
+
+
+def test_unsorted_segment_starts_still_match_the_reference():
+    # not what a packer makes, but the op's rule (key j visible iff start_i <= j <= i) holds for
+    # any starts: the backward's query ranges come from a suffix minimum, not from sortedness
+    device = kernel_device()
+    tensors, index, _ = make_inputs(B=1, H=2, HKV=1, SQ=40, device=device)
+    starts = (torch.rand(1, 40) * torch.arange(1, 41)).long().to(device)
+    grad_out = torch.randn_like(tensors[0])
+    out, grads = run(tensors, index, None, grad_out, "triton", segment_start=starts)
+    ref_out, ref_grads = reference_fp64(tensors, index, None, grad_out, segment_start=starts)
+    assert_close_fp64((out, *grads), (ref_out, *ref_grads))
+
+
+def test_packed_rows_equal_their_documents_run_alone():
+    device = kernel_device()
+    lengths = [6, 17, 9]
+    (q, k, v, bk, bv), _, _ = make_inputs(B=1, H=2, HKV=1, SQ=sum(lengths), N=1, mixed=False, device=device)
+    starts = _packed_starts(1, sum(lengths), [lengths], device)
+    packed = pk.prefix_attention(q, k, v, bk, bv, segment_start=starts, backend="triton")
+    at = 0
+    for n in lengths:
+        alone = pk.prefix_attention(q[:, :, at:at + n], k[:, :, at:at + n], v[:, :, at:at + n], bk, bv,
+                                    backend="triton")
+        torch.testing.assert_close(packed[:, :, at:at + n], alone, rtol=1e-5, atol=1e-6)
+        at += n
+
+
+def test_segment_starts_from_position_ids_and_cu_seqlens():
+    from prefix_kernels.ops.segments import segment_start_from_cu_seqlens, segment_start_from_position_ids
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [5, 6, 7, 8, 9, 10, 0, 1, 2]])
+    assert segment_start_from_position_ids(pos).tolist() == [[0, 0, 0, 3, 3, 5, 5, 5, 5],
+                                                             [0, 0, 0, 0, 0, 0, 6, 6, 6]]
+    assert segment_start_from_cu_seqlens(torch.tensor([0, 3, 5, 9]), 9).tolist() == [[0, 0, 0, 3, 3, 5, 5, 5, 5]]
+    assert segment_start_from_cu_seqlens(torch.tensor([0, 3, 5]), 7).tolist() == [[0, 0, 0, 3, 3, 5, 5]]
+
+
+# -- input handling -------------------------------------------------------------------------------
+
+def test_float_additive_mask_reads_as_the_bool_mask():
+    device = kernel_device()
+    tensors, index, mask = make_inputs(SQ=12, device=device, padding="left")
+    want = pk.prefix_attention(*tensors, prefix_index=index, key_padding_mask=mask, backend="triton")
+    for pad in (float("-inf"), torch.finfo(torch.float32).min):
+        additive = torch.zeros(mask.shape, device=device).masked_fill(~mask, pad)
+        got = pk.prefix_attention(*tensors, prefix_index=index, key_padding_mask=additive, backend="triton")
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    half = torch.zeros(mask.shape, dtype=torch.float16).masked_fill(~mask.cpu(), torch.finfo(torch.float16).min)
+    ref = [t.detach() for t in tensors]
+    torch.testing.assert_close(pk.prefix_attention(*ref, prefix_index=index, key_padding_mask=half.to(device),
+                                                   backend="reference"),
+                               pk.prefix_attention(*ref, prefix_index=index, key_padding_mask=mask,
+                                                   backend="reference"))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda a: a.update(key_padding_mask=a["key_padding_mask"].float() * -2.0), "only 0/-inf additive masks"),
+    (lambda a: a.update(q=a["q"].long(), k=a["k"].long(), v=a["v"].long()), "floating-point"),
+    (lambda a: a.update(prefix_index=[0.5, 1.0]), "must hold ints"),
+    (lambda a: a.update(prefix_index="ab"), "must be a tensor, list or numpy array of ints"),
+    (lambda a: a.update(window=0), "window must be a positive int"),
+    (lambda a: a.update(window=4, causal=False), "needs causal=True"),
+    (lambda a: a.update(segment_start=torch.zeros(2, 3, dtype=torch.long)), "segment_start must be"),
+    (lambda a: a.update(segment_start=torch.zeros(2, 6), causal=True), "must hold ints"),
+    (lambda a: a.update(segment_start=torch.zeros(2, 6, dtype=torch.long), causal=False), "need causal=True"),
+    (lambda a: a.update(softcap=-1.0), "softcap must be a positive number"),
+])
+def test_bad_feature_input_raises_a_named_error(mutate, message):
+    (q, k, v, bk, bv), index, mask = make_inputs(SQ=6, padding="right")
+    args = dict(q=q, k=k, v=v, prefix_k=bk, prefix_v=bv, prefix_index=index, key_padding_mask=mask,
+                backend="reference")
+    mutate(args)
+    with pytest.raises(ValueError, match=__import__("re").escape(message)):
+        pk.prefix_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("prefix_k"),
+                            args.pop("prefix_v"), **args)
+
+
+def test_prefix_index_as_list_numpy_or_int():
+    import numpy as np
+
+    tensors, _, _ = make_inputs(B=3, SQ=5, N=3)
+    want = pk.prefix_attention(*tensors, prefix_index=torch.tensor([2, 0, 1]))
+    for ids in ([2, 0, 1], (2, 0, 1), np.array([2, 0, 1])):
+        torch.testing.assert_close(pk.prefix_attention(*tensors, prefix_index=ids), want, rtol=0, atol=0)
+    torch.testing.assert_close(pk.prefix_attention(*tensors, prefix_index=1),
+                               pk.prefix_attention(*tensors, prefix_index=[1, 1, 1]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="bank has 3 entries"):
+        pk.prefix_attention(*tensors, prefix_index=[0, 3, 1])
+
+
 # -- GPU: fp16/bf16 against fp64 with the 2x rule -------------------------------------------------
 
 GPU_FEATURE_CASES = [
     (dict(B=2, H=8, HKV=2, SQ=203, D=64, P=32, N=3, padding="left"), dict(dropout_p=0.1)),
     (dict(B=2, H=4, HKV=4, SQ=130, SK=300, D=128, P=7, N=2), dict(dropout_p=0.3)),
+    (dict(B=2, H=8, HKV=4, SQ=257, D=256, P=16, N=2, padding="right"), dict(softcap=50.0)),
+    (dict(B=2, H=8, HKV=2, SQ=300, D=128, P=32, N=3), dict(softcap=20.0, window=64)),
+    (dict(B=2, H=8, HKV=8, SQ=1, SK=500, D=80, P=45, N=3, padding="left"), dict(window=100)),
+    (dict(B=1, H=32, HKV=8, SQ=1024, D=128, P=32, N=1), dict(window=256)),
+    (dict(B=2, H=8, HKV=2, SQ=777, D=64, P=20, N=2), dict(segments=[[100, 300, 1, 250], [777]])),
+    (dict(B=1, H=16, HKV=4, SQ=1000, D=128, P=32, N=1),
+     dict(segments=[[130, 400, 70, 300]], window=128, softcap=30.0, dropout_p=0.1)),
 ]
 
 
@@ -144,7 +290,11 @@ GPU_FEATURE_CASES = [
 @pytest.mark.parametrize("case", range(len(GPU_FEATURE_CASES)))
 def test_features_low_precision_error_at_most_twice_pytorchs(case, dtype):
     shape, features = GPU_FEATURE_CASES[case]
+    features = dict(features)
     tensors, index, mask = make_inputs(device="cuda", dtype=dtype, **shape)
+    if "segments" in features:
+        q = tensors[0]
+        features["segment_start"] = _packed_starts(q.shape[0], q.shape[2], features.pop("segments"), "cuda")
     grad_out = torch.randn_like(tensors[0])
     torch.manual_seed(1)
     out, grads = run(tensors, index, mask, grad_out, "triton", **features)

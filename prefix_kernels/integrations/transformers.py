@@ -62,6 +62,7 @@ class _PatchState:
         # checkpointing recomputes a layer during backward, before the next forward)
         self.index = None
         self.prefix = None
+        self.segments = None        # segment_start [B, S] of a packed batch
         self.generate_ids = None
         # set_attention_hook: a caller-owned attention (a serving engine's static KV cache)
         self.attention_hook = None
@@ -120,7 +121,11 @@ def _fall_through(module, query, key, value, attention_mask, **kwargs):
 def prefix_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                              sliding_window=None, softcap=None, **kwargs):
     """Attention function: query [B, Hq, Sq, D], key/value [B, Hkv, Sk, D] (after the cache
-    update, before any GQA repeat) -> ([B, Sq, Hq, D], None)."""
+    update, before any GQA repeat) -> ([B, Sq, Hq, D], None).
+
+    The model's attention dropout (its p in training, 0 in eval), logit softcap and sliding
+    window go to the fused op; the prefix stays visible through any window. A packed batch
+    (segments found by the pre-hook) attends within its documents."""
     link = module.__dict__.get(_LINK_ATTR)
     if link is None or getattr(module, "is_cross_attention", False):
         return _fall_through(module, query, key, value, attention_mask, dropout=dropout,
@@ -129,23 +134,15 @@ def prefix_attention_forward(module, query, key, value, attention_mask, dropout=
     if state.prefix is None:
         raise RuntimeError(f"{name} runs the prefix attention outside the patched model's forward; "
                            "call the patched model itself (model(...) or model.generate(...))")
-    if softcap is not None:
-        raise ValueError(f"{name}: attention logit softcapping ({softcap}) is not implemented by the "
-                         "prefix kernels; set config.attn_logit_softcapping = None before patching")
-    if dropout:
-        raise ValueError(f"{name}: attention dropout p={dropout} in training is not implemented by the "
-                         "prefix kernels; build the model with attention dropout 0 (attention_dropout / "
-                         "attn_pdrop = 0.0) or call model.eval()")
     if state.attention_hook is not None:
+        if softcap is not None or dropout:
+            raise NotImplementedError(f"{name}: the attention hook ({state.attention_hook!r}) takes no logit "
+                                      f"softcap ({softcap}) or dropout ({dropout}); run the model in eval mode "
+                                      "and without softcapping")
         layer = state.prefix[link.layer_idx]
         out = state.attention_hook(module, link.layer_idx, query, key, value, layer[0], layer[1], state.index,
                                    scaling)
         return out.transpose(1, 2).contiguous(), None
-    p = state.bank.prefix_len
-    if sliding_window is not None and key.shape[2] + p > sliding_window:
-        raise ValueError(f"{name} (layer {link.layer_idx}) has a sliding window of {sliding_window}, but "
-                         f"{key.shape[2]} tokens + {p} prefix slots exceed it: the kernel has no window. "
-                         "Keep sequence + prefix within the window")
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(f"{name} got a {attention_mask.dim()}-D attention mask: the patched model takes "
@@ -164,7 +161,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, dropout=
 
     out = prefix_attention(query, key, value, prefix_k, prefix_v, prefix_index=state.index,
                            key_padding_mask=attention_mask, scale=scaling, causal=link.causal,
-                           backend=state.backend)
+                           backend=state.backend, dropout_p=dropout, softcap=softcap, window=sliding_window,
+                           segment_start=state.segments if link.causal else None)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -218,7 +216,33 @@ def _index_on_device(index, bank, device):
     return index.to(device, non_blocking=True)
 
 
+def _packed_segments(kwargs, batch, seq, past, device):
+    """segment_start [B, S] of a packed batch, else None: from transformers' cu_seq_lens_q (one
+    packed row), or from position ids that restart inside a row with no attention mask (HF's
+    DataCollatorWithFlattening). Each document then attends to its own tokens and the prefix."""
+    from ..ops.segments import segment_start_from_cu_seqlens, segment_start_from_position_ids
+
+    cu, position_ids = kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids")
+    if cu is not None:
+        if batch != 1:
+            raise ValueError(f"cu_seq_lens_q describes one packed row, but the batch has {batch} rows")
+        segments = segment_start_from_cu_seqlens(cu.to(device), seq)
+    elif (position_ids is not None and kwargs.get("attention_mask") is None and seq > 1
+          and position_ids.dim() == 2):
+        segments = segment_start_from_position_ids(position_ids).expand(batch, seq)
+        # one sync to skip the segment path for unpacked rows (compiled: always take it, exact anyway)
+        if not torch.compiler.is_compiling() and not bool(segments.any()):
+            return None
+    else:
+        return None
+    if past:
+        raise ValueError("packed sequences (restarting position_ids / cu_seq_lens_q) with a KV cache are not "
+                         "supported: pack only for training or single forwards, without past_key_values")
+    return segments
+
+
 def _positions(state, model, kwargs, batch, seq, device):
+    """Position ids shifted by the prefix offset, and the segment starts of a packed batch."""
     offset = state.offset
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if getattr(cache, "is_compileable", False):
@@ -227,25 +251,26 @@ def _positions(state, model, kwargs, batch, seq, device):
         raise NotImplementedError(f"{type(cache).__name__} (a static/preallocated cache) is not supported by the "
                                   "patched model; use the default dynamic cache")
     past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    segments = _packed_segments(kwargs, batch, seq, past, device)
+    position_ids = kwargs.get("position_ids")
+    if segments is not None and position_ids is None:       # cu_seq_lens only: restart per document
+        position_ids = torch.arange(seq, device=device)[None] - segments
     if state.family.absolute_positions:
         limit = model.config.max_position_embeddings
-        if past + seq + offset > limit:
-            raise ValueError(f"{past + seq} tokens at position offset {offset} need {past + seq + offset} "
+        # a packed row needs positions for its longest document only
+        longest = past + seq if segments is None or torch.compiler.is_compiling() else int(position_ids.max()) + 1
+        if longest + offset > limit:
+            raise ValueError(f"{longest} tokens at position offset {offset} need {longest + offset} "
                              f"positions but {model.config.model_type} has {limit}; shorten the input, or "
                              "patch with a smaller position_offset")
-    position_ids = kwargs.get("position_ids")
     mask = kwargs.get("attention_mask")
     if position_ids is not None:
-        if mask is None and seq > 1 and position_ids.dim() == 2 and not torch.compiler.is_compiling():
-            if bool((position_ids.diff(dim=-1) != 1).any()):
-                raise ValueError("position_ids restart inside a row (packed sequences): the patched model "
-                                 "does not support packing; pass one sequence per row with an attention mask")
-        return position_ids + offset
+        return position_ids + offset, segments
     if state.family.positions == "mask_cumsum" and mask is not None and mask.dim() == 2:
         real = mask.long()
         pos = (real.cumsum(-1) * real - 1)[:, past:]
-        return torch.where(real[:, past:] > 0, pos + offset, pos)   # padding keeps -1, as PEFT's
-    return torch.arange(past, past + seq, device=device)[None] + offset
+        return torch.where(real[:, past:] > 0, pos + offset, pos), None   # padding keeps -1, as PEFT's
+    return torch.arange(past, past + seq, device=device)[None] + offset, None
 
 
 def _before_forward(model, args, kwargs):
@@ -269,7 +294,7 @@ def _before_forward(model, args, kwargs):
                          "own, which cannot share the prefix computed once per step (MLP "
                          "reparameterization or a dtype cast of the bank); use the default "
                          "gradient_checkpointing_enable() (use_reentrant=False)")
-    kwargs["position_ids"] = _positions(state, model, kwargs, batch, seq, x.device)
+    kwargs["position_ids"], state.segments = _positions(state, model, kwargs, batch, seq, x.device)
     return (), kwargs
 
 
@@ -319,11 +344,6 @@ def _check_supported(model) -> Family:
                                   f"{', '.join(sorted(FAMILIES))}")
     if getattr(config, "is_encoder_decoder", False) or not getattr(config, "is_causal", True):
         raise NotImplementedError(f"{model_type}: only causal decoder-only models are supported")
-    softcap = getattr(config, "attn_logit_softcapping", None)
-    if softcap is not None:
-        raise NotImplementedError(f"{model_type}: attention logit softcapping (config.attn_logit_softcapping="
-                                  f"{softcap}) is not implemented by the prefix kernels; set it to None "
-                                  "before patching (this changes the model's outputs)")
     return FAMILIES[model_type]
 
 

@@ -17,11 +17,10 @@ import triton
 
 from . import prefix_attention_kernels as kernels
 from . import split_attention
+from .prefix_attention_inputs import (as_prefix_index, check_features, check_inputs, padding_mask_as_bool,
+                                      triton_unsupported_reason as _triton_unsupported_reason)
 from .reference import reference_prefix_attention
 from .utils import LOG2E, interpreting as _interpreting, sm_count, warn_once as _warn_once
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,7 +65,7 @@ for _name, _table in _HOPPER_CANDIDATES.items():
         _CANDIDATES[_name][_cls].extend(_configs)
 # 16x16 blocks under the interpreter: small test shapes then span several blocks.
 _INTERPRET_CONFIG = _config(16, 16, 4, 1)
-_FEATURES = ["HEAD_DIM", "seq_bucket", "CAUSAL", "HAS_KPM", "DROPOUT"]
+_FEATURES = ["HEAD_DIM", "seq_bucket", "CAUSAL", "HAS_KPM", "DROPOUT", "SOFTCAP", "HAS_WINDOW", "HAS_SEGMENTS"]
 _TUNE_KEY = {"fwd": _FEATURES, "dq": _FEATURES + ["DQ_GRAD"], "dkdv": _FEATURES + ["PREFIX_GRAD", "OWN_GRAD"]}
 
 
@@ -141,6 +140,34 @@ def _kpm_args(key_padding_mask, q):
     return key_padding_mask, key_padding_mask.stride(0), key_padding_mask.stride(1)
 
 
+def _seg_args(segment_start, q):
+    if segment_start is None:
+        return q, 0             # never read when HAS_SEGMENTS is False
+    return segment_start, segment_start.stride(0)
+
+
+def _last_query_seeing(segment_start, seqlen_k):
+    """[B, Sk] int32: for every own key j, the last query that may see it through its segment:
+    the last i with segment_start[i] <= j. The suffix minimum of the starts is nondecreasing,
+    so one searchsorted finds it for any starts (packed documents give sorted ones)."""
+    suffix_min = segment_start.flip(-1).cummin(-1).values.flip(-1).contiguous()
+    keys = torch.arange(seqlen_k, device=segment_start.device, dtype=segment_start.dtype)
+    keys = keys.expand(segment_start.shape[0], seqlen_k).contiguous()
+    return (torch.searchsorted(suffix_min, keys, right=True) - 1).to(torch.int32)
+
+
+def _feature_args(scale, softcap, window, dropout_p, rng):
+    """qk_scale, the other scalar kernel arguments of the optional features, and their flags."""
+    if softcap:
+        # base-2 logit c*log2(e) * tanh(scale*s/c): Gemma 2's softcap of the scaled score
+        qk_scale, cap = scale / softcap, softcap * LOG2E
+    else:
+        qk_scale, cap = scale * LOG2E, 0.0
+    scalars = (cap, int(window), *_rng_args(dropout_p, rng))
+    flags = dict(DROPOUT=dropout_p > 0, SOFTCAP=bool(softcap), HAS_WINDOW=window > 0)
+    return qk_scale, scalars, flags
+
+
 def _rng_args(dropout_p, rng):
     """(threshold, keep_scale, seed, offset) for the kernels; zeros (never read) without dropout.
 
@@ -163,22 +190,24 @@ def draw_rng() -> torch.Tensor:
 
 
 def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal,
-                    dropout_p=0.0, rng=None):
+                    dropout_p=0.0, rng=None, softcap=0.0, window=0, segment_start=None):
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     p = prefix_k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((b, h, sq), device=q.device, dtype=torch.float32)
     kpm, s_kpm_b, s_kpm_n = _kpm_args(key_padding_mask, q)
+    seg, s_seg_b = _seg_args(segment_start, q)
+    qk_scale, scalars, flags = _feature_args(scale, softcap, window, dropout_p, rng)
     bucket = _seq_bucket(max(sq, sk))
     _launch("fwd", lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h),
-            (q, k, v, prefix_k, prefix_v, prefix_index if prefix_index is not None else q, kpm, out, lse,
+            (q, k, v, prefix_k, prefix_v, prefix_index if prefix_index is not None else q, kpm, seg, out, lse,
              *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
-             s_kpm_b, s_kpm_n, *out.stride(),
-             h, h // hkv, sq, sk, p, prefix_k.shape[0], scale * LOG2E,
-             *_rng_args(dropout_p, rng), bucket),
+             s_kpm_b, s_kpm_n, s_seg_b, *out.stride(),
+             h, h // hkv, sq, sk, p, prefix_k.shape[0], qk_scale, *scalars, bucket),
             dict(HAS_PIDX=prefix_index is not None, HAS_KPM=key_padding_mask is not None,
-                 CAUSAL=causal, DROPOUT=dropout_p > 0, HEAD_DIM=d), q.dtype, bucket)
+                 CAUSAL=causal, HAS_SEGMENTS=segment_start is not None, HEAD_DIM=d, **flags),
+            q.dtype, bucket)
     return out, lse
 
 
@@ -197,16 +226,18 @@ def _prefix_splits(sq, rows, p, own_grad, device):
 
 
 def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
-                     scale, causal, need_dq, need_dkv, need_prefix, dropout_p=0.0, rng=None):
+                     scale, causal, need_dq, need_dkv, need_prefix, dropout_p=0.0, rng=None,
+                     softcap=0.0, window=0, segment_start=None):
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     n, p = prefix_k.shape[0], prefix_k.shape[2]
     kpm, s_kpm_b, s_kpm_n = _kpm_args(key_padding_mask, q)
+    seg, s_seg_b = _seg_args(segment_start, q)
     pidx = prefix_index if prefix_index is not None else q
     bucket = _seq_bucket(max(sq, sk))
+    qk_scale, scalars, feature_flags = _feature_args(scale, softcap, window, dropout_p, rng)
     flags = dict(HAS_PIDX=prefix_index is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
-                 DROPOUT=dropout_p > 0, HEAD_DIM=d)
-    rng_args = _rng_args(dropout_p, rng)
+                 HAS_SEGMENTS=segment_start is not None, HEAD_DIM=d, **feature_flags)
 
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q) if need_dq else q.new_empty(0)
@@ -214,10 +245,10 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
     dv = torch.empty_like(v) if need_dkv else v.new_empty(0)
     dq_arg = dq if need_dq else q
     _launch("dq", lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h),
-            (q, k, v, prefix_k, prefix_v, pidx, kpm, out, do, lse, delta, dq_arg,
+            (q, k, v, prefix_k, prefix_v, pidx, kpm, seg, out, do, lse, delta, dq_arg,
              *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
-             s_kpm_b, s_kpm_n, *out.stride(), *do.stride(), *dq_arg.stride(),
-             h, h // hkv, sq, sk, p, n, scale * LOG2E, scale, *rng_args, bucket),
+             s_kpm_b, s_kpm_n, s_seg_b, *out.stride(), *do.stride(), *dq_arg.stride(),
+             h, h // hkv, sq, sk, p, n, qk_scale, scale, *scalars, bucket),
             dict(DQ_GRAD=need_dq, **flags), q.dtype, bucket)
 
     dpk, dpv = prefix_k.new_empty(0), prefix_v.new_empty(0)
@@ -228,6 +259,10 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
         part_v = torch.empty(part_shape, device=q.device, dtype=torch.float32)
         dk_arg = dk if need_dkv else k
         dv_arg = dv if need_dkv else v
+        if segment_start is None:
+            seg_last = q                # never read
+        else:                           # int32 either way: the own-key code compiles with OWN_GRAD off too
+            seg_last = _last_query_seeing(segment_start, sk) if need_dkv else segment_start
 
         def grid(m):
             prefix_programs = triton.cdiv(p, m["BLOCK_N"]) * splits if need_prefix else 0
@@ -235,10 +270,12 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
             return (prefix_programs + own_programs, b * hkv)
 
         _launch("dkdv", grid,
-                (q, k, v, prefix_k, prefix_v, pidx, kpm, do, lse, delta, dk_arg, dv_arg, part_k, part_v,
+                (q, k, v, prefix_k, prefix_v, pidx, kpm, seg, seg_last, do, lse, delta, dk_arg, dv_arg,
+                 part_k, part_v,
                  *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
-                 s_kpm_b, s_kpm_n, *do.stride(), *dk_arg.stride(), *dv_arg.stride(),
-                 hkv, h // hkv, sq, sk, p, n, scale * LOG2E, scale, *rng_args, bucket),
+                 s_kpm_b, s_kpm_n, s_seg_b, seg_last.stride(0), *do.stride(), *dk_arg.stride(),
+                 *dv_arg.stride(),
+                 hkv, h // hkv, sq, sk, p, n, qk_scale, scale, *scalars, bucket),
                 dict(SPLITS=splits, PREFIX_GRAD=need_prefix, OWN_GRAD=need_dkv,
                      # out-of-range own keys need masking only without the causal mask
                      KEEP_MASK=key_padding_mask is not None or not causal, **flags), q.dtype, bucket)
@@ -261,14 +298,16 @@ def _prefix_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           prefix_k: torch.Tensor, prefix_v: torch.Tensor,
                           prefix_index: Optional[torch.Tensor],
                           key_padding_mask: Optional[torch.Tensor],
-                          scale: float, causal: bool, dropout_p: float, rng: Optional[torch.Tensor]
+                          scale: float, causal: bool, dropout_p: float, rng: Optional[torch.Tensor],
+                          softcap: float, window: int, segment_start: Optional[torch.Tensor]
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal,
-                           dropout_p, rng)
+                           dropout_p, rng, softcap, window, segment_start)
 
 
 @_prefix_attention_fwd.register_fake
-def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal, dropout_p, rng):
+def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal, dropout_p, rng,
+      softcap, window, segment_start):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -279,15 +318,17 @@ def _prefix_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                           key_padding_mask: Optional[torch.Tensor],
                           out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
                           need_dq: bool, need_dkv: bool, need_prefix: bool,
-                          dropout_p: float, rng: Optional[torch.Tensor]
+                          dropout_p: float, rng: Optional[torch.Tensor],
+                          softcap: float, window: int, segment_start: Optional[torch.Tensor]
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out,
-                            lse, scale, causal, need_dq, need_dkv, need_prefix, dropout_p, rng)
+                            lse, scale, causal, need_dq, need_dkv, need_prefix, dropout_p, rng,
+                            softcap, window, segment_start)
 
 
 @_prefix_attention_bwd.register_fake
 def _(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, scale, causal,
-      need_dq, need_dkv, need_prefix, dropout_p, rng):
+      need_dq, need_dkv, need_prefix, dropout_p, rng, softcap, window, segment_start):
     def like(t, needed):
         return torch.empty_like(t) if needed else t.new_empty(0)
     def contiguous_like(t, needed):   # the prefix gradients are written densely
@@ -297,9 +338,10 @@ def _(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
 
 
 def _save(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal, dropout_p,
-          rng, out, lse):
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, rng)
-    ctx.scale, ctx.causal, ctx.dropout_p = scale, causal, dropout_p
+          rng, softcap, window, segment_start, out, lse):
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, rng,
+                          segment_start)
+    ctx.scale, ctx.causal, ctx.dropout_p, ctx.softcap, ctx.window = scale, causal, dropout_p, softcap, window
 
 
 def _setup_context(ctx, inputs, output):
@@ -307,12 +349,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _grads(ctx, grad_out, launch_backward):
-    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, rng = ctx.saved_tensors
+    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, rng, segment_start = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dq, need_dkv, need_prefix = need[0], need[1] or need[2], need[3] or need[4]
     dq, dk, dv, dpk, dpv = launch_backward(
         grad_out, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
-        ctx.scale, ctx.causal, need_dq, need_dkv, need_prefix, ctx.dropout_p, rng)
+        ctx.scale, ctx.causal, need_dq, need_dkv, need_prefix, ctx.dropout_p, rng,
+        ctx.softcap, ctx.window, segment_start)
     grads = (dq if need_dq else None, dk if need[1] else None, dv if need[2] else None,
              dpk if need[3] else None, dpv if need[4] else None)
     return grads + (None,) * (len(need) - len(grads))
@@ -328,11 +371,11 @@ class _PrefixAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal,
-                dropout_p=0.0, rng=None):
+                dropout_p=0.0, rng=None, softcap=0.0, window=0, segment_start=None):
         out, lse = _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-                                   scale, causal, dropout_p, rng)
+                                   scale, causal, dropout_p, rng, softcap, window, segment_start)
         _save(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal,
-              dropout_p, rng, out, lse)
+              dropout_p, rng, softcap, window, segment_start, out, lse)
         return out
 
     @staticmethod
@@ -347,68 +390,12 @@ _prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # Public API
 # --------------------------------------------------------------------------------------------
 
-def _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, backend):
-    def fail(msg):
-        raise ValueError(f"prefix_attention: {msg}")
-
-    if backend not in ("auto", "triton", "reference"):
-        fail(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
-    for name, t, dims in (("q", q, 4), ("k", k, 4), ("v", v, 4)):
-        if not isinstance(t, torch.Tensor) or t.dim() != dims:
-            fail(f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got "
-                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if prefix_k.dim() not in (3, 4) or prefix_k.shape != prefix_v.shape:
-        fail(f"prefix_k and prefix_v must both be [N, Hkv, P, D] (or [Hkv, P, D]), got "
-             f"{tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}")
-    b, hq, sq, d = q.shape
-    if k.shape != v.shape:
-        fail(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    if k.shape[0] != b or k.shape[3] != d:
-        fail(f"k {tuple(k.shape)} must be [batch={b}, Hkv, Sk, head_dim={d}] to match q {tuple(q.shape)}")
-    hkv = k.shape[1]
-    if hkv == 0 or hq % hkv != 0:
-        fail(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    pk = prefix_k if prefix_k.dim() == 4 else prefix_k[None]
-    if pk.shape[1] != hkv or pk.shape[3] != d:
-        fail(f"prefix_k {tuple(prefix_k.shape)} must have Hkv={hkv} heads and head_dim={d}")
-    if pk.shape[2] < 1:
-        fail("the prefix must have at least one slot (P >= 1)")
-    if pk.shape[0] < 1:
-        fail("the prefix bank is empty (N = 0)")
-    for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-        if t.dtype != q.dtype:
-            fail(f"{name} has dtype {t.dtype} but q has {q.dtype}; cast them to one dtype")
-        if t.device != q.device:
-            fail(f"{name} is on {t.device} but q is on {q.device}")
-    if prefix_index is not None:
-        if prefix_index.shape != (b,) or prefix_index.dtype not in (torch.int32, torch.int64):
-            fail(f"prefix_index must be an int32/int64 tensor of shape [{b}], got "
-                 f"{prefix_index.dtype} {tuple(prefix_index.shape)}")
-        if prefix_index.device.type == "cpu" and not torch.compiler.is_compiling():
-            lo, hi = int(prefix_index.min()), int(prefix_index.max())
-            if lo < 0 or hi >= pk.shape[0]:
-                fail(f"prefix_index has values in [{lo}, {hi}] but the bank has {pk.shape[0]} entries")
-
-    if key_padding_mask is not None:
-        if key_padding_mask.shape != (b, k.shape[2]):
-            fail(f"key_padding_mask must be [batch={b}, Sk={k.shape[2]}], got {tuple(key_padding_mask.shape)}")
-        if key_padding_mask.device != q.device:
-            fail(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
-
-
-def _triton_unsupported_reason(q) -> Optional[str]:
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} (the kernels take fp16, bf16, fp32)"
-    if q.shape[-1] > MAX_HEAD_DIM or q.shape[-1] < 16:
-        return f"head_dim {q.shape[-1]} (the kernels take 16..{MAX_HEAD_DIM})"
-    return None
-
-
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
                      prefix_v: torch.Tensor, *, prefix_index: torch.Tensor | None = None,
                      key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
                      causal: bool = True, backend: str = "auto", dropout_p: float = 0.0,
-                     path: str | None = None) -> torch.Tensor:
+                     path: str | None = None, softcap: float | None = None, window: int | None = None,
+                     segment_start: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over a per-row prefix from a prefix bank plus the row's own keys.
 
     Args:
@@ -416,12 +403,15 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
         k, v: (batch, heads_kv, seqlen_k, head_dim); heads_q is a multiple of heads_kv (GQA/MQA).
         prefix_k, prefix_v: the bank, (num_entries, heads_kv, prefix_len, head_dim), or
             (heads_kv, prefix_len, head_dim) for a single prefix. Same dtype as q.
-        prefix_index: (batch,) int: bank entry of each row; None means entry 0 for every row.
-            Out-of-range values raise ValueError when it is on the CPU (it is moved to the GPU
-            without a sync); on CUDA it is not checked on the host (a sync per layer), and a
-            row with an out-of-range entry gets NaN output rather than a wrong one.
-        key_padding_mask: (batch, seqlen_k) bool or 0/1 ints, True = real token. Prefix slots are
-            never masked, so a fully padded row still attends to its prefix.
+        prefix_index: (batch,) ints (a tensor, list or numpy array; one int: every row): bank
+            entry of each row; None means entry 0 for every row. Out-of-range values raise
+            ValueError when it is on the CPU (it is moved to the GPU without a sync); on CUDA it
+            is not checked on the host (a sync per layer), and a row with an out-of-range entry
+            gets NaN output rather than a wrong one.
+        key_padding_mask: (batch, seqlen_k), True = real token: bool, 0/1 ints (nonzero = real),
+            or a float additive mask as HF builds them (0 = real, -inf or the dtype's min =
+            padding; other values raise, and checking them costs a device sync: prefer bool).
+            Prefix slots are never masked, so a fully padded row still attends to its prefix.
         scale: softmax scale, default 1/sqrt(head_dim).
         causal: query i sits at key position seqlen_k - seqlen_q + i (bottom-right alignment).
         backend: "auto" (Triton for CUDA tensors, the reference elsewhere), "triton" (on CPU
@@ -432,20 +422,33 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
             torch's default CPU generator: reproducible under torch.manual_seed, the same in
             backward and in a torch.utils.checkpoint recompute, nothing stored per element
             (`dropout_mask` rebuilds it). The reference backend draws its own mask.
+        softcap: logit softcapping (Gemma 2): every score s (prefix and own keys, after scale)
+            becomes softcap * tanh(s / softcap). None: off.
+        window: sliding window (Mistral, Gemma): own key j is visible to a query at key
+            position i iff i - window < j <= i (HF's convention); the prefix stays visible.
+            Blocks of keys wholly outside every query's window are skipped. Needs causal.
+        segment_start: (batch, seqlen_q) ints: packed sequences. The key position where each
+            query's document starts: own key j is visible to query i iff
+            segment_start[b, i] <= j <= i's key position, so documents packed in one row never
+            see each other; each sees its row's prefix. Blocks before a query block's earliest
+            start are skipped. Build it with segment_start_from_position_ids or
+            segment_start_from_cu_seqlens (ops/segments.py). Needs causal.
         path: how the Triton backend runs: "fused" (our kernels for all keys), "split" (the
             vendor's cuDNN kernel does the attention, the prefix padded into the same call or
             merged by log-sum-exp: ops/split_attention.py; needs fp16/bf16, no key padding,
             causal only with Sq == Sk, determinism not requested; other calls run fused,
             announced once), or "auto" (the faster for the shape). None reads
-            PREFIX_KERNELS_ATTENTION (default "auto").
+            PREFIX_KERNELS_ATTENTION (default "auto"). Calls with dropout, softcap, a window or
+            segments run fused.
 
     Returns:
         (batch, heads_q, seqlen_q, head_dim), dtype of q. Gradients flow to q, k, v and to the
         bank (summed over the rows that share an entry and the query heads of a GQA group).
     """
-    _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, backend)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"prefix_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    prefix_index = as_prefix_index(prefix_index, q)
+    check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, backend)
+    softcap, window, segment_start = check_features(q, k, causal, dropout_p, softcap, window, segment_start)
+    key_padding_mask = padding_mask_as_bool(key_padding_mask)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "auto":
@@ -460,27 +463,31 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
             backend = "reference"
     if backend == "reference":
         return reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index,
-                                          key_padding_mask, scale, causal, dropout_p=dropout_p)
+                                          key_padding_mask, scale, causal, dropout_p=dropout_p,
+                                          softcap=softcap or None, window=window or None,
+                                          segment_start=segment_start)
 
     if prefix_k.dim() == 3:
         prefix_k, prefix_v = prefix_k[None], prefix_v[None]
     if key_padding_mask is not None and key_padding_mask.dtype != torch.uint8:
-        key_padding_mask = (key_padding_mask != 0).to(torch.uint8)    # [B, Sk] bytes: tiny
+        key_padding_mask = key_padding_mask.to(torch.uint8)    # [B, Sk] bytes: tiny
     if prefix_index is not None:
         prefix_index = prefix_index.to(q.device, non_blocking=True)
     dropout_p = float(dropout_p)
     split = split_attention.split_plan(path, q, k, prefix_k, key_padding_mask, causal,
-                                       dropout=dropout_p > 0)
+                                       dropout=dropout_p > 0, softcap=softcap, window=window,
+                                       segments=segment_start is not None)
     if split is not None:
         return split_attention.split_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index,
                                                       float(scale), bool(causal), split)
     rng = draw_rng() if dropout_p > 0 else None
     if torch.compiler.is_compiling():
-        out, _ = _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index,
-                                       key_padding_mask, float(scale), bool(causal), dropout_p, rng)
+        out, _ = _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
+                                       float(scale), bool(causal), dropout_p, rng, softcap, window,
+                                       segment_start)
         return out
     return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-                                  float(scale), bool(causal), dropout_p, rng)
+                                  float(scale), bool(causal), dropout_p, rng, softcap, window, segment_start)
 
 
 def dropout_mask(rng, batch, heads, seqlen_q, seqlen_k, prefix_len, dropout_p, device):

@@ -2,8 +2,10 @@
 and the public function live in prefix_attention.py).
 
 Every query attends to the P keys of its row's prefix-bank entry (always visible) and to its own
-causal keys that the padding mask keeps. Softmax runs in base 2 (exp2): scores are pre-multiplied
-by scale*log2(e) and the saved log-sum-exp is log2-based.
+causal keys that the padding mask keeps and, with a sliding window or packed segments, that are
+not below the query's lower bound. Softmax runs in base 2 (exp2): scores are pre-multiplied by
+scale*log2(e) (with a softcap: tanh(scale*s/c) times c*log2(e)) and the saved log-sum-exp is
+log2-based. Feature flags are constexprs: a call without a feature compiles without its code.
 
 Naming (shared with decode.py): pointers end in `_ptr`, strides are `stride_<tensor>_<dim>` with
 dims b (row), h (head), s (query), n (own key, or bank entry for pk/pv), p (prefix slot), d.
@@ -26,6 +28,8 @@ DERIVED = {
     "EVEN_HEADDIM": lambda args: args["HEAD_DIM"] == _block_d(args),
     # fp32 runs exact (ieee) dots; fp16/bf16 ignore the precision
     "PREC": lambda args: "ieee" if args["q_ptr"].dtype == torch.float32 else "tf32",
+    # own keys below a per-query bound are hidden (sliding window, packed segments)
+    "LOWER_BOUND": lambda args: args["HAS_WINDOW"] or args["HAS_SEGMENTS"],
 }
 _derive = triton.heuristics(DERIVED)
 
@@ -57,9 +61,32 @@ def _bank_entry(pidx_ptr, b, num_entries, HAS_PIDX: tl.constexpr):
 
 
 @triton.jit
-def _own_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-    """Key ranges of a query block: [0, full_hi) seen by every query, [full_hi, hi) by some."""
+def _tanh(x):
+    # from exp2: libdevice's tanh has no interpreter implementation (triton 3.9)
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))      # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _key_lower_bound(seg_row_ptr, offs_m, m_ok, q_pos, window,
+                     HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+    """First own key each query may see: q_pos - window + 1 (HF's sliding window: key j visible
+    iff q_pos - window < j), and its document's start (packed sequences)."""
+    lower = tl.zeros_like(q_pos)
+    if HAS_WINDOW:
+        lower = tl.maximum(lower, q_pos - window + 1)
+    if HAS_SEGMENTS:
+        lower = tl.maximum(lower, tl.load(seg_row_ptr + offs_m, mask=m_ok, other=0))
+    return lower
+
+
+@triton.jit
+def _own_key_ranges(start_m, m_ok, lower, seqlen_q, seqlen_k, CAUSAL: tl.constexpr,
+                    LOWER_BOUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key block ranges of a query block: [lo, mid) seen by the queries whose lower bound allows,
+    [mid, full_hi) by every query, [diag_lo, hi) by some (causal diagonal and edge; lower bound
+    too). Blocks below every query's lower bound are skipped."""
     if CAUSAL:
         off = seqlen_k - seqlen_q
         full_hi = tl.maximum(tl.minimum(start_m + off + 1, seqlen_k), 0)
@@ -68,7 +95,16 @@ def _own_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: 
     else:
         full_hi = (seqlen_k // BLOCK_N) * BLOCK_N
         hi = seqlen_k
-    return full_hi, hi
+    if LOWER_BOUND:
+        lo = (tl.min(tl.where(m_ok, lower, seqlen_k), 0) // BLOCK_N) * BLOCK_N
+        mid = tl.minimum(tl.cdiv(tl.max(tl.where(m_ok, lower, 0), 0), BLOCK_N) * BLOCK_N, full_hi)
+        # a query whose bound is past its own position sees only the prefix: lo may pass full_hi
+        diag_lo = tl.maximum(full_hi, lo)
+    else:
+        lo = 0
+        mid = 0
+        diag_lo = full_hi
+    return lo, mid, full_hi, diag_lo, hi
 
 
 # Philox rounds: 7 pass TestU01's BigCrush for Philox4x32 (Salmon et al., SC'11); 10 (the
@@ -126,11 +162,12 @@ def dropout_mask(keep_ptr, seed, rng_offset, num_heads, seqlen_q, seqlen_k, pref
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k_n, stride_k_d, stride_v_n, stride_v_d,
-               kpm_ptr, stride_kpm_n, lo, hi, n_limit, offs_m, q_pos, offs_d, qk_scale,
+               kpm_ptr, stride_kpm_n, lo, hi, n_limit, offs_m, q_pos, lower, offs_d, qk_scale, softcap,
                dropout_threshold, keep_scale, seed, rng_offset, stream,
                CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-               DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-               EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr):
+               LOWER_MASK: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_HEADDIM: tl.constexpr,
+               PREC: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -139,10 +176,14 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k_n, stride_k_d, stride_v_
         kt = tl.trans(_load_tile(k_ptr + offs_n[:, None] * stride_k_n + offs_d[None, :] * stride_k_d,
                                  n_ok, d_ok, ROW_MASK=BOUNDS_MASK, COL_MASK=not EVEN_HEADDIM))
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        if SOFTCAP:
+            s = _tanh(s) * softcap
         if BOUNDS_MASK:
             s = tl.where(n_ok[None, :], s, float("-inf"))
         if CAUSAL_MASK:
             s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+        if LOWER_MASK:
+            s = tl.where(offs_n[None, :] >= lower[:, None], s, float("-inf"))
         if HAS_KPM:
             real = tl.load(kpm_ptr + offs_n * stride_kpm_n, mask=n_ok, other=0) != 0
             s = tl.where(real[None, :], s, float("-inf"))
@@ -165,19 +206,20 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k_n, stride_k_d, stride_v_
 @_derive
 @triton.jit(do_not_specialize=["seed", "rng_offset"])
 def prefix_attn_fwd(
-    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, seg_ptr, o_ptr, lse_ptr,
     stride_q_b, stride_q_h, stride_q_s, stride_q_d,
     stride_k_b, stride_k_h, stride_k_n, stride_k_d,
     stride_v_b, stride_v_h, stride_v_n, stride_v_d,
     stride_pk_n, stride_pk_h, stride_pk_p, stride_pk_d,
     stride_pv_n, stride_pv_h, stride_pv_p, stride_pv_d,
-    stride_kpm_b, stride_kpm_n,
+    stride_kpm_b, stride_kpm_n, stride_seg_b,
     stride_o_b, stride_o_h, stride_o_s, stride_o_d,
-    num_heads, group, seqlen_q, seqlen_k, prefix_len, num_entries, qk_scale,
+    num_heads, group, seqlen_q, seqlen_k, prefix_len, num_entries, qk_scale, softcap, window,
     dropout_threshold, keep_scale, seed, rng_offset, seq_bucket,
     HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr, LOWER_BOUND: tl.constexpr,
 ):
     """One program per (query block, row x query head): O and the log2-sum-exp."""
     pid_m = tl.program_id(0)
@@ -199,31 +241,42 @@ def prefix_attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     q_pos = offs_m + (seqlen_k - seqlen_q)
     kpm_row_ptr = kpm_ptr + b * stride_kpm_b
+    lower = _key_lower_bound(seg_ptr + b * stride_seg_b, offs_m, m_ok, q_pos, window,
+                             HAS_WINDOW=HAS_WINDOW, HAS_SEGMENTS=HAS_SEGMENTS)
 
     # -- prefix blocks: always visible, never padded --
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, pk_ptr + entry * stride_pk_n + hk * stride_pk_h,
         pv_ptr + entry * stride_pv_n + hk * stride_pv_h, stride_pk_p, stride_pk_d, stride_pv_p, stride_pv_d,
-        kpm_row_ptr, stride_kpm_n, 0, prefix_len, prefix_len, offs_m, q_pos, offs_d, qk_scale,
-        dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh,
-        CAUSAL_MASK=False, BOUNDS_MASK=True, HAS_KPM=False, DROPOUT=DROPOUT, BLOCK_N=BLOCK_N,
-        HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
-    # -- own keys: blocks every query sees, then the diagonal/edge blocks --
-    full_hi, hi = _own_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        kpm_row_ptr, stride_kpm_n, 0, prefix_len, prefix_len, offs_m, q_pos, lower, offs_d, qk_scale,
+        softcap, dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh,
+        CAUSAL_MASK=False, BOUNDS_MASK=True, HAS_KPM=False, LOWER_MASK=False, SOFTCAP=SOFTCAP,
+        DROPOUT=DROPOUT, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
+    # -- own keys: blocks some queries see from their lower bound, blocks every query sees, then
+    #    the diagonal/edge blocks --
+    lo, mid, full_hi, diag_lo, hi = _own_key_ranges(start_m, m_ok, lower, seqlen_q, seqlen_k, CAUSAL=CAUSAL,
+                                                    LOWER_BOUND=LOWER_BOUND, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     k_row_ptr = k_ptr + b * stride_k_b + hk * stride_k_h
     v_row_ptr = v_ptr + b * stride_v_b + hk * stride_v_h
+    if LOWER_BOUND:
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_row_ptr, v_row_ptr, stride_k_n, stride_k_d, stride_v_n, stride_v_d,
+            kpm_row_ptr, stride_kpm_n, lo, mid, seqlen_k, offs_m, q_pos, lower, offs_d, qk_scale,
+            softcap, dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh + 1,
+            CAUSAL_MASK=False, BOUNDS_MASK=False, HAS_KPM=HAS_KPM, LOWER_MASK=True, SOFTCAP=SOFTCAP,
+            DROPOUT=DROPOUT, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_row_ptr, v_row_ptr, stride_k_n, stride_k_d, stride_v_n, stride_v_d,
-        kpm_row_ptr, stride_kpm_n, 0, full_hi, seqlen_k, offs_m, q_pos, offs_d, qk_scale,
-        dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh + 1,
-        CAUSAL_MASK=False, BOUNDS_MASK=False, HAS_KPM=HAS_KPM, DROPOUT=DROPOUT, BLOCK_N=BLOCK_N,
-        HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
+        kpm_row_ptr, stride_kpm_n, mid, full_hi, seqlen_k, offs_m, q_pos, lower, offs_d, qk_scale,
+        softcap, dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh + 1,
+        CAUSAL_MASK=False, BOUNDS_MASK=False, HAS_KPM=HAS_KPM, LOWER_MASK=False, SOFTCAP=SOFTCAP,
+        DROPOUT=DROPOUT, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_row_ptr, v_row_ptr, stride_k_n, stride_k_d, stride_v_n, stride_v_d,
-        kpm_row_ptr, stride_kpm_n, full_hi, hi, seqlen_k, offs_m, q_pos, offs_d, qk_scale,
-        dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh + 1,
-        CAUSAL_MASK=CAUSAL, BOUNDS_MASK=True, HAS_KPM=HAS_KPM, DROPOUT=DROPOUT, BLOCK_N=BLOCK_N,
-        HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
+        kpm_row_ptr, stride_kpm_n, diag_lo, hi, seqlen_k, offs_m, q_pos, lower, offs_d, qk_scale,
+        softcap, dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh + 1,
+        CAUSAL_MASK=CAUSAL, BOUNDS_MASK=True, HAS_KPM=HAS_KPM, LOWER_MASK=LOWER_BOUND, SOFTCAP=SOFTCAP,
+        DROPOUT=DROPOUT, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
 
     acc = acc / l_i[:, None]
     if DROPOUT:
@@ -242,11 +295,12 @@ def prefix_attn_fwd(
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k_n, stride_k_d, stride_v_n,
-                  stride_v_d, kpm_ptr, stride_kpm_n, lo, hi, n_limit, offs_m, q_pos, offs_d, qk_scale,
-                  dropout_threshold, keep_scale, seed, rng_offset, stream,
+                  stride_v_d, kpm_ptr, stride_kpm_n, lo, hi, n_limit, offs_m, q_pos, lower, offs_d,
+                  qk_scale, softcap, dropout_threshold, keep_scale, seed, rng_offset, stream,
                   CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-                  DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr):
+                  LOWER_MASK: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_HEADDIM: tl.constexpr,
+                  PREC: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -256,11 +310,16 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k_n, stride_k_d, s
         v = _load_tile(v_ptr + offs_n[:, None] * stride_v_n + offs_d[None, :] * stride_v_d,
                        n_ok, d_ok, ROW_MASK=BOUNDS_MASK, COL_MASK=not EVEN_HEADDIM)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if SOFTCAP:
+            t = _tanh(s)
+            s = t * softcap
         p = tl.math.exp2(s - lse[:, None])
         if BOUNDS_MASK:
             p = tl.where(n_ok[None, :], p, 0.0)
         if CAUSAL_MASK:
             p = tl.where(offs_n[None, :] <= q_pos[:, None], p, 0.0)
+        if LOWER_MASK:
+            p = tl.where(offs_n[None, :] >= lower[:, None], p, 0.0)
         if HAS_KPM:
             real = tl.load(kpm_ptr + offs_n * stride_kpm_n, mask=n_ok, other=0) != 0
             p = tl.where(real[None, :], p, 0.0)
@@ -270,6 +329,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k_n, stride_k_d, s
                                  BLOCK_N=BLOCK_N)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)           # d tanh
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     return dq
 
@@ -277,21 +338,23 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k_n, stride_k_d, s
 @_derive
 @triton.jit(do_not_specialize=["seed", "rng_offset"])
 def prefix_attn_bwd_dq(
-    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, seg_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr,
+    dq_ptr,
     stride_q_b, stride_q_h, stride_q_s, stride_q_d,
     stride_k_b, stride_k_h, stride_k_n, stride_k_d,
     stride_v_b, stride_v_h, stride_v_n, stride_v_d,
     stride_pk_n, stride_pk_h, stride_pk_p, stride_pk_d,
     stride_pv_n, stride_pv_h, stride_pv_p, stride_pv_d,
-    stride_kpm_b, stride_kpm_n,
+    stride_kpm_b, stride_kpm_n, stride_seg_b,
     stride_o_b, stride_o_h, stride_o_s, stride_o_d,
     stride_do_b, stride_do_h, stride_do_s, stride_do_d,
     stride_dq_b, stride_dq_h, stride_dq_s, stride_dq_d,
-    num_heads, group, seqlen_q, seqlen_k, prefix_len, num_entries, qk_scale, sm_scale,
+    num_heads, group, seqlen_q, seqlen_k, prefix_len, num_entries, qk_scale, sm_scale, softcap, window,
     dropout_threshold, keep_scale, seed, rng_offset, seq_bucket,
     DQ_GRAD: tl.constexpr, HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr,
+    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr, LOWER_BOUND: tl.constexpr,
 ):
     """dQ of one query block, and delta = rowsum(O * dO) for the dK/dV kernel launched next
     (computed here rather than in a kernel of its own: one launch less per backward).
@@ -320,39 +383,58 @@ def prefix_attn_bwd_dq(
     lse = tl.load(lse_ptr + pid_bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
     q_pos = offs_m + (seqlen_k - seqlen_q)
     kpm_row_ptr = kpm_ptr + b * stride_kpm_b
+    lower = _key_lower_bound(seg_ptr + b * stride_seg_b, offs_m, m_ok, q_pos, window,
+                             HAS_WINDOW=HAS_WINDOW, HAS_SEGMENTS=HAS_SEGMENTS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # -- prefix blocks --
     dq = _bwd_dq_inner(dq, q, do, lse, delta, pk_ptr + entry * stride_pk_n + hk * stride_pk_h,
                        pv_ptr + entry * stride_pv_n + hk * stride_pv_h, stride_pk_p, stride_pk_d,
                        stride_pv_p, stride_pv_d, kpm_row_ptr, stride_kpm_n, 0, prefix_len, prefix_len,
-                       offs_m, q_pos, offs_d, qk_scale, dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh,
-                       CAUSAL_MASK=False, BOUNDS_MASK=True, HAS_KPM=False, DROPOUT=DROPOUT,
-                       BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
-    # -- own keys --
-    full_hi, hi = _own_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+                       offs_m, q_pos, lower, offs_d, qk_scale, softcap, dropout_threshold, keep_scale,
+                       seed, rng_offset, 2 * pid_bh,
+                       CAUSAL_MASK=False, BOUNDS_MASK=True, HAS_KPM=False, LOWER_MASK=False,
+                       SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+                       EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
+    # -- own keys: the forward's ranges --
+    lo, mid, full_hi, diag_lo, hi = _own_key_ranges(start_m, m_ok, lower, seqlen_q, seqlen_k, CAUSAL=CAUSAL,
+                                                    LOWER_BOUND=LOWER_BOUND, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     k_row_ptr = k_ptr + b * stride_k_b + hk * stride_k_h
     v_row_ptr = v_ptr + b * stride_v_b + hk * stride_v_h
+    if LOWER_BOUND:
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_row_ptr, v_row_ptr, stride_k_n, stride_k_d, stride_v_n,
+                           stride_v_d, kpm_row_ptr, stride_kpm_n, lo, mid, seqlen_k, offs_m, q_pos, lower,
+                           offs_d, qk_scale, softcap, dropout_threshold, keep_scale, seed, rng_offset,
+                           2 * pid_bh + 1,
+                           CAUSAL_MASK=False, BOUNDS_MASK=False, HAS_KPM=HAS_KPM, LOWER_MASK=True,
+                           SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+                           EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_row_ptr, v_row_ptr, stride_k_n, stride_k_d, stride_v_n,
-                       stride_v_d, kpm_row_ptr, stride_kpm_n, 0, full_hi, seqlen_k, offs_m, q_pos, offs_d,
-                       qk_scale, dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh + 1,
-                       CAUSAL_MASK=False, BOUNDS_MASK=False, HAS_KPM=HAS_KPM, DROPOUT=DROPOUT,
-                       BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
+                       stride_v_d, kpm_row_ptr, stride_kpm_n, mid, full_hi, seqlen_k, offs_m, q_pos, lower,
+                       offs_d, qk_scale, softcap, dropout_threshold, keep_scale, seed, rng_offset,
+                       2 * pid_bh + 1,
+                       CAUSAL_MASK=False, BOUNDS_MASK=False, HAS_KPM=HAS_KPM, LOWER_MASK=False,
+                       SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+                       EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_row_ptr, v_row_ptr, stride_k_n, stride_k_d, stride_v_n,
-                       stride_v_d, kpm_row_ptr, stride_kpm_n, full_hi, hi, seqlen_k, offs_m, q_pos, offs_d,
-                       qk_scale, dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh + 1,
-                       CAUSAL_MASK=CAUSAL, BOUNDS_MASK=True, HAS_KPM=HAS_KPM, DROPOUT=DROPOUT,
-                       BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
+                       stride_v_d, kpm_row_ptr, stride_kpm_n, diag_lo, hi, seqlen_k, offs_m, q_pos, lower,
+                       offs_d, qk_scale, softcap, dropout_threshold, keep_scale, seed, rng_offset,
+                       2 * pid_bh + 1,
+                       CAUSAL_MASK=CAUSAL, BOUNDS_MASK=True, HAS_KPM=HAS_KPM, LOWER_MASK=LOWER_BOUND,
+                       SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+                       EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
     dq_ptrs = (dq_ptr + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_s
                + offs_d[None, :] * stride_dq_d)
     tl.store(dq_ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _bwd_kv_inner(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr,
+def _bwd_kv_inner(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr, seg_row_ptr,
                   stride_q_s, stride_q_d, stride_do_s, stride_do_d, lo, hi, seqlen_q, k_start, k_pos,
-                  q_shift, offs_d, qk_scale, dropout_threshold, keep_scale, seed, rng_offset, stream,
-                  CAUSAL_MASK: tl.constexpr, KEEP_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                  q_shift, offs_d, qk_scale, softcap, window, dropout_threshold, keep_scale, seed,
+                  rng_offset, stream,
+                  CAUSAL_MASK: tl.constexpr, KEEP_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  HAS_SEGMENTS: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                   HEAD_DIM: tl.constexpr, EVEN_HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks [lo, hi) of one query head.
@@ -370,9 +452,16 @@ def _bwd_kv_inner(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr,
         lse = tl.load(lse_ptr + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale       # [BLOCK_N, BLOCK_M]
+        if SOFTCAP:
+            tt = _tanh(st)
+            st = tt * softcap
         pt = tl.math.exp2(st - lse[None, :])
         if CAUSAL_MASK:
             pt = tl.where(k_pos[:, None] <= (offs_m + q_shift)[None, :], pt, 0.0)
+        if HAS_WINDOW or HAS_SEGMENTS:
+            lower = _key_lower_bound(seg_row_ptr, offs_m, m_ok, offs_m + q_shift, window,
+                                     HAS_WINDOW=HAS_WINDOW, HAS_SEGMENTS=HAS_SEGMENTS)
+            pt = tl.where(k_pos[:, None] >= lower[None, :], pt, 0.0)
         if KEEP_MASK:
             pt = tl.where(keep[:, None], pt, 0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -384,6 +473,8 @@ def _bwd_kv_inner(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr,
         else:
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dst = pt * (dpt - delta[None, :])
+        if SOFTCAP:
+            dst = dst * (1.0 - tt * tt)
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
     return dk, dv
 
@@ -391,23 +482,24 @@ def _bwd_kv_inner(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr,
 @_derive
 @triton.jit(do_not_specialize=["seed", "rng_offset"])
 def prefix_attn_bwd_dkdv(
-    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr,
-    dk_ptr, dv_ptr, part_k_ptr, part_v_ptr,
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, seg_ptr, seg_last_ptr, do_ptr, lse_ptr,
+    delta_ptr, dk_ptr, dv_ptr, part_k_ptr, part_v_ptr,
     stride_q_b, stride_q_h, stride_q_s, stride_q_d,
     stride_k_b, stride_k_h, stride_k_n, stride_k_d,
     stride_v_b, stride_v_h, stride_v_n, stride_v_d,
     stride_pk_n, stride_pk_h, stride_pk_p, stride_pk_d,
     stride_pv_n, stride_pv_h, stride_pv_p, stride_pv_d,
-    stride_kpm_b, stride_kpm_n,
+    stride_kpm_b, stride_kpm_n, stride_seg_b, stride_seg_last_b,
     stride_do_b, stride_do_h, stride_do_s, stride_do_d,
     stride_dk_b, stride_dk_h, stride_dk_n, stride_dk_d,
     stride_dv_b, stride_dv_h, stride_dv_n, stride_dv_d,
-    num_kv_heads, group, seqlen_q, seqlen_k, prefix_len, num_entries, qk_scale, sm_scale,
-    dropout_threshold, keep_scale, seed, rng_offset, seq_bucket,
+    num_kv_heads, group, seqlen_q, seqlen_k, prefix_len, num_entries, qk_scale, sm_scale, softcap,
+    window, dropout_threshold, keep_scale, seed, rng_offset, seq_bucket,
     SPLITS: tl.constexpr, PREFIX_GRAD: tl.constexpr, OWN_GRAD: tl.constexpr,
     KEEP_MASK: tl.constexpr, HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr,
+    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr, LOWER_BOUND: tl.constexpr,
 ):
     """One program per key block of one (row, KV head); prefix blocks come first in the grid.
 
@@ -424,6 +516,7 @@ def prefix_attn_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     num_heads = num_kv_heads * group
+    seg_row_ptr = seg_ptr + b * stride_seg_b
     if PREFIX_GRAD:
         num_prefix_programs = tl.cdiv(prefix_len, BLOCK_N) * SPLITS
     else:
@@ -449,10 +542,12 @@ def prefix_attn_bwd_dkdv(
             bh = b * num_heads + h
             dk, dv = _bwd_kv_inner(dk, dv, k, v, n_ok, q_ptr + b * stride_q_b + h * stride_q_h,
                                    do_ptr + b * stride_do_b + h * stride_do_h, lse_ptr + bh * seqlen_q,
-                                   delta_ptr + bh * seqlen_q, stride_q_s, stride_q_d, stride_do_s,
-                                   stride_do_d, lo, hi, seqlen_q, start_n, offs_n, 0, offs_d, qk_scale,
-                                   dropout_threshold, keep_scale, seed, rng_offset, 2 * bh,
-                                   CAUSAL_MASK=False, KEEP_MASK=True, DROPOUT=DROPOUT, HEAD_DIM=HEAD_DIM,
+                                   delta_ptr + bh * seqlen_q, seg_row_ptr, stride_q_s, stride_q_d,
+                                   stride_do_s, stride_do_d, lo, hi, seqlen_q, start_n, offs_n, 0, offs_d,
+                                   qk_scale, softcap, window, dropout_threshold, keep_scale, seed,
+                                   rng_offset, 2 * bh,
+                                   CAUSAL_MASK=False, KEEP_MASK=True, HAS_WINDOW=False, HAS_SEGMENTS=False,
+                                   SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, HEAD_DIM=HEAD_DIM,
                                    EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PREC=PREC)
         part = (((b * SPLITS + split) * num_kv_heads + hk) * prefix_len + offs_n[:, None]) * HEAD_DIM \
             + offs_d[None, :]
@@ -481,6 +576,16 @@ def prefix_attn_bwd_dkdv(
         else:
             lo = 0
             full_lo = 0
+        # -- queries past the last one whose lower bound reaches this block are skipped --
+        q_hi = seqlen_q
+        if HAS_WINDOW:
+            q_hi = tl.minimum(q_hi, start_n + BLOCK_N - 1 + window - q_shift)
+        if HAS_SEGMENTS:
+            last = tl.load(seg_last_ptr + b * stride_seg_last_b + offs_n, mask=n_ok, other=-1)
+            q_hi = tl.minimum(q_hi, tl.max(last, 0) + 1)
+        causal_hi = full_lo
+        if LOWER_BOUND:
+            causal_hi = tl.minimum(full_lo, q_hi)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for g in range(0, group):
@@ -489,18 +594,21 @@ def prefix_attn_bwd_dkdv(
             q_head_ptr = q_ptr + b * stride_q_b + h * stride_q_h
             do_head_ptr = do_ptr + b * stride_do_b + h * stride_do_h
             dk, dv = _bwd_kv_inner(dk, dv, k, v, keep, q_head_ptr, do_head_ptr, lse_ptr + bh * seqlen_q,
-                                   delta_ptr + bh * seqlen_q, stride_q_s, stride_q_d, stride_do_s,
-                                   stride_do_d, lo, full_lo, seqlen_q, start_n, offs_n, q_shift, offs_d,
-                                   qk_scale, dropout_threshold, keep_scale, seed, rng_offset, 2 * bh + 1,
-                                   CAUSAL_MASK=CAUSAL, KEEP_MASK=KEEP_MASK, DROPOUT=DROPOUT,
+                                   delta_ptr + bh * seqlen_q, seg_row_ptr, stride_q_s, stride_q_d,
+                                   stride_do_s, stride_do_d, lo, causal_hi, seqlen_q, start_n, offs_n,
+                                   q_shift, offs_d, qk_scale, softcap, window, dropout_threshold,
+                                   keep_scale, seed, rng_offset, 2 * bh + 1,
+                                   CAUSAL_MASK=CAUSAL, KEEP_MASK=KEEP_MASK, HAS_WINDOW=HAS_WINDOW,
+                                   HAS_SEGMENTS=HAS_SEGMENTS, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
                                    HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M,
                                    BLOCK_N=BLOCK_N, PREC=PREC)
             dk, dv = _bwd_kv_inner(dk, dv, k, v, keep, q_head_ptr, do_head_ptr, lse_ptr + bh * seqlen_q,
-                                   delta_ptr + bh * seqlen_q, stride_q_s, stride_q_d, stride_do_s,
-                                   stride_do_d, full_lo, seqlen_q, seqlen_q, start_n, offs_n, q_shift,
-                                   offs_d, qk_scale, dropout_threshold, keep_scale, seed, rng_offset,
-                                   2 * bh + 1,
-                                   CAUSAL_MASK=False, KEEP_MASK=KEEP_MASK, DROPOUT=DROPOUT,
+                                   delta_ptr + bh * seqlen_q, seg_row_ptr, stride_q_s, stride_q_d,
+                                   stride_do_s, stride_do_d, full_lo, q_hi, seqlen_q, start_n, offs_n,
+                                   q_shift, offs_d, qk_scale, softcap, window, dropout_threshold,
+                                   keep_scale, seed, rng_offset, 2 * bh + 1,
+                                   CAUSAL_MASK=False, KEEP_MASK=KEEP_MASK, HAS_WINDOW=HAS_WINDOW,
+                                   HAS_SEGMENTS=HAS_SEGMENTS, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
                                    HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M,
                                    BLOCK_N=BLOCK_N, PREC=PREC)
         tile_ok = n_ok[:, None] & d_ok[None, :]

@@ -11,16 +11,23 @@ import torch
 
 
 def visible_keys_mask(sq: int, sk: int, key_padding_mask: torch.Tensor | None, causal: bool,
-                      device: torch.device) -> torch.Tensor:
+                      device: torch.device, window: int | None = None,
+                      segment_start: torch.Tensor | None = None) -> torch.Tensor:
     """[B or 1, 1, Sq, Sk] bool: may query i see own key j (the prefix is always visible).
 
-    Query i sits at key position Sk - Sq + i (bottom-right causal alignment).
+    Query i sits at key position Sk - Sq + i (bottom-right causal alignment). A sliding window
+    keeps keys j > i - window; segment_start [B, Sq] keeps keys j >= segment_start[b, i].
     """
+    qpos = torch.arange(sq, device=device)[:, None] + (sk - sq)
+    keys = torch.arange(sk, device=device)[None, :]
     allowed = torch.ones(sq, sk, dtype=torch.bool, device=device)
     if causal:
-        qpos = torch.arange(sq, device=device)[:, None] + (sk - sq)
-        allowed = torch.arange(sk, device=device)[None, :] <= qpos
+        allowed = keys <= qpos
+    if window is not None:
+        allowed = allowed & (keys > qpos - window)
     allowed = allowed[None, None]
+    if segment_start is not None:
+        allowed = allowed & (keys >= segment_start[:, :, None].to(device))[:, None]
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :].to(torch.bool)
     return allowed
@@ -30,7 +37,9 @@ def reference_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                prefix_v: torch.Tensor, prefix_index: torch.Tensor | None = None,
                                key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
                                causal: bool = True, upcast: bool = True, *, dropout_p: float = 0.0,
-                               dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+                               dropout_mask: torch.Tensor | None = None, softcap: float | None = None,
+                               window: int | None = None, segment_start: torch.Tensor | None = None
+                               ) -> torch.Tensor:
     """Same arguments as `prefix_kernels.prefix_attention`.
 
     upcast=True computes half-precision inputs in float32 and casts the result back (the CPU
@@ -39,6 +48,7 @@ def reference_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     Dropout acts on the probabilities over all P + Sk keys (prefix slots first), as PEFT's eager
     path does: dropout_mask [B, Hq, Sq, P + Sk] bool says which survive (scaled by 1/(1-p));
     with dropout_p > 0 and no mask, one is drawn from torch's generator.
+    softcap: every scaled score s becomes softcap * tanh(s / softcap) (Gemma 2).
     """
     if prefix_k.dim() == 3:
         prefix_k, prefix_v = prefix_k[None], prefix_v[None]
@@ -59,7 +69,9 @@ def reference_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     values = values.repeat_interleave(group, dim=1)
 
     scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale
-    own_visible = visible_keys_mask(sq, sk, key_padding_mask, causal, q.device)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    own_visible = visible_keys_mask(sq, sk, key_padding_mask, causal, q.device, window, segment_start)
     p = prefix_k.shape[2]
     prefix_visible = torch.ones(own_visible.shape[:-1] + (p,), dtype=torch.bool, device=q.device)
     visible = torch.cat([prefix_visible, own_visible], dim=-1)
