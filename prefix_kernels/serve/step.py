@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.decode import DecodeWorkspace, decode_attention_op
+from ..ops.utils import warn_once
 from .sampling import sample
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
@@ -481,3 +482,48 @@ def compile_limits(compiling: bool = True):
     wanted = {"recompile_limit": 64, "accumulated_recompile_limit": 4096, "fail_on_recompile_limit_hit": True}
     with config.patch(**{k: v for k, v in wanted.items() if hasattr(config, k)}):
         yield
+
+
+# --------------------------------------------------------------------------------------------
+# What the engine asks for
+# --------------------------------------------------------------------------------------------
+
+def sampling_variant(params) -> str:
+    """The cheapest of SAMPLING that serves every request's SamplingParams in `params`."""
+    params = list(params)
+    if all(p.temperature == 0 for p in params):
+        return "greedy"
+    if any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params):
+        return "filtered"
+    return "sampled"
+
+
+def engine_step(choice, model, cache, bank, *, offset: int, backend: str) -> Optional[DecodeStep]:
+    """The decode step an engine runs for `choice` (its `decode_step` argument): a DecodeStep,
+    or None for the HF modules through the cache (eager, each graph replaying their kernels).
+
+    "auto": the compiled step on CUDA for a supported family; otherwise None, said once on CUDA
+    with the reason. "compiled": the compiled step, or NotImplementedError saying why not.
+    "eager": None. A StepOptions: the step with those options (CPU tests: compiler="aot_eager").
+    """
+    if isinstance(choice, StepOptions):
+        options = choice
+    elif choice in ("auto", "compiled"):
+        options = StepOptions()
+    elif choice == "eager":
+        return None
+    else:
+        raise ValueError(f"decode_step must be 'auto', 'compiled', 'eager' or a StepOptions, got {choice!r}")
+    why = unsupported_reason(model)
+    if choice == "auto":
+        if cache.k.device.type != "cuda":
+            return None
+        if why is not None:
+            warn_once(f"Engine: the decode step runs the model's own modules in a CUDA graph ({why})")
+            return None
+    elif why is not None:
+        raise NotImplementedError(f"decode_step={choice!r}: {why}; use decode_step='eager'")
+    if backend == "auto" and cache.k.device.type == "cpu":
+        backend = "reference"          # what "auto" takes there, without its warning
+    return DecodeStep(model, cache.k, cache.v, bank.prefix, offset=offset, backend=backend, options=options,
+                      workspace=cache.workspace)
