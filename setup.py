@@ -11,9 +11,14 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 
+# committed GPU results that `prefix-kernels bench attention` prints on a machine without a GPU
+SHIPPED_RESULTS = ["benchmarks/results/attention-h200.json"]
+
+
 class BuildPyWithCsrc(build_py):
     """Ship csrc/ inside the package as prefix_kernels/_csrc: an installed wheel has no checkout
-    to JIT-build the decode kernel from."""
+    to JIT-build the decode kernel from. The committed H200 results go to
+    prefix_kernels/bench/results/ for the same reason."""
 
     def run(self):
         super().run()
@@ -21,6 +26,11 @@ class BuildPyWithCsrc(build_py):
         self.mkpath(target)
         for path in sorted(glob.glob(os.path.join("csrc", "*"))):
             self.copy_file(path, os.path.join(target, os.path.basename(path)))
+        results = os.path.join(self.build_lib, "prefix_kernels", "bench", "results")
+        self.mkpath(results)
+        for path in SHIPPED_RESULTS:
+            if os.path.isfile(path):
+                self.copy_file(path, os.path.join(results, os.path.basename(path)))
 
 
 ext_modules, cmdclass = [], {"build_py": BuildPyWithCsrc}

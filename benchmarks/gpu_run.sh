@@ -17,6 +17,7 @@ for step in "$@"; do
     optests-quick) PREFIX_KERNELS_AUTOTUNE=0 timeout 120 python3 -m pytest -q -p no:logging tests/test_prefix_attention.py -k "unused or determin or poisons or mha or gqa4" > $OUT/optests.log 2>&1; summary $OUT/optests.log ;;
     optests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:logging tests/test_prefix_attention.py -k "gpu or low_precision or compile or determin or only_requested or unused" > $OUT/optests.log 2>&1; summary $OUT/optests.log ;;
     hftests-gpu) timeout 300 python3 -m pytest -q -p no:logging -m gpu tests/test_patch_model.py > $OUT/hftests.log 2>&1; summary $OUT/hftests.log ;;
+    encdectests-gpu) timeout 420 python3 -m pytest -q -p no:logging -m gpu tests/test_seq2seq.py > $OUT/encdectests.log 2>&1; summary $OUT/encdectests.log ;;
     decodetests-gpu) timeout 400 python3 -m pytest -q -p no:logging -m gpu tests/test_decode.py > $OUT/decodetests.log 2>&1; summary $OUT/decodetests.log ;;
     profile) timeout 200 python3 benchmarks/profile_attention.py 2>&1 | tee $OUT/profile.log ;;
     host) timeout 200 python3 benchmarks/profile_host.py 2>&1 | tee $OUT/host.log | cut -c1-160 ;;
@@ -33,7 +34,12 @@ for step in "$@"; do
     steptests-gpu) timeout 400 python3 -m pytest -q -p no:logging -m gpu tests/test_step.py tests/test_decode.py -k "step or custom_op" > $OUT/steptests.log 2>&1; summary $OUT/steptests.log ;;
     decode-step) timeout 295 python3 benchmarks/profile_decode_step.py 2>&1 | tee $OUT/decode_step.log | grep -v "^\s*$" ;;
     decode-step-extra) timeout 295 python3 benchmarks/profile_decode_step.py --batches 32 128 --extra static whole --no-fp32-check 2>&1 | tee $OUT/decode_step_extra.log ;;
+    probe-split) timeout 330 python3 benchmarks/probe_split.py > $OUT/probe_split.log 2>&1; echo "rc=$?"; grep -v "^  aten::" $OUT/probe_split.log | cut -c1-230 | tail -120 ;;
+    training-split) for mode in ${SPLIT_MODES:-pad merge}; do PREFIX_KERNELS_ATTENTION=split PREFIX_KERNELS_SPLIT_MODE=$mode timeout 280 python3 benchmarks/bench_training.py --cases prefix-kernels floor --out $OUT/training_split_$mode > $OUT/training_split_$mode.log 2>&1; echo "-- split, mode $mode"; grep -v "^$" $OUT/training_split_$mode.log | tail -14; done ;;
+    splittests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:logging tests/test_split_attention.py > $OUT/splittests.log 2>&1; summary $OUT/splittests.log ;;
     decode-e2e) timeout 400 python3 benchmarks/bench_decode.py > $OUT/bench_decode_e2e.log 2>&1; tr '\r' '\n' < $OUT/bench_decode_e2e.log | grep -v "it/s\]" | grep -v "^ *$" | tail -45 ;;
+    servehttp-tests) timeout 300 python3 -m pytest -q -p no:logging tests/test_serve_http.py tests/test_serve_hardening.py tests/test_serve_load.py tests/test_bench_serve.py > $OUT/servehttp.log 2>&1; python3 -c "import aiohttp; print('aiohttp', aiohttp.__version__)"; summary $OUT/servehttp.log ;;
+    serve-bench) timeout 500 python3 benchmarks/bench_serve.py --out $OUT > $OUT/bench_serve.log 2>&1; tail -16 $OUT/bench_serve.log ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -148,6 +148,14 @@ void run_for_head_dim(int head_dim, DecodeParams& p, int64_t requested_splits, i
       run_decode<T, 64>(p, requested_splits, max_keys, batch, device, q, part_o, part_lse,
                         fused_combine, stream);
       break;
+    case 80:
+      run_decode<T, 80>(p, requested_splits, max_keys, batch, device, q, part_o, part_lse,
+                        fused_combine, stream);
+      break;
+    case 96:
+      run_decode<T, 96>(p, requested_splits, max_keys, batch, device, q, part_o, part_lse,
+                        fused_combine, stream);
+      break;
     case 128:
       run_decode<T, 128>(p, requested_splits, max_keys, batch, device, q, part_o, part_lse,
                          fused_combine, stream);
@@ -157,7 +165,8 @@ void run_for_head_dim(int head_dim, DecodeParams& p, int64_t requested_splits, i
                          fused_combine, stream);
       break;
     default:
-      TORCH_CHECK(false, "decode_attention: head_dim must be 64, 128 or 256, got ", head_dim);
+      TORCH_CHECK(false, "decode_attention: head_dim must be 64, 80, 96, 128 or 256, got ",
+                  head_dim);
   }
 }
 
@@ -204,8 +213,8 @@ at::Tensor decode_attention_fwd(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK(plen >= 1 && n_entries >= 1, "decode_attention: the bank needs N >= 1 entries and "
               "P >= 1 slots, got ", prefix_k.sizes());
   TORCH_CHECK(sq >= 1, "decode_attention: q needs at least one query (Sq >= 1)");
-  TORCH_CHECK(d == 64 || d == 128 || d == 256, "decode_attention: head_dim must be 64, 128 or "
-              "256, got ", d);
+  TORCH_CHECK(d == 64 || d == 80 || d == 96 || d == 128 || d == 256,
+              "decode_attention: head_dim must be 64, 80, 96, 128 or 256, got ", d);
   TORCH_CHECK(batch <= 65535 && hkv <= 65535, "decode_attention: batch and KV heads must be "
               "<= 65535 (grid limits), got ", batch, " and ", hkv);
   TORCH_CHECK(smax <= INT32_MAX - plen, "decode_attention: cache too long");

@@ -55,11 +55,15 @@ struct DecodeParams {
 
 template <int HEAD_DIM>
 struct Cfg {
-  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256, "head_dim 64/128/256");
+  static_assert(HEAD_DIM == 64 || HEAD_DIM == 80 || HEAD_DIM == 96 || HEAD_DIM == 128 ||
+                    HEAD_DIM == 256,
+                "head_dim 64/80/96/128/256");
   // Bytes in flight per SM matter most for a memory-bound kernel: 4 stages x 18 KB at D=64
   // (3 blocks/SM), 3 x 34 KB at D=128 (2 blocks/SM), 3 x 66 KB at D=256 (1 block/SM).
-  static constexpr int STAGES = HEAD_DIM == 64 ? 4 : 3;
-  static constexpr int MIN_BLOCKS = HEAD_DIM == 64 ? 3 : (HEAD_DIM == 128 ? 2 : 1);
+  // D=80 (3 x 22 KB, 3 blocks/SM: 198 KB) and D=96 (4 x 26 KB, 2 blocks/SM: 208 KB) follow the
+  // same rule, chosen from the shared-memory budget, not yet measured.
+  static constexpr int STAGES = (HEAD_DIM == 64 || HEAD_DIM == 96) ? 4 : 3;
+  static constexpr int MIN_BLOCKS = HEAD_DIM <= 80 ? 3 : (HEAD_DIM <= 128 ? 2 : 1);
   // +8 elements (16 B) per shared row: the 8 rows an ldmatrix reads land in distinct banks.
   static constexpr int ROW = HEAD_DIM + 8;
   static constexpr int TILE_BYTES = BLOCK_N * ROW * 2;       // one of K or V, 2-byte elements
@@ -69,6 +73,9 @@ struct Cfg {
   static constexpr int K_STEPS = HEAD_DIM / 16;
   static constexpr int D_TILES = HEAD_DIM / 8;               // n8 tiles of the output
   static constexpr int DIMS_PER_THREAD = HEAD_DIM / ROW_THREADS;
+  // fp32 vectors of the epilogue and combine: float4, or float2 where a thread's dims are not a
+  // multiple of 4 (D=80: 10 dims, 8-byte aligned)
+  static constexpr int F_VEC = DIMS_PER_THREAD % 4 == 0 ? 4 : 2;
   static constexpr int COMBINE_UNROLL = 64 / DIMS_PER_THREAD;  // 16 float4 loads in flight
   // The tile loads unrolled keep every address live: 255 registers and spills at D=256.
   static constexpr int LOAD_UNROLL = HEAD_DIM == 256 ? 1 : BLOCK_N * HEAD_DIM / 8 / NUM_THREADS;
@@ -82,7 +89,7 @@ struct Cfg {
   static constexpr int EPI_BYTES = (EPI_O_FLOATS + M_TILE * MAX_SPLITS) * 4;
   static constexpr int SMEM_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
   static_assert(BLOCK_N * CHUNKS_PER_ROW % NUM_THREADS == 0, "whole loads per thread");
-  static_assert(DIMS_PER_THREAD % 4 == 0, "float4 epilogue");
+  static_assert(DIMS_PER_THREAD % 2 == 0, "float2 (or float4) epilogue");
   static_assert(SMEM_BYTES <= 227 * 1024, "fits one Hopper SM");
 };
 
@@ -165,18 +172,33 @@ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 
-// Store n floats (a multiple of 8) as T with 16-byte stores.
+// Store N floats as T: 16-byte stores when N is a multiple of 8 (dst 16-byte aligned), else
+// 8-byte (N % 4 == 0, D=96) or 4-byte stores (N even, D=80): dst is N * 2 bytes into its row.
 template <typename T, int N>
 __device__ __forceinline__ void store_row_chunk(T* dst, const float (&v)[N], float mul) {
-  static_assert(N % 8 == 0, "16-byte stores");
+  static_assert(N % 2 == 0, "whole pairs");
+  if constexpr (N % 8 == 0) {
 #pragma unroll
-  for (int j = 0; j < N / 8; ++j) {
-    uint4 u;
-    u.x = TypeOps<T>::pack(v[8 * j + 0] * mul, v[8 * j + 1] * mul);
-    u.y = TypeOps<T>::pack(v[8 * j + 2] * mul, v[8 * j + 3] * mul);
-    u.z = TypeOps<T>::pack(v[8 * j + 4] * mul, v[8 * j + 5] * mul);
-    u.w = TypeOps<T>::pack(v[8 * j + 6] * mul, v[8 * j + 7] * mul);
-    reinterpret_cast<uint4*>(dst)[j] = u;
+    for (int j = 0; j < N / 8; ++j) {
+      uint4 u;
+      u.x = TypeOps<T>::pack(v[8 * j + 0] * mul, v[8 * j + 1] * mul);
+      u.y = TypeOps<T>::pack(v[8 * j + 2] * mul, v[8 * j + 3] * mul);
+      u.z = TypeOps<T>::pack(v[8 * j + 4] * mul, v[8 * j + 5] * mul);
+      u.w = TypeOps<T>::pack(v[8 * j + 6] * mul, v[8 * j + 7] * mul);
+      reinterpret_cast<uint4*>(dst)[j] = u;
+    }
+  } else if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < N / 4; ++j) {
+      uint2 u;
+      u.x = TypeOps<T>::pack(v[4 * j + 0] * mul, v[4 * j + 1] * mul);
+      u.y = TypeOps<T>::pack(v[4 * j + 2] * mul, v[4 * j + 3] * mul);
+      reinterpret_cast<uint2*>(dst)[j] = u;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N / 2; ++j)
+      reinterpret_cast<uint32_t*>(dst)[j] = TypeOps<T>::pack(v[2 * j] * mul, v[2 * j + 1] * mul);
   }
 }
 
@@ -223,14 +245,24 @@ __device__ void combine_chunk(const DecodeParams& p, int64_t row_base, int chunk
 #pragma unroll C::COMBINE_UNROLL
   for (int s = 0; s < splits; ++s) {
     const float w = sm_w[row * MAX_SPLITS + s];
-    const float4* src = reinterpret_cast<const float4*>(src0 + s * HEAD_DIM);
+    if constexpr (C::F_VEC == 4) {
+      const float4* src = reinterpret_cast<const float4*>(src0 + s * HEAD_DIM);
 #pragma unroll
-    for (int j = 0; j < C::DIMS_PER_THREAD / 4; ++j) {
-      const float4 x = __ldcg(src + j);
-      acc[4 * j + 0] += w * x.x;
-      acc[4 * j + 1] += w * x.y;
-      acc[4 * j + 2] += w * x.z;
-      acc[4 * j + 3] += w * x.w;
+      for (int j = 0; j < C::DIMS_PER_THREAD / 4; ++j) {
+        const float4 x = __ldcg(src + j);
+        acc[4 * j + 0] += w * x.x;
+        acc[4 * j + 1] += w * x.y;
+        acc[4 * j + 2] += w * x.z;
+        acc[4 * j + 3] += w * x.w;
+      }
+    } else {
+      const float2* src = reinterpret_cast<const float2*>(src0 + s * HEAD_DIM);
+#pragma unroll
+      for (int j = 0; j < C::DIMS_PER_THREAD / 2; ++j) {
+        const float2 x = __ldcg(src + j);
+        acc[2 * j + 0] += w * x.x;
+        acc[2 * j + 1] += w * x.y;
+      }
     }
   }
   T* dst = static_cast<T*>(p.out) + row_id * HEAD_DIM + part * C::DIMS_PER_THREAD;
@@ -498,22 +530,38 @@ __global__ void __launch_bounds__(NUM_THREADS, Cfg<HEAD_DIM>::MIN_BLOCKS)
   for (int w = 0; w < NUM_WARPS; ++w)
     if (sm_max[w][row] != -INFINITY) l_blk += sm_sum[w][row] * exp2f(sm_max[w][row] - m_blk);
   float acc[C::DIMS_PER_THREAD];
+  if constexpr (C::F_VEC == 4) {
 #pragma unroll
-  for (int j = 0; j < C::DIMS_PER_THREAD; j += 4) {
-    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j = 0; j < C::DIMS_PER_THREAD; j += 4) {
+      float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-    for (int w = 0; w < NUM_WARPS; ++w) {
-      const float4 x = *reinterpret_cast<const float4*>(
-          sm_o + (w * M_TILE + row) * C::O_ROW + part * C::DIMS_PER_THREAD + j);
-      a.x += x.x;
-      a.y += x.y;
-      a.z += x.z;
-      a.w += x.w;
+      for (int w = 0; w < NUM_WARPS; ++w) {
+        const float4 x = *reinterpret_cast<const float4*>(
+            sm_o + (w * M_TILE + row) * C::O_ROW + part * C::DIMS_PER_THREAD + j);
+        a.x += x.x;
+        a.y += x.y;
+        a.z += x.z;
+        a.w += x.w;
+      }
+      acc[j] = a.x;
+      acc[j + 1] = a.y;
+      acc[j + 2] = a.z;
+      acc[j + 3] = a.w;
     }
-    acc[j] = a.x;
-    acc[j + 1] = a.y;
-    acc[j + 2] = a.z;
-    acc[j + 3] = a.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < C::DIMS_PER_THREAD; j += 2) {
+      float2 a = make_float2(0.f, 0.f);
+#pragma unroll
+      for (int w = 0; w < NUM_WARPS; ++w) {
+        const float2 x = *reinterpret_cast<const float2*>(
+            sm_o + (w * M_TILE + row) * C::O_ROW + part * C::DIMS_PER_THREAD + j);
+        a.x += x.x;
+        a.y += x.y;
+      }
+      acc[j] = a.x;
+      acc[j + 1] = a.y;
+    }
   }
   const int r = chunk * M_TILE + row;
   const bool row_ok = r < p.rows_per_head;
@@ -531,11 +579,19 @@ __global__ void __launch_bounds__(NUM_THREADS, Cfg<HEAD_DIM>::MIN_BLOCKS)
   if (row_ok) {
     const int64_t slot = row_id * p.num_splits + split;
     const float mul = bad ? NAN : (l_blk > 0.f ? 1.f / l_blk : 0.f);
-    float4* dst = reinterpret_cast<float4*>(p.part_o + slot * HEAD_DIM + part * C::DIMS_PER_THREAD);
+    float* dst0 = p.part_o + slot * HEAD_DIM + part * C::DIMS_PER_THREAD;
+    if constexpr (C::F_VEC == 4) {
+      float4* dst = reinterpret_cast<float4*>(dst0);
 #pragma unroll
-    for (int j = 0; j < C::DIMS_PER_THREAD / 4; ++j)
-      dst[j] = make_float4(acc[4 * j] * mul, acc[4 * j + 1] * mul, acc[4 * j + 2] * mul,
-                           acc[4 * j + 3] * mul);
+      for (int j = 0; j < C::DIMS_PER_THREAD / 4; ++j)
+        dst[j] = make_float4(acc[4 * j] * mul, acc[4 * j + 1] * mul, acc[4 * j + 2] * mul,
+                             acc[4 * j + 3] * mul);
+    } else {
+      float2* dst = reinterpret_cast<float2*>(dst0);
+#pragma unroll
+      for (int j = 0; j < C::DIMS_PER_THREAD / 2; ++j)
+        dst[j] = make_float2(acc[2 * j] * mul, acc[2 * j + 1] * mul);
+    }
     if (part == 0)  // a bad row: lse 0 and NaN values, so the combine returns NaN
       p.part_lse[slot] = bad ? 0.f : (l_blk > 0.f ? m_blk + log2f(l_blk) : -INFINITY);
   }

@@ -5,7 +5,8 @@ Importing the package is light: the Triton kernels load on first use.
 __version__ = "0.1.0"
 
 __all__ = ["prefix_attention", "reference_prefix_attention", "decode_attention", "DecodeWorkspace", "patch_model",
-           "unpatch_model", "load_prefix", "is_patched", "get_prefix_bank", "PrefixBank"]
+           "unpatch_model", "load_prefix", "is_patched", "get_prefix_bank", "PrefixBank", "AdapterConfig",
+           "read_adapter"]
 
 _INTEGRATION = ("patch_model", "unpatch_model", "load_prefix", "is_patched", "get_prefix_bank")
 
@@ -26,4 +27,7 @@ def __getattr__(name):
     if name == "PrefixBank":
         from .bank import PrefixBank
         return PrefixBank
+    if name in ("AdapterConfig", "read_adapter"):
+        from . import adapter
+        return getattr(adapter, name)
     raise AttributeError(f"module 'prefix_kernels' has no attribute {name!r}")

@@ -1,61 +1,47 @@
 """The prefix bank: every prefix of a patched model in one place.
 
-Storage is one [L, 2, N, Hkv, P, D] tensor (layer, key/value, entry, KV head, slot, head dim);
-layer l's keys are the view [l, 0] of shape [N, Hkv, P, D], which the fused op reads directly.
+Storage is one [L, 2, N, Hkv, P, D] tensor (prefixed attention layer, key/value, entry, KV head,
+slot, head dim); layer l's keys are the view [l, 0] of shape [N, Hkv, P, D], which the fused op
+reads directly. The layer axis is split into sites, in order: a decoder-only model has one,
+"decoder" (its L self-attention layers); an encoder-decoder model may have "encoder" (Le layers of
+bidirectional self-attention), "decoder" (Ld causal self-attention layers) and "cross" (Ld
+cross-attention layers), so L = Le + 2*Ld and each site is a contiguous view of the one tensor.
 With the MLP reparameterization of Li & Liang, the trainable parameters are per-entry token
 embeddings and a two-layer MLP; `materialize()` runs the MLP once for all entries and layers.
 
-Adapters are saved in PEFT's prefix-tuning format: `adapter_model.safetensors` holding
-`prompt_embeddings` [P, L*2*Hkv*D] (the MLP folded in) and `adapter_config.json`. This module
-knows no model library.
+Entries have names ([A-Za-z0-9._-], at most 64 characters: they become folder names). The bank
+reads and writes adapters through `prefix_kernels.adapter` (PEFT's prefix-tuning format where
+PEFT has a place for the prefix, ours otherwise). This module knows no model library.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
-from typing import Iterable, Sequence
+import re
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+from .adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SITES, Adapter, AdapterConfig,  # noqa: F401
+                      bank_to_peft_flat, layers_to_peft_seq2seq, peft_flat_to_bank, read_adapter,
+                      write_adapter)
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+SAVE_FORMATS = ("auto", "peft", "prefix_kernels")
 
 
-def peft_flat_to_bank(flat: torch.Tensor, num_layers: int, num_kv_heads: int, head_dim: int):
-    """PEFT's [P, L*2*Hkv*D] (flat index ((l*2 + kv)*Hkv + h)*D + d) -> [L, 2, Hkv, P, D]."""
-    p = flat.shape[0]
-    return flat.view(p, num_layers, 2, num_kv_heads, head_dim).permute(1, 2, 3, 0, 4)
-
-
-def bank_to_peft_flat(entry: torch.Tensor) -> torch.Tensor:
-    """[L, 2, Hkv, P, D] -> PEFT's [P, L*2*Hkv*D]."""
-    num_layers, _, hkv, p, d = entry.shape
-    return entry.permute(3, 0, 1, 2, 4).reshape(p, num_layers * 2 * hkv * d)
-
-
-def _atomic_write(path: str, write) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
+def validate_name(name) -> str:
+    """An entry name: 1-64 of [A-Za-z0-9._-], not "." or ".." (names become folder names)."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"invalid prefix name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ - "
+                         "(not '.' or '..'); names become folder names when saved")
+    return name
 
 
 class PrefixBank(nn.Module):
-    """N named prefixes for an L-layer model with Hkv KV heads of head_dim D, P slots each.
+    """N named prefixes for L prefixed attention layers with Hkv KV heads of head_dim D, P slots each.
 
     Args:
         num_layers, num_kv_heads, head_dim, prefix_len: the geometry (L, Hkv, D, P).
@@ -65,19 +51,31 @@ class PrefixBank(nn.Module):
         init: "random" (PEFT's default: N(0, 1) prefix, or default nn.Linear init of the MLP),
             "zeros" (a zero prefix; with the MLP its last layer is zeroed, as PEFT's "zero"),
             or a tensor [L, 2, Hkv, P, D] copied into every entry (plain prefix only).
+        sites: {site: layer count} in the order of the layer axis (sites from
+            `prefix_kernels.adapter.SITES`, counts summing to L); None means {"decoder": L}.
+        task_type: "CAUSAL_LM" or "SEQ_2_SEQ_LM": the model kind, written into saved adapters.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, prefix_len: int,
                  names: Sequence[str] = ("default",), projection_hidden: int | None = None,
-                 init="random", dtype: torch.dtype = torch.float32, device=None):
+                 init="random", dtype: torch.dtype = torch.float32, device=None, *,
+                 sites: Mapping[str, int] | None = None, task_type: str = "CAUSAL_LM"):
         super().__init__()
         if prefix_len < 1:
             raise ValueError(f"num_prefix_tokens must be >= 1, got {prefix_len}")
         names = [str(n) for n in names]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"prefix names must be non-empty and distinct, got {names}")
+        sites = {"decoder": num_layers} if sites is None else dict(sites)
+        if not sites or any(s not in SITES for s in sites) or any(int(c) < 1 for c in sites.values()):
+            raise ValueError(f"sites must map some of {list(SITES)} to positive layer counts, got {sites}")
+        if sum(sites.values()) != num_layers:
+            raise ValueError(f"num_layers={num_layers} but the sites {sites} have {sum(sites.values())} layers")
+        if task_type not in TASK_TYPES:
+            raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.prefix_len, self.projection_hidden = prefix_len, projection_hidden
+        self.sites, self.task_type = sites, task_type
         self.names = names
         n, token_dim = len(names), num_kv_heads * head_dim
         factory = dict(dtype=dtype, device=device)
@@ -102,6 +100,17 @@ class PrefixBank(nn.Module):
     @property
     def token_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def site_slice(self, site: str) -> slice:
+        """The layers of `site` on the bank's layer axis."""
+        if site not in self.sites:
+            raise ValueError(f"the bank has no {site!r} prefixes (its sites: {list(self.sites)})")
+        start = 0
+        for name, count in self.sites.items():
+            if name == site:
+                return slice(start, start + count)
+            start += count
+        raise AssertionError(site)
 
     def index_of(self, name) -> int:
         """Entry index of a name (an int is taken as an index and range-checked)."""
@@ -149,17 +158,21 @@ class PrefixBank(nn.Module):
             self.proj_out_bias[i].zero_()
 
     @torch.no_grad()
-    def set_entry(self, name_or_index, prefix: torch.Tensor) -> None:
-        """Copy a plain prefix [L, 2, Hkv, P, D] into an entry."""
+    def set_entry(self, name_or_index, prefix: torch.Tensor, site: str | None = None) -> None:
+        """Copy a plain prefix [L, 2, Hkv, P, D] into an entry, in place (or, with `site`, the
+        [L_site, 2, Hkv, P, D] prefix of that site only)."""
         if self.projection_hidden is not None:
             raise ValueError("this bank is MLP-reparameterized: a plain prefix cannot be loaded into it. "
                              "Patch with projection_hidden=None to load adapters")
         i = self.index_of(name_or_index)
-        want = (self.num_layers, 2, self.num_kv_heads, self.prefix_len, self.head_dim)
+        layers = slice(None) if site is None else self.site_slice(site)
+        target = self.prefix[layers, :, i]
+        want = (target.shape[0], 2, self.num_kv_heads, self.prefix_len, self.head_dim)
         if tuple(prefix.shape) != want:
-            raise ValueError(f"prefix of shape {tuple(prefix.shape)} does not fit the bank: want "
+            where = "" if site is None else f" at site {site!r}"
+            raise ValueError(f"prefix of shape {tuple(prefix.shape)} does not fit the bank{where}: want "
                              f"[layers, 2, kv_heads, prefix_len, head_dim] = {list(want)}")
-        self.prefix[:, :, i].copy_(prefix.to(self.prefix.device, self.prefix.dtype))
+        target.copy_(prefix.to(self.prefix.device, self.prefix.dtype))
 
     @torch.no_grad()
     def set_projection(self, name_or_index, embedding, in_weight, in_bias, out_weight, out_bias) -> None:
@@ -176,7 +189,7 @@ class PrefixBank(nn.Module):
 
     def add_entry(self, name: str, init="zeros") -> int:
         """Append an entry; returns its index. Parameters are re-allocated: build optimizers after."""
-        name = str(name)
+        name = validate_name(name)
         if name in self.names:
             raise ValueError(f"a prefix named {name!r} already exists")
         grow_dim = {"prefix": 2}
@@ -189,6 +202,62 @@ class PrefixBank(nn.Module):
         self.names.append(name)
         self._init_entry(len(self.names) - 1, init)
         return len(self.names) - 1
+
+    def rename(self, old, new: str) -> int:
+        """Give entry `old` (a name or an index) the name `new`; returns its index. The storage
+        is untouched (a serving engine's captured graphs keep reading the same row)."""
+        i = self.index_of(old)
+        new = validate_name(new)
+        if new in self.names and self.names.index(new) != i:
+            raise ValueError(f"a prefix named {new!r} already exists (entry {self.names.index(new)})")
+        self.names[i] = new
+        return i
+
+    def load_adapter(self, entry, adapter) -> int:
+        """Load an adapter (a folder, or an `Adapter` from `read_adapter`) into `entry`; returns its index.
+
+        `entry` is a name or an index. An existing entry is overwritten in place (its storage is
+        kept); a new name is appended first (parameters are re-allocated: build optimizers after).
+        The adapter must have a prefix for exactly the bank's sites, with its geometry.
+        """
+        if isinstance(adapter, (str, os.PathLike)):
+            adapter = read_adapter(os.fspath(adapter))
+        self.check_adapter(adapter)
+        prefixes = {site: adapter.prefix(site, count) for site, count in self.sites.items()}
+        if isinstance(entry, str) and entry not in self.names:
+            self.add_entry(entry)
+        i = self.index_of(entry)
+        for site, prefix in prefixes.items():
+            self.set_entry(i, prefix, site=site)
+        return i
+
+    def check_adapter(self, adapter: Adapter) -> None:
+        """ValueError naming every way the adapter's geometry differs from the bank's."""
+        cfg = adapter.config
+        if self.projection_hidden is not None:
+            raise ValueError("this bank is MLP-reparameterized: an adapter (a plain prefix) cannot be loaded into "
+                             "it. Patch with projection_hidden=None to load adapters")
+        adapter_seq2seq = cfg.num_transformer_submodules == 2
+        if adapter_seq2seq != (self.task_type == "SEQ_2_SEQ_LM"):
+            kinds = ("a decoder-only", "an encoder-decoder")
+            raise ValueError(f"{adapter.source} is for {kinds[adapter_seq2seq]} model, but this bank belongs to "
+                             f"{kinds[not adapter_seq2seq]} model")
+        if set(adapter.sites) != set(self.sites):
+            raise ValueError(f"{adapter.source} has prefixes for the sites {list(adapter.sites)} but this bank has "
+                             f"{list(self.sites)}; patch the model with sites={tuple(adapter.sites)} to load it")
+        want = {"num_virtual_tokens": self.prefix_len, "token_dim": self.token_dim,
+                "num_attention_heads": self.num_kv_heads}
+        wrong = [f"{k} is {getattr(cfg, k)} in the adapter but {v} here" for k, v in want.items()
+                 if getattr(cfg, k) != v]
+        for site, count in self.sites.items():
+            stored = adapter.layers(site)
+            # PEFT's seq2seq layout may hold more slots than the decoder has layers (PEFT's own rule)
+            fits = stored >= count if cfg.layout == "peft_seq2seq" else stored == count
+            if not fits:
+                at = "" if self.sites.keys() == {"decoder"} else f" (site {site!r})"
+                wrong.append(f"num_layers is {stored} in the adapter but {count} here{at}")
+        if wrong:
+            raise ValueError(f"{adapter.source} does not fit this model's prefix bank: " + ", ".join(wrong))
 
     # -- the prefix the kernels read -------------------------------------------------------
 
@@ -215,76 +284,83 @@ class PrefixBank(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"prefix_len={self.prefix_len}, entries={self.names}, projection_hidden={self.projection_hidden}")
+                f"prefix_len={self.prefix_len}, entries={self.names}, projection_hidden={self.projection_hidden}, "
+                f"sites={self.sites}")
 
-    # -- PEFT-format save / load -----------------------------------------------------------
+    # -- saving adapters ------------------------------------------------------------------
+
+    def adapter_config(self, layout: str = "causal", base_model_name_or_path: str | None = None) -> AdapterConfig:
+        """The AdapterConfig of one entry saved in `layout` ("causal", "peft_seq2seq" or "sites")."""
+        seq2seq = self.task_type == "SEQ_2_SEQ_LM"
+        return AdapterConfig(
+            num_virtual_tokens=self.prefix_len, num_layers=self.num_layers, token_dim=self.token_dim,
+            num_attention_heads=self.num_kv_heads, task_type=self.task_type,
+            num_transformer_submodules=2 if seq2seq else 1,
+            # the saved tensor is always the folded prefix, so the adapter loads as a plain one
+            prefix_projection=False, encoder_hidden_size=self.projection_hidden or self.token_dim,
+            base_model_name_or_path=base_model_name_or_path, inference_mode=True,
+            prefix_sites=dict(self.sites) if layout == "sites" else None)
 
     def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
-        return {
-            "peft_type": "PREFIX_TUNING",
-            "task_type": "CAUSAL_LM",
-            "auto_mapping": None,
-            "base_model_name_or_path": base_model_name_or_path,
-            "revision": None,
-            "inference_mode": True,
-            "num_virtual_tokens": self.prefix_len,
-            "token_dim": self.token_dim,
-            "num_transformer_submodules": 1,
-            "num_attention_heads": self.num_kv_heads,
-            "num_layers": self.num_layers,
-            "encoder_hidden_size": self.projection_hidden or self.token_dim,
-            # the saved tensor is always the folded prefix, so the adapter loads as a plain one
-            "prefix_projection": False,
-            "modules_to_save": None,
-            "init_weights": None,
-        }
+        """adapter_config.json of an entry in PEFT's layout for this bank's task (a dict)."""
+        layout = "peft_seq2seq" if self.task_type == "SEQ_2_SEQ_LM" else "causal"
+        return self.adapter_config(layout, base_model_name_or_path).to_dict()
+
+    def _entry_tensors(self, name, format: str):
+        """(layout, {site: flat tensor}) of one entry, in PEFT's layout where it can hold the prefix."""
+        folded = self.folded(name)
+        decoder_only = list(self.sites) == ["decoder"]
+        if format != "prefix_kernels" and decoder_only:
+            if self.task_type == "CAUSAL_LM":
+                return "causal", {"decoder": bank_to_peft_flat(folded)}
+            flat = layers_to_peft_seq2seq(folded)
+            if flat is not None:
+                return "peft_seq2seq", {"decoder": flat}
+            why = ("PEFT 0.21's seq2seq prefix feeds decoder layers l and l+L/2 one shared prefix, and this "
+                   "entry's differ")
+        else:
+            why = f"PEFT prefixes only the decoder's self-attention, and this bank has the sites {list(self.sites)}"
+        if format == "peft":
+            raise ValueError(f"prefix {name!r} cannot be saved in PEFT's format: {why}. Save with "
+                             "format='prefix_kernels' (or 'auto'); prefix_kernels.load_prefix reads it")
+        if format == "auto" and decoder_only:
+            from .ops.utils import warn_once
+            warn_once(f"saving in prefix-kernels' own adapter layout, which PEFT cannot load: {why}")
+        return "sites", {site: bank_to_peft_flat(folded[self.site_slice(site)]) for site in self.sites}
 
     def save_pretrained(self, save_directory: str, names: Sequence[str] | None = None,
-                        base_model_name_or_path: str | None = None) -> list[str]:
-        """Write each entry as a PEFT prefix-tuning adapter; returns the folders written.
+                        base_model_name_or_path: str | None = None, format: str = "auto") -> list[str]:
+        """Write each entry as a prefix adapter; returns the folders written.
 
         One entry goes to `save_directory`; with several, the entry named "default" (if any)
         goes there and every other entry to `save_directory/<name>`, PEFT's multi-adapter layout.
+        format: "auto" (PEFT's layout where PEFT can hold the prefix, else ours), "peft" (PEFT's
+        or a ValueError), "prefix_kernels" (ours: one tensor per site; see prefix_kernels.adapter).
         """
-        from safetensors.torch import save_file
-
+        if format not in SAVE_FORMATS:
+            raise ValueError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
         names = list(self.names if names is None else names)
+        for name in names:
+            validate_name(name)
+            self.index_of(name)
         written = []
         for name in names:
             single = len(names) == 1 or name == "default"
             folder = save_directory if single else os.path.join(save_directory, name)
-            os.makedirs(folder, exist_ok=True)
-            flat = bank_to_peft_flat(self.folded(name)).contiguous()
-            _atomic_write(os.path.join(folder, ADAPTER_WEIGHTS),
-                          lambda tmp: save_file({"prompt_embeddings": flat}, tmp, metadata={"format": "pt"}))
-            config = json.dumps(self.peft_config(base_model_name_or_path), indent=2, sort_keys=True)
-            _atomic_write(os.path.join(folder, ADAPTER_CONFIG), lambda tmp: _write_text(tmp, config))
+            layout, tensors = self._entry_tensors(name, format)
+            write_adapter(folder, self.adapter_config(layout, base_model_name_or_path), tensors)
             written.append(folder)
         return written
 
 
 def read_peft_prefix(directory: str) -> tuple[dict, torch.Tensor]:
-    """(adapter config, prompt_embeddings [P, L*2*token_dim]) of a PEFT prefix-tuning adapter."""
-    config_path = os.path.join(directory, ADAPTER_CONFIG)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{directory!r} is not a prefix adapter: {ADAPTER_CONFIG} is missing")
-    with open(config_path) as f:
-        config = json.load(f)
-    if config.get("peft_type") != "PREFIX_TUNING":
-        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}, expected 'PREFIX_TUNING'")
-    weights = os.path.join(directory, ADAPTER_WEIGHTS)
-    if os.path.isfile(weights):
-        from safetensors.torch import load_file
-        state = load_file(weights)
-    elif os.path.isfile(os.path.join(directory, "adapter_model.bin")):
-        state = torch.load(os.path.join(directory, "adapter_model.bin"), map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{directory!r}: no {ADAPTER_WEIGHTS} (or adapter_model.bin)")
-    if "prompt_embeddings" not in state:
-        raise ValueError(f"{directory!r}: the adapter has no 'prompt_embeddings' tensor (keys: {sorted(state)})")
-    flat = state["prompt_embeddings"]
-    p, width = config["num_virtual_tokens"], config["num_layers"] * 2 * config["token_dim"]
-    if flat.shape != (p, width):
-        raise ValueError(f"{directory!r}: prompt_embeddings has shape {tuple(flat.shape)}, but the config "
-                         f"says [num_virtual_tokens, num_layers*2*token_dim] = [{p}, {width}]")
-    return config, flat
+    """(adapter config dict, prompt_embeddings [P, L*2*token_dim]) of a decoder-only prefix adapter.
+
+    Kept for callers of the dict-based API; `read_adapter` / `PrefixBank.load_adapter` read every
+    layout (this one refuses encoder-decoder adapters, whose tensors are not one layer per slot).
+    """
+    adapter = read_adapter(directory)
+    if adapter.config.layout != "causal":
+        raise ValueError(f"{directory!r} is an encoder-decoder prefix adapter ({adapter.config.layout} layout); "
+                         "load it with PrefixBank.load_adapter or prefix_kernels.load_prefix")
+    return adapter.config.to_dict(), adapter.tensors["decoder"]

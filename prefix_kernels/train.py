@@ -1,53 +1,56 @@
-"""`prefix-kernels train`: prefix-tune a causal LM on prompt/completion pairs.
+"""`prefix-kernels train`: prefix-tune a causal LM on prompt/completion pairs, one prefix per task.
 
     prefix-kernels train --model PATH --data FILE.jsonl --prefix-len 32 --out DIR
+    prefix-kernels train --model PATH --task support=support.jsonl --task legal=legal.jsonl --out DIR
+    prefix-kernels train                  # the built-in demo on the CPU (tiny model, about a minute)
+    prefix-kernels train --task a=a.jsonl --task b=b.jsonl     # your tasks on the demo model
 
 Each JSONL line is {"prompt": str, "completion": str}; the loss covers the completion only.
-Training shows a progress bar (loss, tokens/s), evaluates on a held-out split, checkpoints to
-DIR/checkpoint.pt (resumed automatically), and saves the adapter atomically in PEFT's format.
-With no --model/--data it runs a built-in demo on the CPU: a small model built from a config, a
-byte tokenizer, and a tiny classification task, in well under two minutes.
+Several tasks train in one run: each task is an entry of the prefix bank, each batch mixes the
+tasks' rows, and every row trains its own task's prefix in one pass of the frozen model.
+
+Written under --out:
+  adapters/<task>/   a PEFT prefix-tuning adapter per task (`--data` is the task "default", the
+                     demo's is "sentiment"), what `prefix-kernels serve --prefix <task>=DIR` takes;
+                     each replaced whole (a new folder renamed into place)
+  checkpoint.pt      resumed automatically (fsynced; the one before kept as checkpoint.prev.pt)
+  log.jsonl          loss, learning rate, gradient norm, tokens/s per step; eval loss per task
+  tb/                the same for TensorBoard, when the `tensorboard` package is installed
+AdamW on the prefix, learning-rate warm-up then cosine or linear decay, gradient accumulation,
+gradient clipping, weight decay.
 
 Several devices: `--nproc N` relaunches this module under torchrun (or start it with torchrun /
 accelerate launch yourself). Each rank takes a strided share of every global batch
-(--batch-size rows per rank); the loss is the token mean over the whole global batch, so N ranks
-train exactly what one process does on the same global batch. DDP or FSDP2 (--strategy), see
-prefix_kernels/distributed.py. Rank 0 alone writes checkpoints and the adapter; a checkpoint
-resumes under any number of ranks.
-
-The CLI (prefix_kernels/cli.py) calls `add_arguments(parser)` and `run(args)`; `main(argv)` is
-the same as a standalone entry point.
+(--batch-size rows per rank and micro-batch); the loss is the token mean over the whole global
+batch, so N ranks train exactly what one process does on the same global batch. DDP or FSDP2
+(--strategy), see prefix_kernels/distributed.py. Rank 0 alone writes checkpoints and adapters;
+a checkpoint resumes under any number of ranks.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 
 import torch
 
 from . import distributed as pd
+from .checkpoint import CHECKPOINT, load_for_resume, save_checkpoint, write_folder_atomically
+from .cli_common import UsageError, check_file, check_model_arg, first_line, parse_named
+from .cli_common import parser as cli_parser
+from .train_data import (BatchPlan, Example, collate, label_tokens, masked_row, read_jsonl, split_eval,
+                         tokenize)
+from .train_log import SCHEDULES, RunLog, lr_factor, progress_bar
 
-CHECKPOINT = "checkpoint.pt"
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, then pad and eos: a tokenizer that needs no download."""
-    pad_token_id, eos_token_id, vocab_size = 256, 257, 258
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+__all__ = ["add_arguments", "run", "main", "loss_sum", "evaluate", "read_jsonl", "CHECKPOINT"]
 
 
 class _HFTokenizer:
+    """The few things training needs of a transformers tokenizer (pad falls back to eos, then 0)."""
+
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self.eos_token_id = tokenizer.eos_token_id
@@ -59,187 +62,106 @@ class _HFTokenizer:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
 
-# -- the built-in demo -------------------------------------------------------------------------
-
-_WORDS = {"positive": ["great", "lovely", "superb", "fun", "moving", "brilliant", "sharp", "warm"],
-          "negative": ["dull", "awful", "boring", "flat", "clumsy", "tedious", "cold", "weak"]}
-
-
-def demo_examples(n: int = 400, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.choice(sorted(_WORDS))
-        words = rng.sample(_WORDS[label], 2)
-        rows.append({"prompt": f"review: a {words[0]}, {words[1]} film. sentiment:", "completion": f" {label}"})
-    return rows
-
-
-def demo_model():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, pad_token_id=ByteTokenizer.pad_token_id,
-                         eos_token_id=ByteTokenizer.eos_token_id, bos_token_id=None)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-
-
-# -- data ---------------------------------------------------------------------------------------
-
-def read_jsonl(path: str) -> list[dict]:
-    """Prompt/completion rows; a clear error names the file and line of any bad one."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--data {path!r}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected an object with 'prompt' and 'completion'")
-            for field in ("prompt", "completion"):
-                if field not in row:
-                    raise ValueError(f"{path}:{number}: missing field {field!r}")
-                if not isinstance(row[field], str):
-                    raise ValueError(f"{path}:{number}: field {field!r} must be a string")
-            if not row["completion"]:
-                raise ValueError(f"{path}:{number}: 'completion' is empty (nothing to learn)")
-            row["_line"] = number
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no examples (the file is empty)")
-    return rows
-
-
-def tokenize(rows, tokenizer, max_tokens: int, source: str) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) per row; labels are -100 on the prompt."""
-    examples = []
-    for i, row in enumerate(rows):
-        prompt = tokenizer.encode(row["prompt"])
-        completion = tokenizer.encode(row["completion"])
-        if tokenizer.eos_token_id is not None:     # learn to stop after the completion
-            completion.append(tokenizer.eos_token_id)
-        ids = prompt + completion
-        if len(ids) > max_tokens:
-            where = f"{source}:{row.get('_line', i + 1)}"
-            raise ValueError(f"{where}: {len(ids)} tokens, but the model allows {max_tokens} with the prefix "
-                             "offset; shorten the example or pass --max-length")
-        examples.append((ids, [-100] * len(prompt) + completion))
-    return examples
-
-
-def collate(batch, pad_id: int):
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(batch):     # right padding: training needs no left padding
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        labels[i, :len(lab)] = torch.tensor(lab)
-        mask[i, :len(ids)] = 1
-    return input_ids, mask, labels
-
-
-def label_tokens(batch) -> int:
-    """Tokens the loss covers (labels shifted by one, -100 ignored), counted on the host."""
-    return sum(sum(1 for t in lab[1:] if t != -100) for _, lab in batch)
-
-
-def masked_row(row):
-    """The same input with no label: it runs forward/backward but adds nothing to the loss."""
-    ids, lab = row
-    return ids, [-100] * len(lab)
-
-
-def loss_sum(model, ids, mask, labels) -> torch.Tensor:
+def loss_sum(model, ids: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor,
+             prefix_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of the next-token cross entropy over the labelled tokens (fp32), as HF's causal-LM
-    loss before its mean: the caller divides by the token count of the whole (global) batch."""
-    logits = model(input_ids=ids, attention_mask=mask).logits
+    loss before its mean: the caller divides by the token count of the whole (global) batch.
+    prefix_ids: [B] bank entry per row (None: entry 0)."""
+    extra = {} if prefix_ids is None else {"prefix_ids": prefix_ids}
+    logits = model(input_ids=ids, attention_mask=mask, **extra).logits
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                              ignore_index=-100, reduction="sum")
 
 
-# -- the loop -----------------------------------------------------------------------------------
+# -- the command line ---------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", help="local model folder (default: the built-in demo model)")
-    parser.add_argument("--data", help="JSONL of {'prompt', 'completion'} (default: the built-in demo task)")
-    parser.add_argument("--out", default="prefix-out", help="output folder: adapter + checkpoint")
-    parser.add_argument("--prefix-len", type=int, default=None, help="prefix slots P (default 32; demo 16)")
-    parser.add_argument("--projection-hidden", type=int, default=None, help="MLP reparameterization size")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1 epoch; demo 300)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per step and process")
-    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 5e-3; demo 5e-2)")
-    parser.add_argument("--eval-fraction", type=float, default=0.1)
-    parser.add_argument("--max-length", type=int, default=None, help="longest example in tokens")
-    parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
-    parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="processes (GPUs) to train on; > 1 relaunches under torchrun")
-    parser.add_argument("--strategy", default="auto", choices=pd.STRATEGIES,
-                        help="several processes: DDP (the base replicated) or FSDP2 (the base sharded); "
-                             "auto = DDP when the frozen weights fit one GPU")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    """The options of `prefix-kernels train` (also used to rebuild a command line for torchrun)."""
+    data = parser.add_argument_group("model and data")
+    data.add_argument("--model", help="local model folder or hub id (default: the demo model, a tiny Llama "
+                      "with a byte tokenizer)")
+    data.add_argument("--data", help="JSONL of {'prompt', 'completion'}: the task 'default'")
+    data.add_argument("--task", action="append", metavar="NAME=FILE",
+                      help="a task of its own prefix (repeat for several tasks trained in one run)")
+    data.add_argument("--out", default="prefix-out",
+                      help="output folder: adapters/<task>/, checkpoint.pt, log.jsonl, tb/")
+    data.add_argument("--max-length", type=int, default=None, help="longest example in tokens "
+                      "(default: the model's position limit less the prefix)")
+    data.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of each task")
+    prefix = parser.add_argument_group("prefix")
+    prefix.add_argument("--prefix-len", type=int, default=None, help="prefix slots P (default 32; demo 16)")
+    prefix.add_argument("--projection-hidden", type=int, default=None, help="MLP reparameterization size")
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1 epoch; demo 300)")
+    optim.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch and process")
+    optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    optim.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default 5e-3; demo 5e-2)")
+    optim.add_argument("--lr-schedule", default="linear", choices=SCHEDULES, help="decay after the warm-up")
+    optim.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
+    optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
+    run_ = parser.add_argument_group("run")
+    run_.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    run_.add_argument("--eval-every", type=int, default=0, help="eval loss every N steps (0: before and after)")
+    run_.add_argument("--log-every", type=int, default=1, help="a log.jsonl line every N steps")
+    run_.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint, start over")
+    run_.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs")
+    run_.add_argument("--seed", type=int, default=0)
+    run_.add_argument("--quiet", action="store_true", help="no progress bar")
+    dev = parser.add_argument_group("devices")
+    dev.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    dev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    dev.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
+    dev.add_argument("--nproc", type=int, default=1, help="processes (GPUs) to train on; > 1 relaunches "
+                     "under torchrun")
+    dev.add_argument("--strategy", default="auto", choices=pd.STRATEGIES,
+                     help="several processes: DDP (the base replicated) or FSDP2 (the base sharded); "
+                          "auto = DDP when the frozen weights fit one GPU")
     return parser
 
 
-def _atomic_torch_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _tasks(args) -> dict[str, str]:
+    """{task name: JSONL path} of the command line, every file checked (UsageError)."""
+    tasks = parse_named(args.task or [], "--task")
+    if args.data is not None:
+        if "default" in tasks:
+            raise UsageError("--data is the task 'default', and --task default=... is given too")
+        tasks = {"default": args.data, **tasks}
+    for name, path in tasks.items():
+        check_file(path, "--data " if name == "default" and path == args.data else f"--task {name}=")
+    return tasks
 
 
-def _save_adapter(bank, out: str, base: str | None) -> None:
-    """Write into a temporary folder, then move each file into place."""
-    tmp = os.path.join(out, ".adapter.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    bank.save_pretrained(tmp, base_model_name_or_path=base)
-    for name in sorted(os.listdir(tmp)):
-        os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-@torch.no_grad()
-def evaluate(model, examples, batch_size, pad_id, ctx) -> float:
-    """Token-mean loss over `examples`, each rank taking its share of every global batch."""
-    was_training = model.training
-    model.eval()
-    total, count, size = 0.0, 0, batch_size * ctx.world
-    for start in range(0, len(examples), size):
-        rows = pd.shard(examples[start:start + size], ctx, masked_row)
-        ids, mask, labels = (t.to(ctx.device) for t in collate(rows, pad_id))
-        total += loss_sum(model, ids, mask, labels).item()
-        count += label_tokens(rows)
-    model.train(was_training)
-    total, count = pd.all_sum([total, count], ctx)
-    return total / max(count, 1)
+def _check(args) -> dict[str, str]:
+    """Everything on the command line that can be checked before a model loads."""
+    check_model_arg(args.model)
+    tasks = _tasks(args)
+    if args.model is not None and not tasks:
+        raise UsageError("--model needs --data FILE or --task NAME=FILE (no --model: the demo model)")
+    for flag in ("nproc", "batch_size", "grad_accum", "save_every", "log_every"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out}: is a file, not a folder")
+    return tasks
 
 
 def run(args) -> dict:
-    """Train; returns {'train_losses', 'eval_loss_before', 'eval_loss', 'adapter', 'steps'}.
+    """Train; returns {'train_losses' (every step, resumed ones included), 'eval_loss_before',
+    'eval_loss' (token means over every task), 'eval_losses' ({task: loss}), 'adapters'
+    ({task: folder}), 'steps'}.
 
     With --nproc N > 1 outside a launcher this relaunches under torchrun and returns what the
     ranks left in the checkpoint (the eval losses are printed by rank 0 and returned as None)."""
-    if (args.model is None) != (args.data is None):
-        raise ValueError("pass both --model and --data, or neither for the built-in demo")
-    if args.nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    tasks = _check(args)
     if args.nproc > 1 and not pd.under_launcher():
         return _launch(args)
-    ctx = pd.setup(args.device, default_cuda=not (args.model is None and args.data is None))
+    ctx = pd.setup(args.device, default_cuda=args.model is not None)
     try:
-        result = _train(args, ctx)
+        result = _train(args, tasks, ctx)
     except BaseException:
         pd.teardown(ctx, failed=True)
         raise
@@ -250,11 +172,12 @@ def run(args) -> dict:
 def _launch(args) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() and args.model is not None else "cpu")
     if torch.device(device).type == "cuda" and args.nproc > torch.cuda.device_count():
-        raise ValueError(f"--nproc {args.nproc} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise UsageError(f"--nproc {args.nproc} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     pd.launch(args.nproc, "prefix_kernels.train", _to_argv(args, drop=("nproc",)))
     ckpt = torch.load(os.path.join(args.out, CHECKPOINT), map_location="cpu", weights_only=False)
-    return {"train_losses": ckpt["losses"], "eval_loss_before": None, "eval_loss": None,
-            "adapter": args.out, "steps": ckpt["step"]}
+    names = ckpt.get("identity", {}).get("tasks", [])
+    return {"train_losses": ckpt["losses"], "eval_loss_before": None, "eval_loss": None, "eval_losses": None,
+            "adapters": {n: os.path.join(args.out, "adapters", n) for n in names}, "steps": ckpt["step"]}
 
 
 def _to_argv(args, drop=()) -> list[str]:
@@ -268,114 +191,213 @@ def _to_argv(args, drop=()) -> list[str]:
             continue
         if isinstance(action, argparse._StoreTrueAction):
             argv.append(action.option_strings[0])
+        elif isinstance(value, list):
+            for item in value:
+                argv += [action.option_strings[0], str(item)]
         else:
             argv += [action.option_strings[0], str(value)]
     return argv
 
 
-def _train(args, ctx: pd.Context) -> dict:
-    import prefix_kernels as pk
+# -- the loop -----------------------------------------------------------------------------------
 
-    demo = args.model is None
-    device = ctx.device
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    torch.manual_seed(args.seed)     # the same on every rank: the same bank init
-    if demo:
-        tokenizer, model, rows, source = ByteTokenizer(), demo_model(), demo_examples(), "demo"
-        prefix_len, lr, steps = args.prefix_len or 16, args.lr or 5e-2, args.steps or 300
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+@torch.no_grad()
+def evaluate(model, eval_sets: dict[str, list[Example]], batch_size: int, pad_id: int,
+             ctx: pd.Context) -> tuple[dict[str, float], float]:
+    """({task: token-mean loss}, token-mean loss over every task), each rank taking its share of
+    every global batch."""
+    was_training = model.training
+    model.eval()
+    per_task, all_total, all_count = {}, 0.0, 0
+    size = batch_size * ctx.world
+    for name, examples in eval_sets.items():
+        total, count = 0.0, 0
+        for start in range(0, len(examples), size):
+            rows = pd.shard(examples[start:start + size], ctx, masked_row)
+            ids, mask, labels, pids = (t.to(ctx.device) for t in collate(rows, pad_id))
+            total += loss_sum(model, ids, mask, labels, pids).item()
+            count += label_tokens(rows)
+        total, count = pd.all_sum([total, count], ctx)
+        per_task[name] = total / max(count, 1)
+        all_total, all_count = all_total + total, all_count + count
+    model.train(was_training)
+    return per_task, all_total / max(all_count, 1)
 
-        rows, source = read_jsonl(args.data), args.data
+
+def _load_model(args, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
         tokenizer = _HFTokenizer(AutoTokenizer.from_pretrained(args.model))
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    except OSError as e:        # not found locally nor on the Hub, offline, no tokenizer files...
+        raise UsageError(f"--model {args.model}: cannot load it ({first_line(e)[:200]})") from None
+    return tokenizer, model
+
+
+def _identity(args, model, bank, names, base) -> dict:
+    """What a checkpoint must share with a run to resume it."""
+    return {"prefix_len": bank.prefix_len, "projection_hidden": bank.projection_hidden, "tasks": list(names),
+            "model": {"name": os.path.basename(os.path.normpath(base)), "model_type": model.config.model_type,
+                      "vocab_size": getattr(model.config, "vocab_size", None), "num_layers": bank.num_layers,
+                      "num_kv_heads": bank.num_kv_heads, "head_dim": bank.head_dim}}
+
+
+def _train(args, tasks: dict[str, str], ctx: pd.Context) -> dict:
+    import prefix_kernels as pk
+    from .demo import DEMO_MODEL_NAME, DEMO_TASK, demo_examples, demo_model, demo_tokenizer
+
+    note = lambda message: pd.print_main(ctx, message)       # noqa: E731
+    demo, device = args.model is None, ctx.device
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.manual_seed(args.seed)     # the same on every rank: the same bank init
+    rows = {name: read_jsonl(path) for name, path in tasks.items()}      # before any model loads
+    if demo:      # the demo model (the serve demo serves its adapters), on its task or the given ones
+        rows, base = rows or {DEMO_TASK: demo_examples()}, DEMO_MODEL_NAME
+        tokenizer, model = demo_tokenizer(), demo_model()
+        prefix_len, lr, steps = args.prefix_len or 16, args.lr or 5e-2, args.steps or (None if tasks else 300)
+    else:
+        base = args.model
+        tokenizer, model = _load_model(args, dtype)
         prefix_len, lr, steps = args.prefix_len or 32, args.lr or 5e-3, args.steps
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    names = list(rows)
     model.to(dtype=dtype)
     # patched where it was loaded (the CPU); wrap() then moves it, or shards it onto the devices
-    bank = pk.patch_model(model, prefix_len, projection_hidden=args.projection_hidden, backend=args.backend)
+    bank = pk.patch_model(model, prefix_len, projection_hidden=args.projection_hidden, backend=args.backend,
+                          names=names)
     step_model = pd.wrap(model, ctx, args.strategy)
     if ctx.distributed:
-        pd.print_main(ctx, f"{ctx.world} processes on {device.type}, strategy {ctx.strategy}")
+        note(f"{ctx.world} processes on {device.type}, strategy {ctx.strategy}")
 
     limit = getattr(model.config, "max_position_embeddings", None)
     max_tokens = args.max_length or (limit - prefix_len if limit else 4096)
-    examples = tokenize(rows, tokenizer, max_tokens, source)
-    random.Random(args.seed).shuffle(examples)
-    n_eval = max(1, int(len(examples) * args.eval_fraction)) if len(examples) > 1 and args.eval_fraction > 0 else 0
-    eval_set, train_set = examples[:n_eval], examples[n_eval:]
-    if not train_set:
-        raise ValueError(f"{source}: {len(examples)} example(s) leave nothing to train on after the eval split")
-    global_batch = args.batch_size * ctx.world
+    eval_sets, train_set = {}, []
+    for index, name in enumerate(names):
+        source = tasks.get(name, "demo")
+        held, kept = split_eval(tokenize(rows[name], tokenizer, max_tokens, source, index), args.eval_fraction,
+                                args.seed)
+        if not kept:
+            raise UsageError(f"{source}: {len(rows[name])} example(s) leave nothing to train on after the "
+                             "eval split")
+        eval_sets[name] = held
+        train_set += kept
+    if len(names) > 1:       # every batch mixes the tasks
+        random.Random(args.seed).shuffle(train_set)
+    eval_sets = {name: held for name, held in eval_sets.items() if held}
+    micro_rows = args.batch_size * ctx.world
+    global_batch = micro_rows * args.grad_accum
     steps = steps or math.ceil(len(train_set) / global_batch)
+    plan = BatchPlan(train_set, global_batch, args.seed)
 
-    optimizer = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    params = [p for p in bank.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     os.makedirs(args.out, exist_ok=True)
-    ckpt_path, start_step, losses = os.path.join(args.out, CHECKPOINT), 0, []
-    if os.path.isfile(ckpt_path) and not args.no_resume:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        bank.load_state_dict(ckpt["bank"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_step, losses = ckpt["step"], ckpt["losses"]
-        pd.print_main(ctx, f"resuming from {ckpt_path} at step {start_step}")
-        saved = ckpt.get("global_batch", global_batch)
-        if saved != global_batch:
-            pd.print_main(ctx, f"warning: the checkpoint was trained with a global batch of {saved} rows, this "
-                               f"run uses {global_batch} ({args.batch_size} x {ctx.world} processes): later "
-                               "steps see other batches than an uninterrupted run would")
+    identity = _identity(args, model, bank, names, base)
+    start_step, losses = 0, []
+    if not args.no_resume:
+        shapes = {k: tuple(v.shape) for k, v in bank.state_dict().items()}
+        found = load_for_resume(args.out, identity, shapes, map_location=device, note=note)
+        if found is not None:
+            ckpt, path = found
+            bank.load_state_dict(ckpt["bank"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            start_step, losses = ckpt["step"], list(ckpt["losses"])
+            if start_step >= steps:
+                note(f"{path} is already at step {start_step} of {steps}: nothing left to train "
+                     "(--steps N trains further, --no-resume starts over)")
+            else:
+                note(f"resuming from {path} at step {start_step} of {steps} (--no-resume starts over)")
+            saved = ckpt.get("global_batch", global_batch)
+            if saved != global_batch:
+                note(f"warning: the checkpoint was trained with a global batch of {saved} rows, this run uses "
+                     f"{global_batch} ({args.batch_size} x {ctx.world} processes x {args.grad_accum} micro-batches): "
+                     "later steps see other batches than an uninterrupted run would")
 
-    eval_before = evaluate(model, eval_set, args.batch_size, tokenizer.pad_token_id, ctx) if eval_set else None
-    batches = [train_set[i:i + global_batch] for i in range(0, len(train_set), global_batch)]
+    log = RunLog(args.out, enabled=ctx.main, tensorboard=not args.no_tensorboard, note=note)
+    log.write(start_step, event="start", resumed=start_step > 0, steps=steps, tasks=names, global_batch=global_batch)
+    todo = steps - start_step
+    eval_before = evaluate(model, eval_sets, args.batch_size, pad_id, ctx) if eval_sets and todo > 0 else None
+    if eval_before is not None:
+        log.write(start_step, eval_loss=eval_before[0])
     model.train()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc="train",
-               disable=args.quiet or not ctx.main)
+    bar = progress_bar(steps, start_step, enabled=not args.quiet and ctx.main, note=note)
     tokens, started, scale = 0, time.perf_counter(), pd.loss_scale(ctx)
-    for step in bar:
-        # the global batch depends on the step alone, so a resumed run (under any number of
-        # ranks) sees what an uninterrupted one would
-        batch = batches[step % len(batches)] if step < len(batches) else \
-            batches[random.Random(args.seed * 1_000_003 + step).randrange(len(batches))]
-        count = label_tokens(batch)      # the global batch's, known to every rank without a collective
-        ids, mask, labels = (t.to(device) for t in collate(pd.shard(batch, ctx, masked_row), tokenizer.pad_token_id))
-        local = loss_sum(step_model, ids, mask, labels)
-        (local * (scale / max(count, 1))).backward()
+    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+    for step in range(start_step, steps):
+        batch = plan(step)
+        count = max(label_tokens(batch), 1)      # the global batch's, known to every rank without a collective
+        local = 0.0
+        for start in range(0, len(batch), micro_rows):
+            mine = pd.shard(batch[start:start + micro_rows], ctx, masked_row)
+            ids, mask, labels, pids = (t.to(device) for t in collate(mine, pad_id))
+            loss = loss_sum(step_model, ids, mask, labels, pids if len(names) > 1 else None)
+            (loss * (scale / count)).backward()
+            local += loss.item()
         pd.sync_gradients(bank, ctx)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        step_lr = lr * lr_factor(step, steps, args.warmup_steps, args.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(pd.all_sum([local.item()], ctx)[0] / max(count, 1))
-        tokens += sum(len(ids) for ids, _ in batch)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
+        losses.append(pd.all_sum([local], ctx)[0] / count)
+        tokens += sum(len(ex.ids) for ex in batch)
+        tokens_per_s = tokens / (time.perf_counter() - started)
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{step_lr:.2g}", tok_s=f"{tokens_per_s:.0f}")
+        if (step + 1) % args.log_every == 0 or step + 1 == steps:
+            log.write(step + 1, loss=losses[-1], lr=step_lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps and eval_sets:
+            log.write(step + 1, eval_loss=evaluate(model, eval_sets, args.batch_size, pad_id, ctx)[0])
         if (step + 1) % args.save_every == 0 or step + 1 == steps:
             if ctx.main:
-                _atomic_torch_save({"bank": bank.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "step": step + 1, "losses": losses, "global_batch": global_batch,
-                                    "world_size": ctx.world}, ckpt_path)
+                save_checkpoint({"bank": bank.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+                                 "losses": losses, "global_batch": global_batch, "world_size": ctx.world,
+                                 "identity": identity}, args.out)
             pd.barrier(ctx)
     bar.close()
 
-    eval_loss = evaluate(model, eval_set, args.batch_size, tokenizer.pad_token_id, ctx) if eval_set else None
+    eval_after = evaluate(model, eval_sets, args.batch_size, pad_id, ctx) if eval_sets else None
+    if eval_after is not None:
+        log.write(steps, eval_loss=eval_after[0])
+    log.close()
+    adapters = {name: os.path.join(args.out, "adapters", name) for name in names}
     if ctx.main:
-        _save_adapter(bank, args.out, None if demo else args.model)
+        for name, folder in adapters.items():
+            write_folder_atomically(folder, lambda tmp, name=name: bank.save_pretrained(
+                tmp, names=[name], base_model_name_or_path=base))
     pd.barrier(ctx)
-    if losses:
-        head, tail = losses[:10], losses[-10:]
+    _report(ctx, losses[start_step:], eval_before, eval_after, eval_sets, adapters, args, demo)
+    return {"train_losses": losses, "eval_loss_before": eval_before[1] if eval_before else None,
+            "eval_loss": eval_after[1] if eval_after else None,
+            "eval_losses": eval_after[0] if eval_after else None, "adapters": adapters, "steps": steps}
+
+
+def _report(ctx, new_losses, before, after, eval_sets, adapters, args, demo) -> None:
+    """What this run did (losses of the steps run now, not those of a resumed checkpoint)."""
+    if new_losses:
+        head, tail = new_losses[:10], new_losses[-10:]
         pd.print_main(ctx, f"train loss {sum(head) / len(head):.3f} -> {sum(tail) / len(tail):.3f} over "
-                           f"{len(losses)} steps")
-    if eval_loss is not None:
-        pd.print_main(ctx, f"eval loss {eval_before:.3f} -> {eval_loss:.3f} on {len(eval_set)} held-out examples")
-    pd.print_main(ctx, f"adapter saved to {args.out}")
-    return {"train_losses": losses, "eval_loss_before": eval_before, "eval_loss": eval_loss,
-            "adapter": args.out, "steps": steps}
+                           f"{len(new_losses)} steps")
+    if after is not None:
+        for name, loss in after[0].items():
+            was = f"{before[0][name]:.3f} -> " if before else ""
+            pd.print_main(ctx, f"eval loss {name}: {was}{loss:.3f} on {len(eval_sets[name])} held-out examples")
+    model = "" if demo else f" --model {args.model}"
+    prefixes = " ".join(f"--prefix {name}={folder}" for name, folder in adapters.items())
+    pd.print_main(ctx, f"adapters saved under {os.path.join(args.out, 'adapters')}; serve them with:\n"
+                       f"  prefix-kernels serve{model} {prefixes}")
 
 
-def main(argv=None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="prefix-kernels train", description=__doc__.split("\n")[0]))
+def main(argv: list[str] | None = None) -> int:
+    """`prefix-kernels train`: 0 on success, 2 for a command line or data that cannot work."""
+    parser = add_arguments(cli_parser("prefix-kernels train", __doc__))
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, pd.LaunchError) as e:
-        print(f"prefix-kernels train: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, pd.LaunchError) as e:     # UsageError and CheckpointError too
+        print(f"prefix-kernels train: error: {first_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -68,3 +68,55 @@ def padded_batch(batch=3, seq=7, seed=1):
         mask[1, -3:] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return ids, mask, labels
+
+
+# -- encoder-decoder models -------------------------------------------------------------------
+
+SEQ2SEQ_FAMILIES = ["bart", "mbart", "pegasus", "marian", "blenderbot", "blenderbot-small", "plbart"]
+_SEQ2SEQ_CONFIGS = {"bart": "BartConfig", "mbart": "MBartConfig", "pegasus": "PegasusConfig",
+                    "marian": "MarianConfig", "blenderbot": "BlenderbotConfig",
+                    "blenderbot-small": "BlenderbotSmallConfig", "plbart": "PLBartConfig", "t5": "T5Config"}
+
+
+def tiny_seq2seq_config(family: str, encoder_layers: int = 2, decoder_layers: int = 2, **overrides):
+    import transformers as tf
+
+    cls = getattr(tf, _SEQ2SEQ_CONFIGS[family])
+    if family == "t5":
+        cfg = cls(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=encoder_layers,
+                  num_decoder_layers=decoder_layers, num_heads=4, dropout_rate=0.0, decoder_start_token_id=0)
+    else:
+        # pad 1, eos 2, decoder start 2 (BART's); no forced tokens, no dropout
+        cfg = cls(vocab_size=VOCAB, d_model=64, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
+                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                  max_position_embeddings=128, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                  pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+                  forced_bos_token_id=None, forced_eos_token_id=None)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_seq2seq(family: str = "bart", seed: int = 0, dtype=torch.float32, **overrides):
+    """A random tiny encoder-decoder LM in eval mode; the same seed gives the same weights."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForSeq2SeqLM.from_config(tiny_seq2seq_config(family, **overrides), attn_implementation="sdpa",
+                                              dtype=dtype)
+    return model.eval()
+
+
+def seq2seq_batch(batch=3, src=7, tgt=5, seed=1):
+    """input_ids, attention_mask, decoder_input_ids, labels: source row 0 left-padded, row 1
+    right-padded; targets unpadded (labels are decoder_input_ids shifted left)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, src), generator=g)
+    mask = torch.ones(batch, src, dtype=torch.long)
+    mask[0, :2] = 0
+    if batch > 1:
+        mask[1, -3:] = 0
+    ids = ids.masked_fill(mask == 0, 1)
+    target = torch.randint(3, VOCAB, (batch, tgt + 1), generator=g)
+    target[:, 0] = 2
+    return ids, mask, target[:, :-1].contiguous(), target[:, 1:].contiguous()

@@ -85,6 +85,15 @@ def test_cu_compiles_for_sm90(compiled, name):
         + "\n".join(l for l in (proc.stdout + proc.stderr).splitlines() if "spill" in l or "Compiling" in l))
 
 
+def test_every_cuda_head_dim_is_compiled(compiled):
+    """decode.CUDA_HEAD_DIMS (what Python sends to the kernel) == the split kernels built."""
+    from prefix_kernels.ops.decode import CUDA_HEAD_DIMS
+    _, proc = compiled["decode_attention.cu"]
+    built = re.findall(r"decode_split_kernelI(6__half|13__nv_bfloat16)Li(\d+)E", proc.stdout + proc.stderr)
+    for dtype in ("6__half", "13__nv_bfloat16"):
+        assert sorted({int(d) for t, d in built if t == dtype}) == sorted(CUDA_HEAD_DIMS), built
+
+
 @pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
 def test_bindings_compile_and_match_the_kernels(compiled):
     cpp = sorted(p.name for p in CSRC.glob("*.cpp"))

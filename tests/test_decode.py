@@ -1,7 +1,7 @@
 """decode_attention against a per-row float64 oracle.
 
 CPU (TRITON_INTERPRET=1): the Triton split-KV kernels, the reference path, dispatch and errors.
-GPU (-m gpu): the CUDA kernel in fp16/bf16, D = 64/128/256, a bank of 100, lengths up to 16k,
+GPU (-m gpu): the CUDA kernel in fp16/bf16, D = 64/80/96/128/256, a bank of 100, lengths up to 16k,
 forced splits with both combines (with and without a DecodeWorkspace), strided caches, CUDA
 graphs captured without warm-up; and the Triton kernels.
 Low precision is judged by flash-attention's rule: error vs the fp64 oracle at most 2x PyTorch's
@@ -335,7 +335,7 @@ GPU_SHAPES = {
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("D", [64, 80, 96, 128, 256])
 @pytest.mark.parametrize("shape", list(GPU_SHAPES))
 def test_cuda_vs_reference(dtype, D, shape):
     _cuda_ext()
@@ -349,7 +349,7 @@ def test_cuda_vs_reference(dtype, D, shape):
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("D,SQ", [(64, 1), (128, 1), (64, 4)])
+@pytest.mark.parametrize("D,SQ", [(64, 1), (80, 1), (96, 1), (128, 1), (64, 4), (96, 4)])
 def test_cuda_long_context(dtype, D, SQ):
     _cuda_ext()
     case = _gpu_case(dtype, D, 32, 4, SQ, [16384, 9001, 1, 4097])
@@ -364,15 +364,16 @@ def test_cuda_long_context(dtype, D, SQ):
 @needs_gpu
 @pytest.mark.parametrize("fused", [True, False], ids=["last_block_combines", "combine_kernel"])
 @pytest.mark.parametrize("num_splits", [1, 2, 13, 128])
-def test_cuda_forced_splits(num_splits, fused):
+@pytest.mark.parametrize("D", [80, 96, 128])     # float2 / 8-byte / 16-byte epilogue stores
+def test_cuda_forced_splits(num_splits, fused, D):
     _cuda_ext()
-    case = _gpu_case(torch.bfloat16, 128, 16, 2, 3, [2000, 0, 77, 1999, 5])
+    case = _gpu_case(torch.bfloat16, D, 16, 2, 3, [2000, 0, 77, 1999, 5])
     q, k, v, lens_t, pk, pv, pidx = case
     workspace = dec.DecodeWorkspace("cuda", 5, 16, 2, 3) if fused else None
     for _ in range(3):   # the counters must come back to zero for the next launch
         out = decode_attention(q, k, v, lens_t.cuda().int(), pk, pv, prefix_index=pidx.cuda().int(),
                                backend="cuda", num_splits=num_splits, workspace=workspace)
-        assert_fa_rule(out, *case, what=f"splits={num_splits} fused={fused}")
+        assert_fa_rule(out, *case, what=f"D={D} splits={num_splits} fused={fused}")
         if fused:
             assert workspace.counters.count_nonzero().item() == 0
 
@@ -470,7 +471,7 @@ def test_auto_picks_cuda_without_warning():
 @needs_gpu
 @pytest.mark.skipif(INTERPRET, reason="Triton on CUDA tensors needs TRITON_INTERPRET unset")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
 @pytest.mark.parametrize("shape", ["tinyllama_sq1", "mqa_sq3", "gqa_sq5_chunks"])
 def test_triton_gpu_vs_reference(dtype, D, shape):
     HQ, HKV, SQ, lens = GPU_SHAPES[shape]

@@ -7,58 +7,9 @@ import torch
 
 import prefix_kernels as pk
 from prefix_kernels.ops.reference import reference_prefix_attention
+from attention_utils import NAMES, make_inputs, reference_fp64, run
 from conftest import kernel_device, requires_gpu
 
-
-def make_inputs(B=2, H=4, HKV=2, SQ=19, SK=None, D=32, P=7, N=3, dtype=torch.float32,
-                device="cpu", padding=None, mixed=True, hf_layout=False, fully_padded_row=False):
-    SK = SQ if SK is None else SK
-    if hf_layout:   # HF hands attention [B, S, H, D] transposed: non-contiguous strides
-        q = torch.randn(B, SQ, H, D, device=device, dtype=dtype).transpose(1, 2)
-        k = torch.randn(B, SK, HKV, D, device=device, dtype=dtype).transpose(1, 2)
-        v = torch.randn(B, SK, HKV, D, device=device, dtype=dtype).transpose(1, 2)
-    else:
-        q = torch.randn(B, H, SQ, D, device=device, dtype=dtype)
-        k = torch.randn(B, HKV, SK, D, device=device, dtype=dtype)
-        v = torch.randn(B, HKV, SK, D, device=device, dtype=dtype)
-    bank_k = torch.randn(N, HKV, P, D, device=device, dtype=dtype)
-    bank_v = torch.randn(N, HKV, P, D, device=device, dtype=dtype)
-    index = None
-    if mixed:
-        index = torch.tensor([(2 * b) % N for b in range(B)], device=device)
-    mask = None
-    if padding is not None:
-        mask = torch.ones(B, SK, dtype=torch.bool, device=device)
-        for b in range(B):
-            pad = (3 * b + 2) % max(SK, 1)
-            if padding == "left":
-                mask[b, :pad] = False
-            elif padding == "right":
-                mask[b, SK - pad:] = False
-            elif padding == "holes":
-                mask[b] = torch.rand(SK, device=device) > 0.3
-        if fully_padded_row:
-            mask[-1] = False
-    tensors = [t.requires_grad_() for t in (q, k, v, bank_k, bank_v)]
-    return tensors, index, mask
-
-
-def run(tensors, index, mask, grad_out, backend, causal=True, **kw):
-    out = pk.prefix_attention(*tensors, prefix_index=index, key_padding_mask=mask, causal=causal,
-                              backend=backend, **kw)
-    needs = [t for t in tensors if t.requires_grad]
-    grads = torch.autograd.grad(out, needs, grad_out)
-    return out, grads
-
-
-def reference_fp64(tensors, index, mask, grad_out, causal=True, scale=None):
-    leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
-    out = reference_prefix_attention(*leaves, index, mask, scale, causal)
-    needs = [t for t in leaves if t.requires_grad]
-    return out, torch.autograd.grad(out, needs, grad_out.double())
-
-
-NAMES = ["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"]
 
 # Odd shapes on purpose: lengths that are no multiple of any block, Sq=1, P=1, P>S, Sq<Sk,
 # GQA 4:1, MQA, padding on either side and in holes, fully padded rows, head dims needing padding.

@@ -245,7 +245,7 @@ def test_cancel_frees_the_slot():
         eng.step()
     assert long.result().finish_reason == "cancelled" and len(long.output_ids) < 30
     assert waiting.result().token_ids == alone(PROMPTS[1], "b").token_ids
-    assert eng.num_active == 0 and eng._users == [0] * len(eng._users)
+    assert eng.num_active == 0 and all(eng.rows.users(r) == 0 for r in range(eng.rows.capacity))
 
 
 def test_background_thread_serves_concurrent_submissions():
@@ -266,11 +266,232 @@ def test_unsupported_geometry_is_refused():
         Engine(tiny_model("llama"), {})
 
 
+# -- chunked prefill, time to first token -------------------------------------------------------
+
+LONG = [(7 * i + 3) % 120 + 1 for i in range(37)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])     # rotary; absolute positions (padding clamped)
+def test_chunked_prefill_equals_one_shot_and_peft(family):
+    """Chunks of 3 tokens: prompts spread over many steps, several chunks per forward, rows
+    continuing over their cached keys beside rows starting, fp32 greedy."""
+    table = prefixes(family)
+    prompts = [LONG[:11], [9], LONG[5:24], LONG[:10]]
+    names = ["a", "b", "a", "b"]
+    params = SamplingParams(temperature=0, max_tokens=5)
+    outs, caches = {}, {}
+    for chunk in (3, 2048):
+        eng = Engine(tiny_model(family), {"a": table["a"], "b": table["b"]}, max_batch=4, max_seq_len=40,
+                     prefill_chunk=chunk)
+        outs[chunk] = [o.token_ids for o in eng.generate(prompts, names, params)]
+        caches[chunk] = eng.cache
+    assert outs[3] == outs[2048]
+    # the prompts' keys and values in every layer (layer 1's depend on layer 0's attention)
+    for slot, prompt in enumerate(prompts):
+        for buf in ("k", "v"):
+            chunked, one_shot = (getattr(caches[c], buf)[:, slot, :, :len(prompt)] for c in (3, 2048))
+            torch.testing.assert_close(chunked, one_shot, rtol=1e-5, atol=1e-5)
+    for tokens, prompt, name in zip(outs[3], prompts, names):
+        assert tokens == peft_greedy(family, table[name], prompt, 5)
+
+
+def test_a_long_prompt_does_not_stall_decoding_rows():
+    eng = engine(max_seq_len=64, prefill_chunk=4)
+    params = SamplingParams(temperature=0, max_tokens=40)
+    running = eng.submit(PROMPTS[1], "a", params)
+    for _ in range(3):
+        eng.step()
+    long = eng.submit(LONG, "b", GREEDY)
+    counts = [len(running.output_ids)]
+    while not long.output_ids:
+        eng.step()
+        counts.append(len(running.output_ids))
+    assert len(counts) - 1 == -(-len(LONG) // 4)                 # 10 steps of 4 prompt tokens
+    assert all(b == a + 1 for a, b in zip(counts, counts[1:])), counts   # a token every step
+    while not (running.done and long.done):
+        eng.step()
+    assert long.result().token_ids == alone(LONG, "b").token_ids
+    assert running.result().token_ids == alone(PROMPTS[1], "a", params).token_ids
+
+
+def test_time_to_first_token_is_recorded():
+    eng = engine(prefill_chunk=5)
+    req = eng.submit(LONG, "a", GREEDY)
+    for _ in range(3):
+        eng.step()
+        assert req.ttft is None                                   # 37 tokens: 8 steps of 5
+    out = eng.generate([PROMPTS[0]], "b", GREEDY)[0]
+    while not req.done:
+        eng.step()
+    first = req.result()
+    assert first.ttft is not None and 0 < first.ttft <= req.first_token_at - req.submitted_at + 1e-9
+    assert out.ttft is not None and out.ttft > 0
+    assert eng.num_active == 0
+
+
+# -- a failed request fails alone ---------------------------------------------------------------
+
+def _bad(field, value):
+    params = SamplingParams(temperature=0.7, max_tokens=4)
+    setattr(params, field, value)        # past SamplingParams' own checks, as a client could
+    return params
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("top_k", 2 ** 63, r"top_k must be an integer in 0\.\.128"),
+    ("top_k", 129, r"top_k must be an integer in 0\.\.128"),
+    ("top_k", 2.5, "top_k must be an integer"),
+    ("top_k", 10 ** 5000, "an integer of 16610 bits"),
+    ("temperature", float("inf"), "temperature must be a finite number"),
+    ("top_p", float("nan"), r"top_p must be a number in \(0, 1\]"),
+    ("max_tokens", 0, "max_tokens must be an integer >= 1"),
+    ("seed", 2 ** 64, r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"),
+    ("stop", "ab", "stop must be a list of strings"),
+], ids=["top_k_2e63", "top_k_vocab_plus_1", "top_k_float", "top_k_5000_digits", "temperature_inf",
+        "top_p_nan", "max_tokens_0", "seed_2e64", "stop_str"])
+def test_out_of_range_parameters_are_refused_at_submit(field, value, message):
+    eng = engine()
+    bystander = eng.submit(PROMPTS[0], "a", GREEDY)
+    with pytest.raises(ValueError, match=message):
+        eng.submit(PROMPTS[1], "b", _bad(field, value))
+    assert eng.num_waiting == 1 and all(eng.rows.users(r) == (r == 0) for r in range(eng.rows.capacity))
+    while not bystander.done:
+        eng.step()
+    assert bystander.result().token_ids == alone(PROMPTS[0], "a").token_ids
+
+
+def test_a_request_failing_in_prefill_fails_alone(monkeypatch):
+    eng = engine()
+    reqs = [eng.submit(p, n, GREEDY) for p, n in zip(PROMPTS, "abca")]
+    victim = reqs[2]
+    forward = eng._prefill_forward
+
+    def failing(group):                  # raises whenever the victim's chunk is in the forward
+        if any(c.req is victim for c in group):
+            raise RuntimeError("boom in prefill")
+        return forward(group)
+
+    monkeypatch.setattr(eng, "_prefill_forward", failing)
+    while not all(r.done for r in reqs):
+        eng.step()
+    out = victim.result()
+    assert out.finish_reason == "error" and out.error == "RuntimeError: boom in prefill" and not out.token_ids
+    for req, prompt, name in zip(reqs, PROMPTS, "abca"):
+        if req is not victim:
+            assert req.result().token_ids == alone(prompt, name).token_ids
+    assert eng.num_active == 0 and all(eng.rows.users(r) == 0 for r in range(eng.rows.capacity))
+
+
+def test_a_request_failing_on_its_tokens_fails_alone():
+    eng = engine()
+    params = SamplingParams(temperature=0, max_tokens=8, stop=["\x00never"])
+    reqs = [eng.submit(p, n, params) for p, n in zip(PROMPTS, "abca")]
+    eng.step()
+    victim = reqs[1]
+
+    def broken(token):
+        raise UnicodeError("bad bytes")
+
+    victim.detok.add = broken
+    while not all(r.done for r in reqs):
+        eng.step()
+    assert victim.result().finish_reason == "error" and "UnicodeError: bad bytes" in victim.result().error
+    for req, prompt, name in zip(reqs, PROMPTS, "abca"):
+        if req is not victim:
+            assert req.result().token_ids == alone(prompt, name, params).token_ids
+
+
+# -- the parts: bank rows and the KV cache ----------------------------------------------------------
+
+def test_bank_rows_count_users_and_free_retired_rows():
+    from prefix_kernels.bank import PrefixBank
+    from prefix_kernels.serve.request import UnknownPrefix as Unknown
+    from prefix_kernels.serve.rows import BankRows, free_names
+
+    bank = PrefixBank(1, 1, 4, 2, names=free_names(2))
+    rows = BankRows(bank)
+    assert rows.install("x", lambda row: None) == 0
+    with pytest.raises(ValueError, match="already served"):
+        rows.install("x", lambda row: None)
+    with pytest.raises(OSError):
+        rows.install("y", lambda row: (_ for _ in ()).throw(OSError("disk")))
+    assert rows.num_free == 1 and rows.names == ["x"]               # the failed fill gave its row back
+    held = rows.acquire("x")
+    assert rows.install("x", lambda row: None, replace=True) == 1     # x moves; row 0 stays in use
+    assert rows.num_free == 0 and len(set(bank.names)) == 2 and bank.names[1] == "x"
+    rows.release(held)
+    assert rows.num_free == 1 and bank.names[0].startswith("<free>")
+    rows.remove("x")
+    assert rows.num_free == 2 and rows.names == []
+    with pytest.raises(Unknown):
+        rows.acquire("x")
+    with pytest.raises(RuntimeError, match="released more often"):
+        rows.release(0)
+
+
+def test_kv_cache_stores_only_inside_a_mode():
+    from prefix_kernels.serve.cache import KVCache
+
+    cache = KVCache(2, 3, 1, 8, 4, num_q_heads=2, dtype=torch.float32, device="cpu")
+    key = torch.randn(2, 1, 3, 4)
+    with pytest.raises(RuntimeError, match="outside an engine forward"):
+        cache.update(0, key, key)
+    with pytest.raises(ValueError, match="outside the cache"):
+        cache.begin_prefill([0], [6], [3])
+    with cache.prefilling([2, 0], [0, 0], [3, 1]):
+        with pytest.raises(RuntimeError, match="already in a prefill"):
+            cache.begin_decode(1, torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long))
+        k, _ = cache.update(1, key, key + 1)
+    assert k is key and cache.mode is None
+    assert torch.equal(cache.k[1, 2, :, :3], key[0]) and torch.equal(cache.k[1, 0, :, :1], key[1, :, :1])
+    assert not cache.k[1, 0, :, 1:].any()                      # row 1's padding is not stored
+    with cache.prefilling([2], [3], [2]):                      # a continuation: window over the cache
+        k, v = cache.update(1, key[:1, :, :2], key[:1, :, :2])
+        assert cache.mode.key_mask.tolist() == [[True] * 5]
+    assert k.shape == (1, 1, 5, 4) and torch.equal(k[0, :, :3], key[0]) and torch.equal(k[0, :, 3:], key[0, :, :2])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_prefill_chunks_of_rows_at_different_starts_attend_like_each_row_alone(backend):
+    """Two continuing rows (starts 21 and 2, lengths 2 and 17) and a starting one in one forward:
+    each real query sees its row's prefix and cached keys up to itself, nothing else. The Triton
+    kernel runs here under TRITON_INTERPRET=1."""
+    import os
+
+    from prefix_kernels.ops.reference import reference_prefix_attention
+    from prefix_kernels.serve.attention import CacheAttention
+    from prefix_kernels.serve.cache import KVCache
+
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run on the CPU only under TRITON_INTERPRET=1")
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    g = torch.Generator().manual_seed(3)
+    hkv, hq, d, smax = 2, 4, 16, 40
+    cache = KVCache(1, 4, hkv, smax, d, num_q_heads=hq, dtype=dtype, device="cpu")
+    cache.k.normal_(generator=g)
+    cache.v.normal_(generator=g)
+    attend = CacheAttention(cache, backend)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)   # noqa: E731
+    pk, pv = rand(3, hkv, 5, d), rand(3, hkv, 5, d)
+    slots, starts, lengths, entries = [3, 1, 0], [21, 2, 0], [2, 17, 3], torch.tensor([2, 0, 1])
+    width = max(lengths)
+    q, k, v = rand(3, hq, width, d), rand(3, hkv, width, d), rand(3, hkv, width, d)
+    with cache.prefilling(slots, starts, lengths):
+        out = attend(None, 0, q, k, v, pk, pv, entries, 0.5)
+    for i, (slot, start, n) in enumerate(zip(slots, starts, lengths)):
+        end = start + n
+        assert torch.equal(cache.k[0, slot, :, start:end], k[i, :, :n])
+        want = reference_prefix_attention(q[i:i + 1, :, :n], cache.k[0, slot:slot + 1, :, :end],
+                                          cache.v[0, slot:slot + 1, :, :end], pk, pv, entries[i:i + 1], scale=0.5)
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(out[i:i + 1, :, :n], want, rtol=tol, atol=tol)
+
+
 # -- CUDA graphs ------------------------------------------------------------------------------
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [16, 64])          # the Triton decode kernel; the CUDA one
+@pytest.mark.parametrize("head_dim", [16, 64, 96])      # the Triton decode kernel; the CUDA ones
 def test_cuda_graph_replay_equals_eager(head_dim):
     overrides = dict(hidden_size=4 * head_dim, head_dim=head_dim)
     g = torch.Generator().manual_seed(1)
@@ -278,7 +499,8 @@ def test_cuda_graph_replay_equals_eager(head_dim):
     outs = {}
     for graphs in (False, True):
         model = tiny_model("llama", **overrides).to("cuda", torch.bfloat16)
-        eng = Engine(model, table, max_batch=8, max_seq_len=64, cuda_graphs=graphs)
+        # prefill in chunks of 5: prompts arrive over several steps between graph replays
+        eng = Engine(model, table, max_batch=8, max_seq_len=64, cuda_graphs=graphs, prefill_chunk=5)
         eng.warmup()
         params = SamplingParams(temperature=0.8, top_p=0.95, seed=5, max_tokens=20)
         first = eng.submit([5, 6, 7, 8], "a", params)
@@ -295,12 +517,15 @@ def test_cuda_graph_replay_equals_eager(head_dim):
 
 @requires_gpu
 @pytest.mark.gpu
-def test_gpu_engine_matches_peft():
-    """fp32 on the GPU (Triton prefill and decode, CUDA graphs) against PEFT on the CPU."""
+@pytest.mark.parametrize("prefill_chunk", [3, 2048], ids=["chunked", "one_shot"])
+def test_gpu_engine_matches_peft(prefill_chunk):
+    """fp32 on the GPU (Triton prefill, chunks over the cached keys with a padding mask, decode,
+    CUDA graphs) against PEFT on the CPU."""
     table = prefixes()
-    eng = Engine(tiny_model("llama").cuda(), {"a": table["a"], "b": table["b"]}, max_batch=2, max_seq_len=32)
+    eng = Engine(tiny_model("llama").cuda(), {"a": table["a"], "b": table["b"]}, max_batch=2, max_seq_len=32,
+                 prefill_chunk=prefill_chunk)
     assert eng.cuda_graphs
-    prompts = [[5, 17, 99, 3, 42], [7, 8]]
+    prompts = [[5, 17, 99, 3, 42, 11, 12, 13], [7, 8]]
     outs = eng.generate(prompts, ["a", "b"], SamplingParams(temperature=0, max_tokens=6))
     for out, prompt, name in zip(outs, prompts, "ab"):
         assert out.token_ids == peft_greedy("llama", table[name], prompt, 6), name

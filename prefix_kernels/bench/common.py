@@ -23,10 +23,12 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "git_commit": git_commit(),
     }
+    from importlib.metadata import PackageNotFoundError, version
+
     for name in ("triton", "transformers", "peft"):
         try:
-            env[name] = __import__(name).__version__
-        except ImportError:
+            env[name] = version(name)         # without importing it (peft alone takes seconds)
+        except PackageNotFoundError:
             env[name] = None
     return env
 
@@ -113,8 +115,11 @@ def tiny_llama_config(max_position_embeddings: int):
 
 
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """Every benchmark's argument parser: `prefix-kernels bench NAME`, its docstring's first line."""
-    return argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    """Every benchmark's argument parser: `prefix-kernels bench NAME`, its docstring as the
+    description, defaults shown in --help."""
+    from ..cli_common import parser as cli_parser
+
+    return cli_parser(prog, doc)
 
 
 _BENCH_EXTRA = "(pip install 'prefix-kernels[bench]')"

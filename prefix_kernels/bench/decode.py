@@ -345,8 +345,11 @@ def _new_engine(old, model, prefixes, batch, max_seq_len, device, graphs=True, d
     from prefix_kernels.serve import Engine
 
     _drop_engine(old, model, device)
+    # every prompt prefilled in the first step, as the figures measured so far assume (run_engine
+    # times the decode steps after it)
     engine = Engine(model, prefixes, max_batch=batch, max_seq_len=max_seq_len, max_prefixes=len(prefixes),
-                    cuda_graphs=graphs and device.type == "cuda", decode_step=decode_step)
+                    prefill_chunk=batch * max_seq_len, cuda_graphs=graphs and device.type == "cuda",
+                    decode_step=decode_step)
     engine.warmup(sampling=("greedy",))          # the benchmark's requests are greedy
     return engine
 

@@ -154,10 +154,18 @@ def check(out: torch.Tensor, x: dict) -> tuple[bool, float]:
 # Main
 # --------------------------------------------------------------------------------------------
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """`prefix-kernels bench decode-kernel [--sweep-splits]`: 0 when every kernel result is
+    correct, 1 when one is not, 2 without a CUDA GPU."""
+    parser = common.parser("prefix-kernels bench decode-kernel", __doc__)
+    parser.add_argument("--sweep-splits", action="store_true",
+                        help="%% of copy bandwidth against a forced split count (B=32, 4k and 16k)")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_decode_kernel: needs a CUDA GPU")
-        return 1
+        print("bench decode-kernel: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.sweep_splits:
+        return sweep_splits()
     env = environment()
     ext, how = dec._extension()
     print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['git_commit']}")
@@ -201,7 +209,7 @@ def main() -> int:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"# wrote {path}")
     plot(rows, copy_gbs, env, path.with_suffix(".png"))
-    return 0 if all(r.get("correct", False) for r in rows if r["variant"] != "sdpa_concat") else 2
+    return 0 if all(r.get("correct", False) for r in rows if r["variant"] != "sdpa_concat") else 1
 
 
 def print_table(rows: list[dict]) -> None:
@@ -274,4 +282,4 @@ def sweep_splits() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(sweep_splits() if "--sweep-splits" in sys.argv[1:] else main())
+    sys.exit(main())

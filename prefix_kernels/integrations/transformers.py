@@ -15,10 +15,13 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from ..bank import PrefixBank, peft_flat_to_bank, read_peft_prefix
+from ..adapter import read_adapter
+from ..bank import PrefixBank
+from .saving import save_patched_model
 
 ATTENTION_NAME = "prefix_kernels"   # must not contain flash/sdpa/flex/paged: transformers special-cases those
 _STATE_ATTR = "_prefix_kernels_state"
@@ -62,12 +65,15 @@ class _PatchState:
         self.generate_ids = None
         # set_attention_hook: a caller-owned attention (a serving engine's static KV cache)
         self.attention_hook = None
+        # inside the patched model's own forward (encoder-decoder: the encoder may also run alone)
+        self.in_forward = False
 
 
 @dataclass
 class _LayerLink:
     state: _PatchState
-    layer_idx: int
+    layer_idx: int          # the layer's index on the bank's layer axis
+    causal: bool = True     # False: encoder self-attention, decoder cross-attention
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,7 +163,7 @@ def prefix_attention_forward(module, query, key, value, attention_mask, dropout=
     from ..ops.prefix_attention import prefix_attention
 
     out = prefix_attention(query, key, value, prefix_k, prefix_v, prefix_index=state.index,
-                           key_padding_mask=attention_mask, scale=scaling, causal=True,
+                           key_padding_mask=attention_mask, scale=scaling, causal=link.causal,
                            backend=state.backend)
     return out.transpose(1, 2).contiguous(), None
 
@@ -321,6 +327,42 @@ def _check_supported(model) -> Family:
     return FAMILIES[model_type]
 
 
+@dataclass
+class _Plan:
+    """What patch_model needs from a model: which attention module reads which bank layer
+    (and whether causally), the bank's geometry and sites, and the hooks to install."""
+    family: Family
+    links: list                 # (attention module, bank layer, causal)
+    sites: dict                 # site -> layer count, in bank order
+    num_kv_heads: int
+    head_dim: int
+    task_type: str
+    install: Callable           # (model, state) -> hook handles
+    # by default the first real token sits at position P: where PEFT's prefix in the (decoder's)
+    # KV cache puts it; an encoder-decoder model without a decoder prefix keeps its positions
+    offset_by_prefix: bool = True
+
+    @property
+    def num_layers(self) -> int:
+        return sum(self.sites.values())
+
+
+def _plan_decoder_only(model, sites) -> _Plan:
+    if sites is not None and tuple(sites) != ("decoder",):
+        raise ValueError(f"sites={tuple(sites)}: a decoder-only model has one prefix site, 'decoder' "
+                         "(its self-attention); leave sites=None")
+    family = _check_supported(model)
+    modules = _attention_modules(model)
+    num_layers, hkv, head_dim = _geometry(model, modules)
+    return _Plan(family, [(m, m.layer_idx, True) for m in modules], {"decoder": num_layers}, hkv, head_dim,
+                 "CAUSAL_LM", _install_decoder_only)
+
+
+def _install_decoder_only(model, state) -> list:
+    return [model.register_forward_pre_hook(_before_forward, with_kwargs=True),
+            model.get_input_embeddings().register_forward_hook(functools.partial(_inputs_require_grad, model))]
+
+
 def _attention_modules(model):
     modules = [m for m in model.modules()
                if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
@@ -362,49 +404,63 @@ def _prefix_from_text(model, init, tokenizer, prefix_len, num_layers):
 
 def patch_model(model, num_prefix_tokens: int = 32, *, projection_hidden: int | None = None,
                 init="random", position_offset: int | None = None, num_prefixes: int = 1,
-                names=None, tokenizer=None, backend: str = "auto") -> PrefixBank:
+                names=None, tokenizer=None, backend: str = "auto", sites=None) -> PrefixBank:
     """Freeze `model` and prefix-tune it through the fused op; returns the trainable PrefixBank.
 
     Args:
-        model: a transformers causal LM of a supported family (see FAMILIES).
+        model: a transformers causal LM of a supported family (see FAMILIES), or an
+            encoder-decoder model of SEQ2SEQ_FAMILIES (BART, mBART, Pegasus, Marian, ...).
         num_prefix_tokens: P, prefix slots per layer.
         projection_hidden: None, or the hidden size of Li & Liang's MLP reparameterization.
         init: "random", "zeros", or a text (with tokenizer=...) / list of token ids whose keys and
-            values (from the unpatched model) initialize the prefix.
-        position_offset: position of the first real token; None = P (PEFT's convention), 0 = none.
+            values (from the unpatched model) initialize the prefix (decoder-only models).
+        position_offset: position of the first real (decoder) token; None = P (PEFT's convention;
+            0 for an encoder-decoder model without a decoder self-attention prefix), 0 = none.
         num_prefixes / names: a bank of several prefixes (names default to "default" for one,
             "0".."N-1" for several); choose per row with model(..., prefix_ids=[...]).
         backend: the op's backend ("auto", "triton", "reference").
+        sites: encoder-decoder models only: which attention gets a prefix, a subset of
+            ("encoder", "decoder", "cross"); None = all three, as in Li & Liang. ("decoder",)
+            is what PEFT's seq2seq prefix tuning has.
     """
     if _STATE_ATTR in model.__dict__:
         raise ValueError("the model is already patched; call unpatch_model(model) first")
-    family = _check_supported(model)
-    modules = _attention_modules(model)
-    num_layers, hkv, head_dim = _geometry(model, modules)
+    if getattr(model.config, "is_encoder_decoder", False):
+        from .seq2seq import plan_seq2seq
+        plan = plan_seq2seq(model, sites)
+    else:
+        plan = _plan_decoder_only(model, sites)
+    num_layers, hkv, head_dim = plan.num_layers, plan.num_kv_heads, plan.head_dim
     if names is None:
         names = ["default"] if num_prefixes == 1 else [str(i) for i in range(num_prefixes)]
     elif num_prefixes not in (1, len(names)):
         raise ValueError(f"num_prefixes={num_prefixes} but {len(names)} names were given")
     if not (isinstance(init, str) and init in ("random", "zeros")) and not isinstance(init, torch.Tensor):
+        if plan.task_type != "CAUSAL_LM":
+            raise NotImplementedError(f"{model.config.model_type}: init from text is implemented for decoder-only "
+                                      "models; use init='random' or 'zeros'")
         init = _prefix_from_text(model, init, tokenizer, num_prefix_tokens, num_layers)
     device = model.get_input_embeddings().weight.device
     bank = PrefixBank(num_layers, hkv, head_dim, num_prefix_tokens, names=names,
-                      projection_hidden=projection_hidden, init=init, device=device)
-    offset = num_prefix_tokens if position_offset is None else int(position_offset)
+                      projection_hidden=projection_hidden, init=init, device=device,
+                      sites=plan.sites, task_type=plan.task_type)
+    if position_offset is None:
+        position_offset = num_prefix_tokens if plan.offset_by_prefix else 0
+    offset = int(position_offset)
 
     _register()
-    state = _PatchState(model, bank, family, offset, backend)
+    state = _PatchState(model, bank, plan.family, offset, backend)
     for p in model.parameters():
         p.requires_grad_(False)
     model.prefix_bank = bank      # a submodule: optimizers, .to() and Trainer see it
-    for module in modules:
-        module.__dict__[_LINK_ATTR] = _LayerLink(state, module.layer_idx)
+    for module, layer, causal in plan.links:
+        module.__dict__[_LINK_ATTR] = _LayerLink(state, layer, causal)
         state.linked.append(module)
     model.__dict__[_STATE_ATTR] = state
-    state.handles.append(model.register_forward_pre_hook(_before_forward, with_kwargs=True))
-    state.handles.append(model.get_input_embeddings().register_forward_hook(
-        functools.partial(_inputs_require_grad, model)))
+    state.handles.extend(plan.install(model, state))
     model.__dict__["generate"] = functools.partial(_generate_with_prefix, state, model.generate)
+    # saving the patched model (Trainer.save_model, its checkpoints) writes the adapters: saving.py
+    model.__dict__["save_pretrained"] = functools.partial(save_patched_model, model)
     model.config._attn_implementation = ATTENTION_NAME
     return bank
 
@@ -420,6 +476,7 @@ def unpatch_model(model):
         module.__dict__.pop(_LINK_ATTR, None)
     del model.prefix_bank
     model.__dict__.pop("generate", None)
+    model.__dict__.pop("save_pretrained", None)
     model.config._attn_implementation = state.original_attn
     params = dict(model.named_parameters())
     for name, requires_grad in state.requires_grad:
@@ -467,21 +524,22 @@ def get_prefix_bank(model) -> PrefixBank:
 def load_prefix(model, directory: str, name: str | None = None, **patch_kwargs) -> PrefixBank:
     """Load a prefix-tuning adapter (ours or PEFT's) into bank entry `name` (default "default").
 
-    An unpatched model is patched first (P from the adapter; `patch_kwargs` go to patch_model).
-    An existing entry of that name is overwritten, otherwise a new entry is added.
+    An unpatched model is patched first (P and, for encoder-decoder models, the sites from the
+    adapter; `patch_kwargs` go to patch_model). An existing entry of that name is overwritten,
+    otherwise a new entry is added.
     """
-    config, flat = read_peft_prefix(directory)
-    if not is_patched(model):
-        patch_model(model, config["num_virtual_tokens"], init="zeros", names=[name or "default"], **patch_kwargs)
-    bank = get_prefix_bank(model)
-    want = {"num_layers": bank.num_layers, "token_dim": bank.token_dim, "num_attention_heads": bank.num_kv_heads,
-            "num_virtual_tokens": bank.prefix_len}
-    wrong = {k: (config.get(k), v) for k, v in want.items() if config.get(k) != v}
-    if wrong:
-        raise ValueError(f"adapter {directory!r} does not fit this model's prefix bank: "
-                         + ", ".join(f"{k} is {a} in the adapter but {b} here" for k, (a, b) in wrong.items()))
+    adapter = read_adapter(directory)
     name = name or "default"
-    if name not in bank.names:
-        bank.add_entry(name)
-    bank.set_entry(name, peft_flat_to_bank(flat, bank.num_layers, bank.num_kv_heads, bank.head_dim))
+    patched_here = not is_patched(model)
+    if patched_here:
+        if getattr(model.config, "is_encoder_decoder", False):
+            patch_kwargs.setdefault("sites", adapter.sites)
+        patch_model(model, adapter.config.num_virtual_tokens, init="zeros", names=[name], **patch_kwargs)
+    bank = get_prefix_bank(model)
+    try:
+        bank.load_adapter(name, adapter)
+    except Exception:
+        if patched_here:        # leave the model as it came
+            unpatch_model(model)
+        raise
     return bank

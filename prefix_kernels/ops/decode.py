@@ -27,7 +27,7 @@ from .utils import LOG2E, interpreting as _interpreting, sm_count, warn_once as 
 log = logging.getLogger("prefix_kernels")
 
 MAX_DECODE_QUERIES = 16            # Sq per row; longer query blocks are prefill: prefix_attention
-CUDA_HEAD_DIMS = (64, 128, 256)
+CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 128

@@ -1,11 +1,9 @@
-"""Fused prefix attention: Triton forward/backward kernels -> launchers -> custom op -> public fn.
+"""Fused prefix attention: launchers -> custom op -> autograd -> public fn (the Triton kernels
+are in prefix_attention_kernels.py).
 
 Every query attends to the P keys of its row's prefix-bank entry (always visible) and to its own
 causal keys that the padding mask keeps. The prefix is read straight from the bank
 [N, Hkv, P, D]: no concatenated KV, no repeated GQA heads, no mask tensor is ever built.
-
-Softmax runs in base 2 (exp2): scores are pre-multiplied by scale*log2(e) and the saved
-log-sum-exp is log2-based.
 """
 from __future__ import annotations
 
@@ -16,387 +14,14 @@ from typing import Optional
 
 import torch
 import triton
-import triton.language as tl
 
+from . import prefix_attention_kernels as kernels
+from . import split_attention
 from .reference import reference_prefix_attention
 from .utils import LOG2E, interpreting as _interpreting, sm_count, warn_once as _warn_once
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-
-
-# --------------------------------------------------------------------------------------------
-# Kernels
-# --------------------------------------------------------------------------------------------
-
-@triton.jit
-def _load_tile(ptrs, row_ok, col_ok, ROW_MASK: tl.constexpr, COL_MASK: tl.constexpr):
-    if ROW_MASK and COL_MASK:
-        return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    elif ROW_MASK:
-        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-    elif COL_MASK:
-        return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
-    else:
-        return tl.load(ptrs)
-
-
-@triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-               kpm_base, stride_kpm_n, lo, hi, n_limit, q_pos, offs_d, qk_scale,
-               CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               PREC: tl.constexpr):
-    d_ok = offs_d < HEAD_DIM
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_limit
-        # k is loaded transposed, [BLOCK_D, BLOCK_N], so q @ kT needs no shuffle
-        kt = tl.trans(_load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                                 n_ok, d_ok, BOUNDS_MASK, BLOCK_D != HEAD_DIM))
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-        if BOUNDS_MASK:
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-        if CAUSAL_MASK:
-            s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
-        if HAS_KPM:
-            keep = tl.load(kpm_base + offs_n * stride_kpm_n, mask=n_ok, other=0) != 0
-            s = tl.where(keep[None, :], s, float("-inf"))
-        # m_i is finite here: the prefix (P >= 1) is always processed first
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                       n_ok, d_ok, BOUNDS_MASK, BLOCK_D != HEAD_DIM)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _bank_entry(PIDX, b, N_ENTRIES, HAS_PIDX: tl.constexpr):
-    """The row's bank entry, clamped into the bank so nothing reads out of bounds.
-
-    A CUDA prefix_index is not range-checked on the host (that costs a sync per layer); a row
-    whose entry is out of range gets a NaN output instead of a silent wrong one."""
-    if HAS_PIDX:
-        entry = tl.load(PIDX + b).to(tl.int64)
-        entry_ok = (entry >= 0) & (entry < N_ENTRIES)
-        return tl.where(entry_ok, entry, 0), entry_ok
-    else:
-        return 0, True
-
-
-@triton.jit
-def _own_key_ranges(start_m, SQ, SK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-    """Key ranges of a query block: [0, full_hi) seen by every query, [full_hi, hi) by some."""
-    if CAUSAL:
-        off = SK - SQ
-        full_hi = tl.maximum(tl.minimum(start_m + off + 1, SK), 0)
-        full_hi = (full_hi // BLOCK_N) * BLOCK_N
-        hi = tl.maximum(tl.minimum(start_m + BLOCK_M + off, SK), full_hi)
-    else:
-        full_hi = (SK // BLOCK_N) * BLOCK_N
-        hi = SK
-    return full_hi, hi
-
-
-@triton.jit
-def _prefix_attn_fwd(
-    Q, K, V, PK, PV, PIDX, KPM, O, LSE,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pkn, stride_pkh, stride_pkp, stride_pkd,
-    stride_pvn, stride_pvh, stride_pvp, stride_pvd,
-    stride_kpm_b, stride_kpm_n,
-    stride_ob, stride_oh, stride_om, stride_od,
-    H, G, SQ, SK, P, N_ENTRIES, qk_scale, SEQ_BUCKET,
-    HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // G
-    entry, entry_ok = _bank_entry(PIDX, b, N_ENTRIES, HAS_PIDX)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < SQ
-    d_ok = offs_d < HEAD_DIM
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-                   + offs_d[None, :] * stride_qd, m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    q_pos = offs_m + (SK - SQ)
-    kpm_base = KPM + b * stride_kpm_b
-
-    # -- prefix blocks: always visible, never padded --
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, PK + entry * stride_pkn + hk * stride_pkh,
-        PV + entry * stride_pvn + hk * stride_pvh, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
-        kpm_base, stride_kpm_n, 0, P, P, q_pos, offs_d, qk_scale,
-        False, True, False, BLOCK_N, HEAD_DIM, BLOCK_D, PREC)
-    # -- own keys: blocks every query sees, then the diagonal/edge blocks --
-    full_hi, hi = _own_key_ranges(start_m, SQ, SK, CAUSAL, BLOCK_M, BLOCK_N)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        kpm_base, stride_kpm_n, 0, full_hi, SK, q_pos, offs_d, qk_scale,
-        False, False, HAS_KPM, BLOCK_N, HEAD_DIM, BLOCK_D, PREC)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        kpm_base, stride_kpm_n, full_hi, hi, SK, q_pos, offs_d, qk_scale,
-        CAUSAL, True, HAS_KPM, BLOCK_N, HEAD_DIM, BLOCK_D, PREC)
-
-    acc = acc / l_i[:, None]
-    if HAS_PIDX:
-        acc = tl.where(entry_ok, acc, float("nan"))
-    tl.store(LSE + pid_bh * SQ + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                  stride_vd, kpm_base, stride_kpm_n, lo, hi, n_limit, q_pos, offs_d, qk_scale,
-                  CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  PREC: tl.constexpr):
-    d_ok = offs_d < HEAD_DIM
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_limit
-        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                       n_ok, d_ok, BOUNDS_MASK, BLOCK_D != HEAD_DIM)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                       n_ok, d_ok, BOUNDS_MASK, BLOCK_D != HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        if BOUNDS_MASK:
-            p = tl.where(n_ok[None, :], p, 0.0)
-        if CAUSAL_MASK:
-            p = tl.where(offs_n[None, :] <= q_pos[:, None], p, 0.0)
-        if HAS_KPM:
-            keep = tl.load(kpm_base + offs_n * stride_kpm_n, mask=n_ok, other=0) != 0
-            p = tl.where(keep[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    return dq
-
-
-@triton.jit
-def _prefix_attn_bwd_dq(
-    Q, K, V, PK, PV, PIDX, KPM, O, DO, LSE, DELTA, DQ,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pkn, stride_pkh, stride_pkp, stride_pkd,
-    stride_pvn, stride_pvh, stride_pvp, stride_pvd,
-    stride_kpm_b, stride_kpm_n,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, G, SQ, SK, P, N_ENTRIES, qk_scale, sm_scale, SEQ_BUCKET,
-    DQ_GRAD: tl.constexpr, HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dQ of one query block, and delta = rowsum(O * dO) for the dK/dV kernel launched next
-    (computed here rather than in a kernel of its own: one launch less per backward).
-    With DQ_GRAD False only delta is written."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // G
-    entry, entry_ok = _bank_entry(PIDX, b, N_ENTRIES, HAS_PIDX)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < SQ
-    d_ok = offs_d < HEAD_DIM
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-                   + offs_d[None, :] * stride_qd, m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dod, m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
-    o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
-                   + offs_d[None, :] * stride_od, m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh * SQ + offs_m, delta, mask=m_ok)
-    if not DQ_GRAD:
-        return
-    lse = tl.load(LSE + pid_bh * SQ + offs_m, mask=m_ok, other=0.0)
-    q_pos = offs_m + (SK - SQ)
-    kpm_base = KPM + b * stride_kpm_b
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    # -- prefix blocks --
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, PK + entry * stride_pkn + hk * stride_pkh,
-                       PV + entry * stride_pvn + hk * stride_pvh, stride_pkp, stride_pkd,
-                       stride_pvp, stride_pvd, kpm_base, stride_kpm_n, 0, P, P, q_pos, offs_d,
-                       qk_scale, False, True, False, BLOCK_N, HEAD_DIM, BLOCK_D, PREC)
-    # -- own keys --
-    full_hi, hi = _own_key_ranges(start_m, SQ, SK, CAUSAL, BLOCK_M, BLOCK_N)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                       stride_vd, kpm_base, stride_kpm_n, 0, full_hi, SK, q_pos, offs_d, qk_scale,
-                       False, False, HAS_KPM, BLOCK_N, HEAD_DIM, BLOCK_D, PREC)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                       stride_vd, kpm_base, stride_kpm_n, full_hi, hi, SK, q_pos, offs_d, qk_scale,
-                       CAUSAL, True, HAS_KPM, BLOCK_N, HEAD_DIM, BLOCK_D, PREC)
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _bwd_kv_inner(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base,
-                  stride_qm, stride_qd, stride_dom, stride_dod, lo, hi, SQ, k_pos, q_shift,
-                  offs_d, qk_scale,
-                  CAUSAL_MASK: tl.constexpr, KEEP_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
-    """Accumulate dK, dV of one key block over the query blocks [lo, hi) of one query head.
-
-    Out-of-range query rows load as zeros (q = dO = lse = delta = 0) and contribute nothing.
-    """
-    d_ok = offs_d < HEAD_DIM
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < SQ
-        q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                       m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
-        do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                        m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
-        lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
-        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale       # [BLOCK_N, BLOCK_M]
-        pt = tl.math.exp2(st - lse[None, :])
-        if CAUSAL_MASK:
-            pt = tl.where(k_pos[:, None] <= (offs_m + q_shift)[None, :], pt, 0.0)
-        if KEEP_MASK:
-            pt = tl.where(keep[:, None], pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
-    return dk, dv
-
-
-@triton.jit
-def _prefix_attn_bwd_dkdv(
-    Q, K, V, PK, PV, PIDX, KPM, DO, LSE, DELTA, DK, DV, DPK, DPV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pkn, stride_pkh, stride_pkp, stride_pkd,
-    stride_pvn, stride_pvh, stride_pvp, stride_pvd,
-    stride_kpm_b, stride_kpm_n,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    HKV, G, SQ, SK, P, N_ENTRIES, qk_scale, sm_scale, SEQ_BUCKET,
-    SPLITS: tl.constexpr, PREFIX_GRAD: tl.constexpr, OWN_GRAD: tl.constexpr,
-    KEEP_MASK: tl.constexpr, HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """One program per key block of one (row, KV head); prefix blocks come first in the grid.
-
-    A prefix program covers one of SPLITS contiguous query ranges and writes its fp32 partial
-    dPrefixK/V to DPK/DPV [B, SPLITS, HKV, P, D]; the host reduces them over splits and over
-    the rows sharing a bank entry in a fixed order (deterministic: no atomics). The GQA group's
-    query heads are looped over inside the program, so nothing is shared between programs.
-    """
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    H = HKV * G
-    if PREFIX_GRAD:
-        num_prefix_programs = tl.cdiv(P, BLOCK_N) * SPLITS
-    else:
-        num_prefix_programs = 0
-    if pid_n < num_prefix_programs:
-        # -- a prefix key block, over one split of the queries --
-        entry, entry_ok = _bank_entry(PIDX, b, N_ENTRIES, HAS_PIDX)
-        split = pid_n % SPLITS
-        offs_n = (pid_n // SPLITS) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < P
-        k = _load_tile(PK + entry * stride_pkn + hk * stride_pkh + offs_n[:, None] * stride_pkp
-                       + offs_d[None, :] * stride_pkd, n_ok, d_ok, True, BLOCK_D != HEAD_DIM)
-        v = _load_tile(PV + entry * stride_pvn + hk * stride_pvh + offs_n[:, None] * stride_pvp
-                       + offs_d[None, :] * stride_pvd, n_ok, d_ok, True, BLOCK_D != HEAD_DIM)
-        rows_per_split = tl.cdiv(tl.cdiv(SQ, SPLITS), BLOCK_M) * BLOCK_M
-        lo = split * rows_per_split
-        hi = tl.minimum(lo + rows_per_split, SQ)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for g in range(0, G):
-            h = hk * G + g
-            bh = b * H + h
-            dk, dv = _bwd_kv_inner(dk, dv, k, v, n_ok, Q + b * stride_qb + h * stride_qh,
-                                   DO + b * stride_dob + h * stride_doh, LSE + bh * SQ,
-                                   DELTA + bh * SQ, stride_qm, stride_qd, stride_dom, stride_dod,
-                                   lo, hi, SQ, offs_n, 0, offs_d, qk_scale,
-                                   False, True, HEAD_DIM, BLOCK_D, BLOCK_M, PREC)
-        part = (((b * SPLITS + split) * HKV + hk) * P + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
-        tile_ok = n_ok[:, None] & d_ok[None, :]
-        tl.store(DPK + part, dk * sm_scale, mask=tile_ok)
-        tl.store(DPV + part, dv, mask=tile_ok)
-    else:
-        # -- an own key block: dK, dV are activation gradients --
-        start_n = (pid_n - num_prefix_programs) * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < SK
-        k = _load_tile(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn
-                       + offs_d[None, :] * stride_kd, n_ok, d_ok, True, BLOCK_D != HEAD_DIM)
-        v = _load_tile(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
-                       + offs_d[None, :] * stride_vd, n_ok, d_ok, True, BLOCK_D != HEAD_DIM)
-        if HAS_KPM:
-            keep = tl.load(KPM + b * stride_kpm_b + offs_n * stride_kpm_n, mask=n_ok, other=0) != 0
-        else:
-            keep = n_ok
-        q_shift = SK - SQ
-        if CAUSAL:
-            # queries i see key j iff j <= i + q_shift
-            lo = (tl.maximum(start_n - q_shift, 0) // BLOCK_M) * BLOCK_M
-            full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - q_shift, 0), BLOCK_M) * BLOCK_M
-            full_lo = tl.maximum(tl.minimum(full_lo, SQ), lo)
-        else:
-            lo = 0
-            full_lo = 0
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for g in range(0, G):
-            h = hk * G + g
-            bh = b * H + h
-            q_base = Q + b * stride_qb + h * stride_qh
-            do_base = DO + b * stride_dob + h * stride_doh
-            dk, dv = _bwd_kv_inner(dk, dv, k, v, keep, q_base, do_base, LSE + bh * SQ,
-                                   DELTA + bh * SQ, stride_qm, stride_qd, stride_dom, stride_dod,
-                                   lo, full_lo, SQ, offs_n, q_shift, offs_d, qk_scale,
-                                   CAUSAL, KEEP_MASK, HEAD_DIM, BLOCK_D, BLOCK_M, PREC)
-            dk, dv = _bwd_kv_inner(dk, dv, k, v, keep, q_base, do_base, LSE + bh * SQ,
-                                   DELTA + bh * SQ, stride_qm, stride_qd, stride_dom, stride_dod,
-                                   full_lo, SQ, SQ, offs_n, q_shift, offs_d, qk_scale,
-                                   False, KEEP_MASK, HEAD_DIM, BLOCK_D, BLOCK_M, PREC)
-        tile_ok = n_ok[:, None] & d_ok[None, :]
-        tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn
-                 + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK.dtype.element_ty), mask=tile_ok)
-        tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn
-                 + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=tile_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,11 +49,25 @@ _CANDIDATES = {
              128: [_config(64, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 128, 4, 3), _config(64, 128, 8, 2)],
              256: [_config(64, 64, 8, 2), _config(32, 64, 4, 2), _config(32, 32, 4, 2)]},
 }
+# Hopper candidates (issue 10, design 2), appended after the ones above: deeper pipelines and
+# 8 warps at D=128, after Triton's fused-attention tutorial on H100 (fwd 128x128, 8 warps, 3-4
+# stages; bwd 32x128 dK/dV and 128x32 dQ at 4-5 stages). Configs over the shared memory of a GPU
+# fail to compile and autotune skips them; benchmarks/probe_split.py prints which ones win.
+_HOPPER_CANDIDATES = {
+    "fwd": {64: [_config(128, 128, 8, 3), _config(128, 64, 4, 4)],
+            128: [_config(128, 64, 8, 4), _config(128, 128, 8, 4)]},
+    "dq": {64: [_config(128, 64, 4, 4), _config(128, 128, 8, 3)],
+           128: [_config(128, 64, 8, 4), _config(128, 128, 8, 3)]},
+    "dkdv": {64: [_config(32, 128, 4, 5), _config(64, 128, 4, 4)],
+             128: [_config(32, 128, 4, 5), _config(64, 128, 8, 4)]},
+}
+for _name, _table in _HOPPER_CANDIDATES.items():
+    for _cls, _configs in _table.items():
+        _CANDIDATES[_name][_cls].extend(_configs)
 # 16x16 blocks under the interpreter: small test shapes then span several blocks.
 _INTERPRET_CONFIG = _config(16, 16, 4, 1)
-_TUNE_KEY = {"fwd": ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "HAS_KPM"],
-             "dq": ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "HAS_KPM", "DQ_GRAD"],
-             "dkdv": ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "HAS_KPM", "PREFIX_GRAD", "OWN_GRAD"]}
+_FEATURES = ["HEAD_DIM", "seq_bucket", "CAUSAL", "HAS_KPM", "DROPOUT"]
+_TUNE_KEY = {"fwd": _FEATURES, "dq": _FEATURES + ["DQ_GRAD"], "dkdv": _FEATURES + ["PREFIX_GRAD", "OWN_GRAD"]}
 
 
 def _autotune_enabled() -> bool:
@@ -442,51 +81,58 @@ def _head_dim_class(head_dim: int, dtype) -> object:
     return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
 
 
+_KERNELS = {"fwd": kernels.prefix_attn_fwd, "dq": kernels.prefix_attn_bwd_dq,
+            "dkdv": kernels.prefix_attn_bwd_dkdv}
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel_name: str):
     """The kernel wrapped in an autotuner over the candidates of the call's head-dim class."""
-    kernel = {"fwd": _prefix_attn_fwd, "dq": _prefix_attn_bwd_dq, "dkdv": _prefix_attn_bwd_dkdv}[kernel_name]
+    kernel = _KERNELS[kernel_name]
     if _interpreting():
         return triton.autotune(configs=[_INTERPRET_CONFIG], key=_TUNE_KEY[kernel_name])(kernel)
     table = _CANDIDATES[kernel_name]
     every = [c for configs in table.values() for c in configs]
 
     def candidates(configs, named_args, **kwargs):
-        cls = _head_dim_class(kwargs["HEAD_DIM"], named_args["Q"].dtype)
+        cls = _head_dim_class(kwargs["HEAD_DIM"], named_args["q_ptr"].dtype)
         return table[cls] if _autotune_enabled() else table[cls][:1]
 
     return triton.autotune(configs=every, key=_TUNE_KEY[kernel_name],
                            prune_configs_by={"early_config_prune": candidates})(kernel)
 
 
-_KERNELS = {"fwd": _prefix_attn_fwd, "dq": _prefix_attn_bwd_dq, "dkdv": _prefix_attn_bwd_dkdv}
 _CHOSEN: dict = {}
 
 
-def _launch(kernel_name, grid, args, constexprs, dtype):
-    """Launch with the config autotune chose for this key, skipping triton's Autotuner.run on
-    later calls: it cost ~70 us of host time per launch (H200 host, triton 3.6), which left
-    the GPU idle at B16 S1024 D64 (1.06 ms host vs 0.6 ms GPU per forward+backward)."""
-    key = (kernel_name, dtype, args[-1], *sorted(constexprs.items()))   # args[-1]: SEQ_BUCKET
-    config = _CHOSEN.get(key)
-    if config is None:
+def _derived(kernel, args, constexprs) -> dict:
+    """The constexprs the kernel's @triton.heuristics derive, computed once per launch key."""
+    named = {**dict(zip(kernel.arg_names, args)), **constexprs}
+    for name, rule in kernel.values.items():
+        named[name] = rule(named)
+    return {name: named[name] for name in kernel.values}
+
+
+def _launch(kernel_name, grid, args, constexprs, dtype, seq_bucket):
+    """Launch with the config autotune chose for this key, skipping triton's Autotuner.run (and
+    the heuristics wrapper) on later calls: Autotuner.run cost ~70 us of host time per launch
+    (H200 host, triton 3.6), which left the GPU idle at B16 S1024 D64 (1.06 ms host vs 0.6 ms
+    GPU per forward+backward). The key holds everything the heuristics read (HEAD_DIM, dtype)."""
+    key = (kernel_name, dtype, seq_bucket, *sorted(constexprs.items()))
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
         tuner = _tuned(kernel_name)
         tuner[grid](*args, **constexprs)
-        _CHOSEN[key] = tuner.best_config
+        _CHOSEN[key] = (tuner.best_config, _derived(_KERNELS[kernel_name], args, constexprs))
         return
-    _KERNELS[kernel_name][grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
-                                num_stages=config.num_stages)
+    config, derived = chosen
+    _KERNELS[kernel_name].fn[grid](*args, **constexprs, **derived, **config.kwargs,
+                                   num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _seq_bucket(n: int) -> int:
     # Autotune once per power-of-two length class (>= 256) rather than per exact length.
     return max(256, triton.next_power_of_2(n))
-
-
-def _common_meta(q, k, prefix_k):
-    d = q.shape[-1]
-    return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
 
 def _kpm_args(key_padding_mask, q):
@@ -495,20 +141,44 @@ def _kpm_args(key_padding_mask, q):
     return key_padding_mask, key_padding_mask.stride(0), key_padding_mask.stride(1)
 
 
-def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal):
+def _rng_args(dropout_p, rng):
+    """(threshold, keep_scale, seed, offset) for the kernels; zeros (never read) without dropout.
+
+    A key is kept iff its 16-bit draw >= threshold = round(p * 65536): the keep rate is 1 - p
+    to within 2^-17, and kept probabilities are scaled by 1 / (1 - p)."""
+    if dropout_p == 0:
+        return 0, 0.0, 0, 0
+    seed, offset = rng.tolist()
+    threshold = min(max(round(dropout_p * 65536), 1), 65535)
+    return threshold, 1.0 / (1.0 - dropout_p), int(seed), int(offset) & 0x7FFFFFFF
+
+
+def draw_rng() -> torch.Tensor:
+    """(seed, offset) of one dropout call: int64 [2] on the CPU, from torch's default generator.
+
+    torch.manual_seed makes the masks reproducible, and torch.utils.checkpoint restores this
+    generator before it recomputes a forward, so the recompute draws the same mask. A CPU
+    tensor: the launchers read it without a device sync."""
+    return torch.randint(2**32, 2**62, (2,), dtype=torch.int64)
+
+
+def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal,
+                    dropout_p=0.0, rng=None):
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     p = prefix_k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((b, h, sq), device=q.device, dtype=torch.float32)
     kpm, s_kpm_b, s_kpm_n = _kpm_args(key_padding_mask, q)
+    bucket = _seq_bucket(max(sq, sk))
     _launch("fwd", lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h),
             (q, k, v, prefix_k, prefix_v, prefix_index if prefix_index is not None else q, kpm, out, lse,
              *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
              s_kpm_b, s_kpm_n, *out.stride(),
-             h, h // hkv, sq, sk, p, prefix_k.shape[0], scale * LOG2E, _seq_bucket(max(sq, sk))),
+             h, h // hkv, sq, sk, p, prefix_k.shape[0], scale * LOG2E,
+             *_rng_args(dropout_p, rng), bucket),
             dict(HAS_PIDX=prefix_index is not None, HAS_KPM=key_padding_mask is not None,
-                 CAUSAL=causal, **_common_meta(q, k, prefix_k)), q.dtype)
+                 CAUSAL=causal, DROPOUT=dropout_p > 0, HEAD_DIM=d), q.dtype, bucket)
     return out, lse
 
 
@@ -526,42 +196,17 @@ def _prefix_splits(sq, rows, p, own_grad, device):
     return max(1, min(want, triton.cdiv(sq, 64), 64))
 
 
-@triton.jit
-def _reduce_prefix_grads(PART_K, PART_V, PIDX, DPK, DPV, B, ROW, SPLITS,
-                         HAS_PIDX: tl.constexpr, BLOCK: tl.constexpr):
-    """dPrefix[n] = sum over rows b with entry n and over splits of the fp32 partials
-    [B, SPLITS, Hkv, P, D] (ROW = Hkv*P*D), in a fixed order: deterministic, no atomics. One launch
-    for K and V replaces ~12 small torch ops, which left the GPU idle for ~0.3 ms per
-    backward at B8 S1024 with 4 entries (H200)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)      # over [Hkv, P, D] flattened
-    n = tl.program_id(1)
-    ok = offs < ROW
-    acc_k = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_v = tl.zeros([BLOCK], dtype=tl.float32)
-    for b in range(0, B):
-        if HAS_PIDX:
-            mine = tl.load(PIDX + b) == n
-        else:
-            mine = n == 0
-        if mine:
-            for split in range(0, SPLITS):
-                base = (b * SPLITS + split).to(tl.int64) * ROW
-                acc_k += tl.load(PART_K + base + offs, mask=ok, other=0.0)
-                acc_v += tl.load(PART_V + base + offs, mask=ok, other=0.0)
-    tl.store(DPK + n.to(tl.int64) * ROW + offs, acc_k.to(DPK.dtype.element_ty), mask=ok)
-    tl.store(DPV + n.to(tl.int64) * ROW + offs, acc_v.to(DPV.dtype.element_ty), mask=ok)
-
-
 def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
-                     scale, causal, need_dq, need_dkv, need_prefix):
+                     scale, causal, need_dq, need_dkv, need_prefix, dropout_p=0.0, rng=None):
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     n, p = prefix_k.shape[0], prefix_k.shape[2]
-    meta = _common_meta(q, k, prefix_k)
     kpm, s_kpm_b, s_kpm_n = _kpm_args(key_padding_mask, q)
     pidx = prefix_index if prefix_index is not None else q
     bucket = _seq_bucket(max(sq, sk))
-    flags = dict(HAS_PIDX=prefix_index is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal)
+    flags = dict(HAS_PIDX=prefix_index is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
+                 DROPOUT=dropout_p > 0, HEAD_DIM=d)
+    rng_args = _rng_args(dropout_p, rng)
 
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q) if need_dq else q.new_empty(0)
@@ -572,8 +217,8 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
             (q, k, v, prefix_k, prefix_v, pidx, kpm, out, do, lse, delta, dq_arg,
              *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
              s_kpm_b, s_kpm_n, *out.stride(), *do.stride(), *dq_arg.stride(),
-             h, h // hkv, sq, sk, p, n, scale * LOG2E, scale, bucket),
-            dict(DQ_GRAD=need_dq, **flags, **meta), q.dtype)
+             h, h // hkv, sq, sk, p, n, scale * LOG2E, scale, *rng_args, bucket),
+            dict(DQ_GRAD=need_dq, **flags), q.dtype, bucket)
 
     dpk, dpv = prefix_k.new_empty(0), prefix_v.new_empty(0)
     if need_dkv or need_prefix:
@@ -593,15 +238,15 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
                 (q, k, v, prefix_k, prefix_v, pidx, kpm, do, lse, delta, dk_arg, dv_arg, part_k, part_v,
                  *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
                  s_kpm_b, s_kpm_n, *do.stride(), *dk_arg.stride(), *dv_arg.stride(),
-                 hkv, h // hkv, sq, sk, p, n, scale * LOG2E, scale, bucket),
+                 hkv, h // hkv, sq, sk, p, n, scale * LOG2E, scale, *rng_args, bucket),
                 dict(SPLITS=splits, PREFIX_GRAD=need_prefix, OWN_GRAD=need_dkv,
                      # out-of-range own keys need masking only without the causal mask
-                     KEEP_MASK=key_padding_mask is not None or not causal, **flags, **meta), q.dtype)
+                     KEEP_MASK=key_padding_mask is not None or not causal, **flags), q.dtype, bucket)
         if need_prefix:
             dpk, dpv = prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)
             row = hkv * p * d
             block = 1024 if not _interpreting() else 256
-            _reduce_prefix_grads[(triton.cdiv(row, block), n)](
+            kernels.reduce_prefix_grads[(triton.cdiv(row, block), n)](
                 part_k, part_v, pidx, dpk, dpv, b, row, splits,
                 HAS_PIDX=prefix_index is not None, BLOCK=block)
     return dq, dk, dv, dpk, dpv
@@ -616,12 +261,14 @@ def _prefix_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           prefix_k: torch.Tensor, prefix_v: torch.Tensor,
                           prefix_index: Optional[torch.Tensor],
                           key_padding_mask: Optional[torch.Tensor],
-                          scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal)
+                          scale: float, causal: bool, dropout_p: float, rng: Optional[torch.Tensor]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal,
+                           dropout_p, rng)
 
 
 @_prefix_attention_fwd.register_fake
-def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal):
+def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal, dropout_p, rng):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -631,15 +278,16 @@ def _prefix_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                           prefix_index: Optional[torch.Tensor],
                           key_padding_mask: Optional[torch.Tensor],
                           out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
-                          need_dq: bool, need_dkv: bool, need_prefix: bool
+                          need_dq: bool, need_dkv: bool, need_prefix: bool,
+                          dropout_p: float, rng: Optional[torch.Tensor]
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out,
-                            lse, scale, causal, need_dq, need_dkv, need_prefix)
+                            lse, scale, causal, need_dq, need_dkv, need_prefix, dropout_p, rng)
 
 
 @_prefix_attention_bwd.register_fake
 def _(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, scale, causal,
-      need_dq, need_dkv, need_prefix):
+      need_dq, need_dkv, need_prefix, dropout_p, rng):
     def like(t, needed):
         return torch.empty_like(t) if needed else t.new_empty(0)
     def contiguous_like(t, needed):   # the prefix gradients are written densely
@@ -648,22 +296,26 @@ def _(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
             contiguous_like(prefix_k, need_prefix), contiguous_like(prefix_v, need_prefix))
 
 
+def _save(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal, dropout_p,
+          rng, out, lse):
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, rng)
+    ctx.scale, ctx.causal, ctx.dropout_p = scale, causal, dropout_p
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse)
-    ctx.scale, ctx.causal = scale, causal
+    _save(ctx, *inputs, *output)
 
 
 def _grads(ctx, grad_out, launch_backward):
-    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse = ctx.saved_tensors
+    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, rng = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dq, need_dkv, need_prefix = need[0], need[1] or need[2], need[3] or need[4]
     dq, dk, dv, dpk, dpv = launch_backward(
         grad_out, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
-        ctx.scale, ctx.causal, need_dq, need_dkv, need_prefix)
-    return (dq if need_dq else None, dk if need[1] else None, dv if need[2] else None,
-            dpk if need[3] else None, dpv if need[4] else None, None, None, None, None)
+        ctx.scale, ctx.causal, need_dq, need_dkv, need_prefix, ctx.dropout_p, rng)
+    grads = (dq if need_dq else None, dk if need[1] else None, dv if need[2] else None,
+             dpk if need[3] else None, dpv if need[4] else None)
+    return grads + (None,) * (len(need) - len(grads))
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -675,11 +327,12 @@ class _PrefixAttention(torch.autograd.Function):
     per call on the host (fwd 61 us vs 16 us for a trivial op, torch 2.13, CPU)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal):
+    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal,
+                dropout_p=0.0, rng=None):
         out, lse = _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-                                   scale, causal)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse)
-        ctx.scale, ctx.causal = scale, causal
+                                   scale, causal, dropout_p, rng)
+        _save(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, scale, causal,
+              dropout_p, rng, out, lse)
         return out
 
     @staticmethod
@@ -752,7 +405,7 @@ def _triton_unsupported_reason(q) -> Optional[str]:
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padding_mask=None,
-                     scale=None, causal=True, backend="auto"):
+                     scale=None, causal=True, backend="auto", dropout_p=0.0, path=None):
     """Attention over a per-row prefix from a prefix bank plus the row's own keys.
 
     Args:
@@ -770,12 +423,26 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padd
         causal: query i sits at key position seqlen_k - seqlen_q + i (bottom-right alignment).
         backend: "auto" (Triton for CUDA tensors, the reference elsewhere), "triton" (on CPU
             tensors only under TRITON_INTERPRET=1), or "reference".
+        dropout_p: attention dropout on the probabilities over all P + Sk keys (prefix slots
+            included, as PEFT's eager path), kept ones scaled by 1/(1 - p); pass it only in
+            training. The kernels draw the mask from a counter-based RNG (Philox) seeded from
+            torch's default CPU generator: reproducible under torch.manual_seed, the same in
+            backward and in a torch.utils.checkpoint recompute, nothing stored per element
+            (`dropout_mask` rebuilds it). The reference backend draws its own mask.
+        path: how the Triton backend runs: "fused" (our kernels for all keys), "split" (the
+            vendor's cuDNN kernel does the attention, the prefix padded into the same call or
+            merged by log-sum-exp: ops/split_attention.py; needs fp16/bf16, no key padding,
+            causal only with Sq == Sk, determinism not requested; other calls run fused,
+            announced once), or "auto" (the faster for the shape). None reads
+            PREFIX_KERNELS_ATTENTION (default "auto").
 
     Returns:
         (batch, heads_q, seqlen_q, head_dim), dtype of q. Gradients flow to q, k, v and to the
         bank (summed over the rows that share an entry and the query heads of a GQA group).
     """
     _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, backend)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"prefix_attention: dropout_p must be in [0, 1), got {dropout_p}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "auto":
@@ -790,7 +457,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padd
             backend = "reference"
     if backend == "reference":
         return reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index,
-                                          key_padding_mask, scale, causal)
+                                          key_padding_mask, scale, causal, dropout_p=dropout_p)
 
     if prefix_k.dim() == 3:
         prefix_k, prefix_v = prefix_k[None], prefix_v[None]
@@ -798,9 +465,29 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padd
         key_padding_mask = (key_padding_mask != 0).to(torch.uint8)    # [B, Sk] bytes: tiny
     if prefix_index is not None:
         prefix_index = prefix_index.to(q.device, non_blocking=True)
+    dropout_p = float(dropout_p)
+    split = split_attention.split_plan(path, q, k, prefix_k, key_padding_mask, causal,
+                                       dropout=dropout_p > 0)
+    if split is not None:
+        return split_attention.split_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index,
+                                                      float(scale), bool(causal), split)
+    rng = draw_rng() if dropout_p > 0 else None
     if torch.compiler.is_compiling():
         out, _ = _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index,
-                                       key_padding_mask, float(scale), bool(causal))
+                                       key_padding_mask, float(scale), bool(causal), dropout_p, rng)
         return out
     return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-                                  float(scale), bool(causal))
+                                  float(scale), bool(causal), dropout_p, rng)
+
+
+def dropout_mask(rng, batch, heads, seqlen_q, seqlen_k, prefix_len, dropout_p, device):
+    """The keep mask [batch, heads, seqlen_q, prefix_len + seqlen_k] (bool, prefix slots first)
+    that the kernels draw for `rng` (from draw_rng). A test and debugging aid: reseed torch's
+    generator as before the op call and call draw_rng() to get the op's rng."""
+    threshold, _, seed, offset = _rng_args(dropout_p, rng)
+    keep = torch.empty(batch, heads, seqlen_q, prefix_len + seqlen_k, dtype=torch.int8, device=device)
+    block = 16
+    kernels.dropout_mask[(triton.cdiv(seqlen_q, block), batch * heads)](
+        keep, seed, offset, heads, seqlen_q, seqlen_k, prefix_len, threshold,
+        BLOCK_M=block, BLOCK_N=block)
+    return keep.bool()

@@ -27,12 +27,16 @@ def visible_keys_mask(sq: int, sk: int, key_padding_mask: torch.Tensor | None, c
 
 
 def reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None,
-                               key_padding_mask=None, scale=None, causal=True, upcast=True):
+                               key_padding_mask=None, scale=None, causal=True, upcast=True, *,
+                               dropout_p=0.0, dropout_mask=None):
     """Same arguments as `prefix_kernels.prefix_attention`.
 
     upcast=True computes half-precision inputs in float32 and casts the result back (the CPU
     path); upcast=False computes in the input dtype (PyTorch's own same-dtype error, which the
     tests use as the yardstick for the kernels).
+    Dropout acts on the probabilities over all P + Sk keys (prefix slots first), as PEFT's eager
+    path does: dropout_mask [B, Hq, Sq, P + Sk] bool says which survive (scaled by 1/(1-p));
+    with dropout_p > 0 and no mask, one is drawn from torch's generator.
     """
     if prefix_k.dim() == 3:
         prefix_k, prefix_v = prefix_k[None], prefix_v[None]
@@ -59,4 +63,8 @@ def reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None,
     visible = torch.cat([prefix_visible, own_visible], dim=-1)
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand(probs.shape, device=probs.device) >= dropout_p
+        probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
     return torch.matmul(probs, values).to(out_dtype)

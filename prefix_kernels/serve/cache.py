@@ -1,69 +1,164 @@
-"""The engine's static KV cache: fixed per-layer buffers and the attention hook that fills them.
+"""The engine's KV cache: fixed buffers that store each slot's keys and values, nothing more.
 
-Installed with `set_attention_hook`, it replaces the patched model's attention: every layer
-writes its new keys/values (after rotary, before GQA repeat) into [slots, Hkv, Smax, D] buffers
-at per-row positions and attends over the row's prefix + cached keys. Every input of a decode
-step lives in a tensor at a fixed address (positions, lengths, the rows' bank entries), so a
-captured CUDA graph replays it; the prefill writes whole prompts into their slots eagerly.
+k, v: [layers, slots, Hkv, max_seq_len, D] (after rotary, before any GQA repeat). The engine
+tells the cache what the next forward is, and where its tokens go, by one explicit call:
+
+    with cache.decoding(batch, positions, seqlens):     # one new token in slots 0..batch-1
+        model(...)
+    with cache.prefilling(slots, starts, lengths):      # a chunk of prompt per listed slot
+        model(...)
+
+and every layer's attention (serve/attention.py) calls `update(layer, key, value)`, which stores
+the new tokens and returns the keys and values to attend over. Positions reach the cache only
+through those calls. The decode inputs are the caller's device tensors, read by the kernels
+without a host sync, so a captured CUDA graph replays them: pass the same tensors every step.
+The cache also owns the decode kernel's workspace (made once here, before any capture).
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
-from ..ops.decode import DecodeWorkspace, decode_attention
-from ..ops.prefix_attention import prefix_attention
+from ..ops.decode import DecodeWorkspace
 
 
-class StaticKVCache:
-    """K and V of `slots` rows of up to `max_seq_len` tokens for each of `num_layers` layers.
+@dataclass
+class Decode:
+    """One new token per slot 0..batch-1: slot b's goes to positions[b]; it sees seqlens[b] keys."""
+    batch: int
+    positions: torch.Tensor      # [>= batch] int64, device
+    seqlens: torch.Tensor        # [>= batch] int, device
 
-    Modes (set by the engine before a forward):
-      "decode": one new token per row for rows 0..B-1; `positions[b]` is where row b's token
-          goes, `seqlens[b]` = positions[b] + 1 the keys it sees (both device tensors, read by
-          the kernels: no host sync, graph-capturable).
-      "prefill": right-padded prompts [B, S] into the slots `prefill_slots` ([B] device tensor),
-          positions 0..S-1 (padding lands past the prompt, where decode overwrites it).
-    """
+
+@dataclass
+class Prefill:
+    """A chunk of prompt per row: row i holds lengths[i] tokens of slot slots[i] from position
+    starts[i] on, right-padded to the forward's width (padding is never stored)."""
+    slots: list[int]
+    starts: list[int]
+    lengths: list[int]
+    # device index tensors, made once per forward and shared by every layer
+    slot_index: torch.Tensor = None     # [n, 1] slots[i], for gathering windows
+    rows: torch.Tensor = None           # [T] row of each real token in the forward's batch
+    cols: torch.Tensor = None           # [T] its column in the chunk
+    token_slots: torch.Tensor = None    # [T] its slot
+    token_pos: torch.Tensor = None      # [T] its position
+    window: Optional[torch.Tensor] = None      # [n, K] cache positions each row attends over
+    key_mask: Optional[torch.Tensor] = None    # [n, K] bool: position >= 0 (a real key)
+
+
+class KVCache:
+    """K and V of `slots` rows of up to `max_seq_len` tokens for each of `num_layers` layers."""
 
     def __init__(self, num_layers, slots, num_kv_heads, max_seq_len, head_dim, *, num_q_heads, dtype,
-                 device, backend="auto"):
+                 device):
         shape = (num_layers, slots, num_kv_heads, max_seq_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        if backend == "auto" and torch.device(device).type == "cpu":
-            backend = "reference"       # what "auto" picks on the CPU, without its warning
-        self.max_seq_len, self.backend = max_seq_len, backend
-        self.rows = torch.arange(slots, device=device)
-        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
-        self.seqlens = torch.ones(slots, dtype=torch.long, device=device)
-        self.prefill_slots = None
-        self.mode = None
-        # the decode kernel's scratch, made here once: captured graphs read its fixed address
+        self.slots, self.max_seq_len = slots, max_seq_len
+        self.device = self.k.device
+        self._slot_ids = torch.arange(slots, device=device)
+        # the decode kernel's scratch: made here once, so captured graphs read its fixed address
         self.workspace = DecodeWorkspace(device, slots, num_q_heads, num_kv_heads)
+        self.mode: Decode | Prefill | None = None
 
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    def __call__(self, module, layer, query, key, value, prefix_k, prefix_v, prefix_index, scale):
-        k_cache, v_cache = self.k[layer], self.v[layer]
-        key, value = key.to(k_cache.dtype), value.to(k_cache.dtype)
-        if prefix_k.dtype != query.dtype:
-            prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
-        if self.mode == "decode":
-            batch = query.shape[0]
-            rows, pos = self.rows[:batch], self.positions[:batch]
-            k_cache[rows, :, pos] = key[:, :, 0]         # [B, Hkv, D] at (row, :, position)
-            v_cache[rows, :, pos] = value[:, :, 0]
-            return decode_attention(query, k_cache[:batch], v_cache[:batch], self.seqlens[:batch], prefix_k,
-                                    prefix_v, prefix_index=prefix_index, scale=scale, backend=self.backend,
-                                    max_seqlen=self.max_seq_len, workspace=self.workspace)
-        if self.mode == "prefill":
-            seq = key.shape[2]
-            k_cache[self.prefill_slots, :, :seq] = key
-            v_cache[self.prefill_slots, :, :seq] = value
-            # right padding: a real query never sees the padding after it (causal), so no mask
-            return prefix_attention(query, key, value, prefix_k, prefix_v, prefix_index=prefix_index,
-                                    scale=scale, causal=True,
-                                    backend="auto" if self.backend in ("auto", "cuda") else self.backend)
-        raise RuntimeError("the engine's KV cache was called outside an engine step (mode not set)")
+    # -- modes ---------------------------------------------------------------------------------
+
+    def begin_decode(self, batch: int, positions: torch.Tensor, seqlens: torch.Tensor) -> None:
+        """The next forward decodes one token in each of slots 0..batch-1 (device inputs)."""
+        if not 1 <= batch <= self.slots:
+            raise ValueError(f"decode batch {batch} outside 1..{self.slots} slots")
+        for name, t in (("positions", positions), ("seqlens", seqlens)):
+            if t.device != self.device or t.dim() != 1 or t.shape[0] < batch:
+                raise ValueError(f"{name} must be a 1-D tensor of >= {batch} entries on {self.device}, got "
+                                 f"{tuple(t.shape)} on {t.device}")
+        self._begin(Decode(batch, positions, seqlens))
+
+    def begin_prefill(self, slots, starts, lengths) -> None:
+        """The next forward holds, in row i, lengths[i] prompt tokens of slot slots[i] at positions
+        starts[i].. (right-padded to the forward's width). Lists of ints, known on the host."""
+        slots, starts, lengths = [int(s) for s in slots], [int(s) for s in starts], [int(n) for n in lengths]
+        if not slots or not len(slots) == len(starts) == len(lengths):
+            raise ValueError("begin_prefill needs one start and one length per slot")
+        for s, a, n in zip(slots, starts, lengths):
+            if not (0 <= s < self.slots and a >= 0 and n >= 1 and a + n <= self.max_seq_len):
+                raise ValueError(f"prefill of slot {s}, positions {a}..{a + n - 1}: outside the cache "
+                                 f"({self.slots} slots of {self.max_seq_len} positions)")
+        mode = Prefill(slots, starts, lengths)
+        rows = [i for i, n in enumerate(lengths) for _ in range(n)]
+        cols = [c for n in lengths for c in range(n)]
+        dev = lambda x: torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True)  # noqa: E731
+        mode.slot_index = dev(slots)[:, None]
+        mode.rows, mode.cols = dev(rows), dev(cols)
+        mode.token_slots = dev([slots[i] for i in rows])
+        mode.token_pos = dev([starts[i] + c for i, c in zip(rows, cols)])
+        if any(starts):
+            # rows continue earlier chunks: row i attends over the cache positions that put its
+            # query c at key index K - width + c (the kernels' bottom-right causal alignment)
+            width, ahead = max(lengths), max(starts)
+            pos = torch.tensor(starts, dtype=torch.long)[:, None] - ahead + torch.arange(ahead + width)[None]
+            mode.key_mask = (pos >= 0).to(self.device, non_blocking=True)
+            mode.window = pos.clamp(0, self.max_seq_len - 1).to(self.device, non_blocking=True)
+        self._begin(mode)
+
+    def end(self) -> None:
+        self.mode = None
+
+    @contextlib.contextmanager
+    def decoding(self, batch, positions, seqlens):
+        self.begin_decode(batch, positions, seqlens)
+        try:
+            yield self
+        finally:
+            self.end()
+
+    @contextlib.contextmanager
+    def prefilling(self, slots, starts, lengths):
+        self.begin_prefill(slots, starts, lengths)
+        try:
+            yield self
+        finally:
+            self.end()
+
+    def _begin(self, mode):
+        if self.mode is not None:
+            raise RuntimeError(f"the KV cache is already in a {type(self.mode).__name__.lower()} forward")
+        self.mode = mode
+
+    # -- storing -------------------------------------------------------------------------------
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        """Store one layer's new keys/values [B, Hkv, S, D]; return what the layer attends over.
+
+        Decode: (k, v) [batch, Hkv, max_seq_len, D], the slots' whole buffers (the valid length
+        of each is the mode's seqlens). Prefill: (k, v) [n, Hkv, K, D] with K >= the chunk's width,
+        aligned so that the chunk's query c of row i sits at key index K - width + c; keys where
+        the mode's key_mask is False are not the row's.
+        """
+        mode = self.mode
+        k_layer, v_layer = self.k[layer], self.v[layer]
+        key, value = key.to(k_layer.dtype), value.to(k_layer.dtype)
+        if isinstance(mode, Decode):
+            slots, pos = self._slot_ids[:mode.batch], mode.positions[:mode.batch]
+            k_layer[slots, :, pos] = key[:, :, 0]         # [B, Hkv, D] at (slot, :, position)
+            v_layer[slots, :, pos] = value[:, :, 0]
+            return k_layer[:mode.batch], v_layer[:mode.batch]
+        if isinstance(mode, Prefill):
+            # [T, Hkv, D] real tokens only: the padding of short rows is never stored
+            k_layer[mode.token_slots, :, mode.token_pos] = key[mode.rows, :, mode.cols]
+            v_layer[mode.token_slots, :, mode.token_pos] = value[mode.rows, :, mode.cols]
+            if mode.window is None:
+                # every row starts its prompt here: its own new keys are all it sees
+                return key, value
+            slots = mode.slot_index
+            return (k_layer[slots, :, mode.window].transpose(1, 2),    # [n, K, Hkv, D] -> [n, Hkv, K, D]
+                    v_layer[slots, :, mode.window].transpose(1, 2))
+        raise RuntimeError("the KV cache was called outside an engine forward (begin_decode / "
+                           "begin_prefill first)")

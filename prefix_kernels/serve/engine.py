@@ -5,16 +5,21 @@
     req = engine.submit("Hello", prefix="legal", params=SamplingParams(temperature=0, max_tokens=32))
     print(req.result().text)
 
-One step: retire cancelled requests, admit queued ones into free slots and prefill them (eagerly,
-right-padded, a few thousand tokens per forward), then one decode step for every occupied slot.
-The decode step runs slots 0..B-1 with B the next power of two over the highest occupied slot,
-and on CUDA it is a captured CUDA graph per B (static inputs: last tokens, positions, lengths,
-bank rows). Sampling runs on the device for the whole batch; stop strings, EOS and max_tokens
-are checked on the host, one sync per step.
+This file is the scheduler. One step: retire cancelled requests, admit queued ones into free
+slots, prefill up to `prefill_chunk` prompt tokens (chunks of one or several prompts, batched per
+forward, a long prompt spread over several steps), then one decode step for every slot whose
+prompt is in. So a long prompt never stalls the rows that are decoding: they get a token every
+step. Its parts: rows.py (which bank row serves which prefix, reference-counted), cache.py (the
+KV cache, which only stores), attention.py (the layers' attention over prefix + cache).
 
-The bank has a fixed capacity (max_prefixes rows, one allocation, so captured graphs keep
-reading the right memory): adding a prefix writes a free row; removing one hides its name at
-once and frees its row when no queued or running request uses it.
+The decode step runs slots 0..B-1 with B the next power of two over the highest decoding slot,
+and on CUDA it is a captured CUDA graph per B (static inputs: last tokens, positions, lengths,
+bank rows). Slots that are not decoding write their discarded token at the cache's last
+position, which no prompt reaches. Sampling runs on the device for the whole batch; stop
+strings, EOS and max_tokens are checked on the host, one sync per step.
+
+A request fails alone: its parameters are checked at submit, and a prefill forward that raises
+is retried request by request, failing only the request that raises on its own.
 """
 from __future__ import annotations
 
@@ -23,23 +28,26 @@ import itertools
 import logging
 import threading
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..bank import PrefixBank, peft_flat_to_bank, read_peft_prefix
 from ..integrations import transformers as hf
-from .cache import StaticKVCache
+from .attention import CacheAttention
+from .cache import KVCache
+from .request import Completion, EngineClosed, PromptTooLong, QueueFull, Request
 from .graphs import GraphCache
-from .request import Completion, EngineClosed, PromptTooLong, QueueFull, Request, UnknownPrefix
+from .rows import BankRows, free_names
 from .sampling import SamplingParams, sample
 from .step import SAMPLING, engine_step, sampling_variant
 from .text import Detokenizer, Tokenizer
+from .validation import check_sampling_params
 
 log = logging.getLogger("prefix_kernels.serve")
 
 POS, SEQLEN, ROW, STEP = range(4)      # rows of the per-slot integer inputs
-_FREE = "<free>"
 
 
 def _wants_logits_to_keep(model) -> bool:
@@ -58,7 +66,8 @@ class Engine:
         tokenizer: a transformers tokenizer or a ByteTokenizer; None = token ids in and out only.
         max_batch: concurrent requests (KV-cache slots). max_seq_len: prompt + output tokens.
         max_prefixes: bank capacity. queue_size: waiting requests before submit raises QueueFull.
-        prefill_tokens: padded prompt tokens per prefill forward.
+        prefill_chunk: prompt tokens prefilled per engine step, over all prompts being prefilled
+            (a longer prompt takes several steps, decoding rows go on meanwhile).
         cuda_graphs: capture the decode step (default: on CUDA). backend: the decode kernel's.
         decode_step: "auto" (the compiled step of serve/step.py on CUDA for the families it
             covers, else the model's own modules, said once), "compiled", "eager" (the model's
@@ -67,7 +76,7 @@ class Engine:
     """
 
     def __init__(self, model, prefixes=None, *, tokenizer=None, max_batch: int = 32, max_seq_len: int = 1024,
-                 max_prefixes: int = 64, queue_size: int = 256, prefill_tokens: int = 8192,
+                 max_prefixes: int = 64, queue_size: int = 256, prefill_chunk: int = 2048,
                  cuda_graphs: bool | None = None, backend: str = "auto", decode_step="auto"):
         self.model = model.eval()
         offset, source = None, prefixes
@@ -76,15 +85,17 @@ class Engine:
             offset = hf.position_offset(model)
             source = patched if source is None else source
             hf.unpatch_model(model)
-        entries = _entries(source)
+        entries = _read_prefixes(source)
         if not entries:
             raise ValueError("the engine needs at least one prefix: pass prefixes={name: adapter folder or tensor}")
-        prefix_len = next(iter(entries.values()))[0]
+        if int(prefill_chunk) < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
+        prefix_len = next(iter(entries.values())).prefix_len
         self.max_batch, self.max_seq_len, self.queue_size = int(max_batch), int(max_seq_len), int(queue_size)
-        self.prefill_tokens = max(int(prefill_tokens), self.max_seq_len)
+        self.prefill_chunk = int(prefill_chunk)
         capacity = max(int(max_prefixes), len(entries))
-        hf.patch_model(model, prefix_len, init="zeros", names=[f"{_FREE}{i}" for i in range(capacity)],
-                       position_offset=offset, backend=backend)
+        hf.patch_model(model, prefix_len, init="zeros", names=free_names(capacity), position_offset=offset,
+                       backend=backend)
         self.bank: PrefixBank = hf.get_prefix_bank(model)
         weight = model.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -96,11 +107,17 @@ class Engine:
             hf.unpatch_model(model)
             raise
 
+        # lock order: _lock -> _cv -> the rows' lock
+        self._lock = threading.RLock()           # one step, or one bank change, at a time
+        self._cv = threading.Condition()         # guards _waiting; wakes the scheduler
+        self.rows = BankRows(self.bank)
+        for name, entry in entries.items():
+            self._install(name, entry)
+
         bank = self.bank
-        self.cache = StaticKVCache(bank.num_layers, self.max_batch, bank.num_kv_heads, self.max_seq_len,
-                                   bank.head_dim, num_q_heads=model.config.num_attention_heads,
-                                   dtype=self.dtype, device=self.device, backend=backend)
-        hf.set_attention_hook(model, self.cache)
+        self.cache = KVCache(bank.num_layers, self.max_batch, bank.num_kv_heads, self.max_seq_len, bank.head_dim,
+                             num_q_heads=model.config.num_attention_heads, dtype=self.dtype, device=self.device)
+        hf.set_attention_hook(model, CacheAttention(self.cache, backend))
         self.decode_step = engine_step(decode_step, model, self.cache, self.bank, offset=self.offset,
                                        backend=backend)
         self.tokenizer = None if tokenizer is None else Tokenizer(
@@ -108,33 +125,22 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self._logits_to_keep = _wants_logits_to_keep(model)
 
-        # lock order: _lock -> _cv -> _rows_lock
-        self._lock = threading.RLock()           # one step, or one bank change, at a time
-        self._cv = threading.Condition()         # guards _waiting; wakes the scheduler
-        self._rows_lock = threading.Lock()       # bank rows and their users
-        # bank rows: name -> row, free rows, users per row, rows waiting to be freed
-        self._rows: dict[str, int] = {}
-        self._free_rows = list(range(capacity))
-        self._users = [0] * capacity
-        self._removed: set[int] = set()
-        for name, (_, value) in entries.items():
-            self._install(name, value)
-
         # slots and their per-step inputs: the host's copy (numpy) and the device's, read by the graphs
         n = self.max_batch
         self._slots: list[Request | None] = [None] * n
         self._free_slots = list(range(n))
+        self._prefilling: deque[Request] = deque()          # admitted, prompt not all in the cache
+        self._parked = (self.max_seq_len - 1, 1, 0, 0)       # the inputs of a slot that is not decoding
         pin = self.device.type == "cuda"
         self._h = np.zeros((4, n), dtype=np.int64)           # per slot: POS, SEQLEN, ROW, STEP
-        self._h[SEQLEN] = 1
-        self._live = np.zeros(n, dtype=np.int64)             # 1 = slot occupied
+        self._h[:] = np.array(self._parked)[:, None]
+        self._live = np.zeros(n, dtype=np.int64)             # 1 = slot decoding
         # two pinned buffers each way, alternating: a step's copies finish before its buffer's reuse
         self._h_bufs = [torch.zeros(4, n, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self._tok_bufs = [torch.zeros(n, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self._flip = 0
         self._pending = None                                 # the decode step in flight
         self._ints = torch.tensor(self._h, device=self.device)   # a copy: the device inputs
-        self.cache.positions, self.cache.seqlens = self._ints[POS], self._ints[SEQLEN]
         self._tokens = torch.zeros(n, 1, dtype=torch.long, device=self.device)
         self._ones = torch.ones(n, 1, dtype=torch.long, device=self.device)
         self._temperature = torch.zeros(n, device=self.device)
@@ -173,62 +179,26 @@ class Engine:
 
     @property
     def prefixes(self) -> list[str]:
-        return sorted(self._rows)
+        return self.rows.names
 
     def add_prefix(self, name: str, prefix) -> None:
         """Add (or replace) a prefix while serving: an adapter folder or a tensor [L, 2, Hkv, P, D].
 
         Replacing a name gives new requests the new prefix; requests in flight keep the old one.
         """
-        _, value = _entry(prefix)
+        entry = _read_prefix(prefix)
         with self._lock:
-            self._install(str(name), value, replace=True)
+            self._install(str(name), entry, replace=True)
 
     def remove_prefix(self, name: str) -> None:
         """Stop serving a prefix: new requests for it fail at once, running ones finish."""
-        with self._lock, self._rows_lock:
-            if name not in self._rows:
-                raise UnknownPrefix(name, self.prefixes)
-            self._retire_row(self._rows.pop(name))
+        with self._lock:
+            self.rows.remove(name)
 
-    def _install(self, name, value, replace=False):
-        bank = self.bank
-        if name in self._rows and not replace:
-            raise ValueError(f"a prefix named {name!r} is already served")
-        if not self._free_rows:
-            raise ValueError(f"the prefix bank is full ({bank.num_entries} prefixes, max_prefixes): remove one first")
-        if isinstance(value, str):
-            config, flat = read_peft_prefix(value)
-            if config["num_virtual_tokens"] != bank.prefix_len or flat.shape[1] != bank.num_layers * 2 * bank.token_dim:
-                raise ValueError(f"adapter {value!r} ({config['num_virtual_tokens']} virtual tokens, "
-                                 f"{config['num_layers']} layers, token_dim {config['token_dim']}) does not fit this "
-                                 f"bank ({bank.prefix_len} tokens, {bank.num_layers} layers, token_dim {bank.token_dim})")
-            value = peft_flat_to_bank(flat, bank.num_layers, bank.num_kv_heads, bank.head_dim)
-        with self._rows_lock:
-            row = heapq.heappop(self._free_rows)
-        try:
-            bank.set_entry(row, value)          # in place: captured graphs read the same storage
-        except Exception:
-            with self._rows_lock:
-                heapq.heappush(self._free_rows, row)
-            raise
-        with self._rows_lock:
-            bank.names[row] = name
-            old = self._rows.get(name)
-            self._rows[name] = row
-            if old is not None:
-                self._retire_row(old)
-
-    def _retire_row(self, row):
-        self._removed.add(row)
-        self._release_row(row, 0)
-
-    def _release_row(self, row, users):
-        self._users[row] -= users
-        if row in self._removed and self._users[row] == 0:
-            self._removed.discard(row)
-            self.bank.names[row] = f"{_FREE}{row}"
-            heapq.heappush(self._free_rows, row)
+    def _install(self, name: str, entry: "_PrefixSource", replace: bool = False) -> None:
+        value = entry.bank_tensor(self.bank)
+        # in place: captured graphs read the same storage
+        self.rows.install(name, lambda row: self.bank.set_entry(row, value), replace=replace)
 
     # -- submission ----------------------------------------------------------------------------
 
@@ -257,6 +227,7 @@ class Engine:
             raise ValueError(f"token id {bad[0]} is out of range for a vocabulary of {self.vocab_size}")
         if len(ids) >= self.max_seq_len:
             raise PromptTooLong(len(ids), self.max_seq_len)
+        check_sampling_params(params, self.vocab_size)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         with self._cv:
@@ -264,13 +235,10 @@ class Engine:
                 raise EngineClosed()
             if len(self._waiting) >= self.queue_size:
                 raise QueueFull(self.queue_size)
-            with self._rows_lock:
-                row = self._rows.get(str(prefix))
-                if row is None:
-                    raise UnknownPrefix(prefix, self.prefixes)
-                self._users[row] += 1
+            row = self.rows.acquire(str(prefix))
             detok = None if self.tokenizer is None else Detokenizer(self.tokenizer, ids, params.stop)
-            req = Request(f"cmpl-{next(self._ids)}", ids, str(prefix), row, params, detok, stream, self._cv)
+            req = Request(f"cmpl-{next(self._ids)}", [int(i) for i in ids], str(prefix), row, params, detok, stream,
+                          self._cv)
             self._waiting.append(req)
             self._cv.notify_all()
         return req
@@ -289,6 +257,7 @@ class Engine:
 
     @property
     def num_active(self) -> int:
+        """Requests holding a slot (prefilling or decoding)."""
         return sum(r is not None for r in self._slots)
 
     @property
@@ -336,8 +305,8 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One scheduler iteration: retire cancelled, admit + prefill, launch a decode step, then
-        take the previous step's tokens.
+        """One scheduler iteration: retire cancelled, admit, prefill a chunk, launch a decode step,
+        then take the previous step's tokens.
 
         The host reads step t's tokens while the device runs step t+1 (launched as if no row
         finished at t; a row that did finish computes one step more, whose token is dropped), so
@@ -347,20 +316,17 @@ class Engine:
             for req in self._slots:
                 if req is not None and req.cancelled:
                     self._finish(req, "cancelled")
-            admitted = self._admit()
-            if admitted:
-                size = max(1, self.prefill_tokens // max(len(r.prompt_ids) for r in admitted))
-                for i in range(0, len(admitted), size):
-                    self._prefill(admitted[i:i + size])
+            self._admit()
+            for group in self._prefill_groups(self._plan_prefill()):
+                self._prefill(group)
             pending, self._pending = self._pending, None
-            if self.num_active:
+            if self._live.any():
                 self._pending = self._launch()
             if pending is not None:
                 self._collect(*pending)
             self.steps += 1
 
-    def _admit(self) -> list[Request]:
-        admitted = []
+    def _admit(self) -> None:
         with self._cv:
             while self._waiting and self._free_slots:
                 req = self._waiting.popleft()
@@ -368,49 +334,104 @@ class Engine:
                     self._finish(req, "cancelled")
                     continue
                 req.slot = heapq.heappop(self._free_slots)
+                req.prefilled = 0
                 self._slots[req.slot] = req
-                self._live[req.slot] = 1
-                admitted.append(req)
-        return admitted
+                self._prefilling.append(req)
 
-    def _prefill(self, reqs: list[Request]) -> None:
-        n, longest = len(reqs), max(len(r.prompt_ids) for r in reqs)
-        ids = torch.zeros(n, longest, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-        slots = torch.tensor([r.slot for r in reqs])
-        rows = torch.tensor([r.row for r in reqs])
-        ends = [len(r.prompt_ids) - 1 for r in reqs]
-        kwargs = {}
-        if self._logits_to_keep:
-            keep = sorted(set(ends))
-            kwargs["logits_to_keep"] = torch.tensor(keep, device=self.device)
-            ends = [keep.index(e) for e in ends]
-        for r in reqs:
-            self._h[:, r.slot] = (len(r.prompt_ids), len(r.prompt_ids) + 1, r.row, 0)
-        dev_slots = slots.to(self.device)
-        self._temperature[dev_slots] = torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32,
-                                                    device=self.device)
-        self._top_p[dev_slots] = torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=self.device)
-        self._top_k[dev_slots] = torch.tensor([r.params.top_k for r in reqs], device=self.device)
-        self._seeds[dev_slots] = torch.tensor([r.params.seed for r in reqs], device=self.device)
-        self.cache.mode, self.cache.prefill_slots = "prefill", dev_slots
+    # -- prefill: chunks of prompts, several per forward ---------------------------------------
+
+    def _plan_prefill(self) -> list["_Chunk"]:
+        """This step's chunks: prompts in admission order, `prefill_chunk` tokens in all."""
+        budget, chunks = self.prefill_chunk, []
+        for req in self._prefilling:
+            if budget == 0:
+                break
+            n = min(len(req.prompt_ids) - req.prefilled, budget)
+            chunks.append(_Chunk(req, req.prefilled, n))
+            budget -= n
+        return chunks
+
+    def _prefill_groups(self, chunks: list["_Chunk"]) -> list[list["_Chunk"]]:
+        """Chunks batched per forward: prompt starts apart from continuations (those attend over
+        cached keys), longest first, at most `prefill_chunk` padded tokens per forward."""
+        groups = []
+        for kind in (False, True):
+            same = sorted((c for c in chunks if (c.start > 0) == kind), key=lambda c: -c.length)
+            while same:
+                width = same[0].length
+                take = max(1, self.prefill_chunk // width)
+                groups.append(same[:take])
+                same = same[take:]
+        return groups
+
+    def _prefill(self, group: list["_Chunk"]) -> None:
+        """Run one prefill forward; if it raises, run each chunk alone and fail only the requests
+        whose own chunk raises."""
         try:
-            out = self.model(input_ids=ids.to(self.device), position_ids=torch.arange(longest, device=self.device)
-                             .expand(n, longest), use_cache=False, prefix_ids=rows.to(self.device), **kwargs)
-        finally:
-            self.cache.mode = None
-        logits = out.logits[torch.arange(n, device=self.device), torch.tensor(ends, device=self.device)]
-        tokens = self._sample(logits, dev_slots, torch.zeros(n, dtype=torch.long, device=self.device), reqs)
-        self._tokens[dev_slots, 0] = tokens
-        self._h[STEP, slots.numpy()] = 1
-        for req, token in zip(reqs, tokens.tolist()):
+            tokens = self._prefill_forward(group)
+        except Exception as e:
+            if len(group) > 1:
+                for chunk in group:
+                    self._prefill([chunk])
+                return
+            req = group[0].req
+            log.warning("request %s failed in prefill: %s: %s", req.id, type(e).__name__, e)
+            self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+            return
+        for chunk in group:
+            chunk.req.prefilled = chunk.start + chunk.length
+        for chunk, token in tokens:
+            req = chunk.req
+            self._prefilling.remove(req)
+            length = len(req.prompt_ids)
+            self._h[:, req.slot] = (length, length + 1, req.row, 1)
+            self._live[req.slot] = 1
             self._append(req, token)
 
+    def _prefill_forward(self, group: list["_Chunk"]) -> list[tuple["_Chunk", int]]:
+        """One forward over the group's chunks (right-padded); samples the first token of each
+        request whose prompt it completes: [(chunk, token)]. Changes no host state."""
+        n, width = len(group), max(c.length for c in group)
+        ids = torch.zeros(n, width, dtype=torch.long)
+        for i, c in enumerate(group):
+            ids[i, :c.length] = torch.tensor(c.req.prompt_ids[c.start:c.start + c.length])
+        # padding continues each row's positions, held inside the cache's (it is never stored)
+        starts = torch.tensor([c.start for c in group])
+        positions = (starts[:, None] + torch.arange(width)[None]).clamp(max=self.max_seq_len - 1)
+        rows = torch.tensor([c.req.row for c in group])
+        finals = [i for i, c in enumerate(group) if c.start + c.length == len(c.req.prompt_ids)]
+        ends = [group[i].length - 1 for i in finals]
+        kwargs = {}
+        if self._logits_to_keep:
+            keep = sorted(set(ends)) or [width - 1]      # no request completes: the cheapest
+            kwargs["logits_to_keep"] = torch.tensor(keep, device=self.device)
+            ends = [keep.index(e) for e in ends]
+        dev = self.device
+        with self.cache.prefilling([c.req.slot for c in group], starts.tolist(), [c.length for c in group]):
+            # the mask (all ones: the cache attention owns the masking) also spares the patched
+            # model's packed-sequence check and its host sync
+            out = self.model(input_ids=ids.to(dev), position_ids=positions.to(dev),
+                             attention_mask=torch.ones(n, width, dtype=torch.long, device=dev), use_cache=False,
+                             prefix_ids=rows.to(dev), **kwargs)
+        if not finals:
+            return []
+        reqs = [group[i].req for i in finals]
+        slots = torch.tensor([r.slot for r in reqs], device=dev)
+        self._temperature[slots] = torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32, device=dev)
+        self._top_p[slots] = torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=dev)
+        self._top_k[slots] = torch.tensor([r.params.top_k for r in reqs], dtype=torch.long, device=dev)
+        self._seeds[slots] = torch.tensor([r.params.seed for r in reqs], dtype=torch.long, device=dev)
+        logits = out.logits[torch.tensor(finals, device=dev), torch.tensor(ends, device=dev)]
+        tokens = self._sample(logits, slots, torch.zeros(len(reqs), dtype=torch.long, device=dev), reqs)
+        self._tokens[slots, 0] = tokens
+        return list(zip([group[i] for i in finals], tokens.tolist()))
+
+    # -- decode --------------------------------------------------------------------------------
+
     def _launch(self):
-        """Enqueue one decode step of every occupied slot; returns what _collect needs."""
-        occupied = [s for s, r in enumerate(self._slots) if r is not None]
-        batch = next(b for b in self.buckets if b > occupied[-1])
+        """Enqueue one decode step of every decoding slot; returns what _collect needs."""
+        decoding = np.flatnonzero(self._live).tolist()
+        batch = next(b for b in self.buckets if b > decoding[-1])
         self._flip ^= 1
         h_buf, tok_buf = self._h_bufs[self._flip], self._tok_bufs[self._flip]
         h = h_buf.numpy()
@@ -420,7 +441,7 @@ class Engine:
         np.minimum(h[POS], self.max_seq_len - 1, out=h[POS])
         np.minimum(h[SEQLEN], self.max_seq_len, out=h[SEQLEN])
         self._ints.copy_(h_buf, non_blocking=True)
-        reqs = [self._slots[s] for s in occupied]
+        reqs = [self._slots[s] for s in decoding]
         tokens = self._decode(batch, sampling_variant(r.params for r in reqs))
         tok_buf[:batch].copy_(tokens, non_blocking=True)
         event = None
@@ -430,7 +451,7 @@ class Engine:
         self._h[POS] += self._live
         self._h[SEQLEN] += self._live
         self._h[STEP] += self._live
-        return event, tok_buf, reqs, occupied
+        return event, tok_buf, reqs, decoding
 
     def _collect(self, event, tok_buf, reqs, slots) -> None:
         """Hand out a launched step's tokens (the step's one wait on the device)."""
@@ -450,13 +471,10 @@ class Engine:
     # -- the decode forward: eager or a CUDA graph per batch size ----------------------------
 
     def _forward_decode(self, batch: int) -> torch.Tensor:
-        self.cache.mode = "decode"
-        try:
+        with self.cache.decoding(batch, self._ints[POS], self._ints[SEQLEN]):
             out = self.model(input_ids=self._tokens[:batch], position_ids=self._ints[POS, :batch, None],
                              attention_mask=self._ones[:batch], use_cache=False,
                              prefix_ids=self._ints[ROW, :batch])
-        finally:
-            self.cache.mode = None
         return out.logits[:, -1]
 
     def _decode_fn(self, batch: int, sampling: str):
@@ -505,7 +523,16 @@ class Engine:
     # -- per-token bookkeeping -----------------------------------------------------------------
 
     def _append(self, req: Request, token: int) -> None:
+        """Give `req` its next token; an error here (say, in its detokenizer) fails it alone."""
+        try:
+            self._take_token(req, token)
+        except Exception as e:
+            log.warning("request %s failed on a token: %s: %s", req.id, type(e).__name__, e)
+            self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+
+    def _take_token(self, req: Request, token: int) -> None:
         params = req.params
+        req.mark_token()
         req.output_ids.append(token)
         if not params.ignore_eos and self.tokenizer is not None and token in self.tokenizer.eos_token_ids:
             req.output_ids.pop()
@@ -526,35 +553,67 @@ class Engine:
         if req.slot is not None:
             self._slots[req.slot] = None
             heapq.heappush(self._free_slots, req.slot)
-            self._h[:, req.slot] = (0, 1, 0, 0)
+            self._h[:, req.slot] = self._parked
             self._live[req.slot] = 0
             req.slot = None
-        with self._rows_lock:
-            self._release_row(req.row, 1)
+        if req in self._prefilling:
+            self._prefilling.remove(req)
+        self.rows.release(req.row)
         req.finish(reason, error)
 
 
-def _entry(value):
-    """(prefix length, value) of a prefix given as an adapter folder or a [L, 2, Hkv, P, D] tensor."""
+@dataclass
+class _Chunk:
+    """`length` prompt tokens of `req` from position `start` on, prefilled in one forward."""
+    req: Request
+    start: int
+    length: int
+
+
+# -- reading prefixes: adapter folders are read here, and only here --------------------------------
+
+@dataclass
+class _PrefixSource:
+    """A prefix given to the engine: a tensor [L, 2, Hkv, P, D] or an adapter folder, read once."""
+    prefix_len: int
+    tensor: torch.Tensor | None = None
+    folder: str | None = None
+    config: dict | None = None
+    flat: torch.Tensor | None = None            # PEFT's prompt_embeddings [P, L * 2 * Hkv * D]
+
+    def bank_tensor(self, bank: PrefixBank) -> torch.Tensor:
+        """The prefix as [L, 2, Hkv, P, D] for `bank`, or ValueError naming what does not fit."""
+        if self.tensor is not None:
+            return self.tensor
+        config = self.config
+        if config["num_virtual_tokens"] != bank.prefix_len or self.flat.shape[1] != bank.num_layers * 2 * bank.token_dim:
+            raise ValueError(f"adapter {self.folder!r} ({config['num_virtual_tokens']} virtual tokens, "
+                             f"{config['num_layers']} layers, token_dim {config['token_dim']}) does not fit this "
+                             f"bank ({bank.prefix_len} tokens, {bank.num_layers} layers, token_dim {bank.token_dim})")
+        return peft_flat_to_bank(self.flat, bank.num_layers, bank.num_kv_heads, bank.head_dim)
+
+
+def _read_prefix(value) -> _PrefixSource:
+    """An adapter folder (read here: the engine's one reader of adapter files) or a tensor."""
     if isinstance(value, str):
-        config, _ = read_peft_prefix(value)
-        return config["num_virtual_tokens"], value
+        config, flat = read_peft_prefix(value)
+        return _PrefixSource(config["num_virtual_tokens"], folder=value, config=config, flat=flat)
     if isinstance(value, torch.Tensor):
         if value.dim() != 5 or value.shape[1] != 2:
             raise ValueError(f"a prefix tensor must be [layers, 2, kv_heads, prefix_len, head_dim], got "
                              f"{list(value.shape)}")
-        return value.shape[3], value
+        return _PrefixSource(value.shape[3], tensor=value)
     raise TypeError(f"a prefix is an adapter folder or a tensor, got {type(value).__name__}")
 
 
-def _entries(source) -> dict:
+def _read_prefixes(source) -> dict[str, _PrefixSource]:
     if source is None:
         return {}
     if isinstance(source, PrefixBank):
-        return {name: (source.prefix_len, source.folded(name)) for name in source.names}
+        return {name: _PrefixSource(source.prefix_len, tensor=source.folded(name)) for name in source.names}
     if isinstance(source, dict):
-        out = {str(name): _entry(value) for name, value in source.items()}
-        lengths = {p for p, _ in out.values()}
+        out = {str(name): _read_prefix(value) for name, value in source.items()}
+        lengths = {entry.prefix_len for entry in out.values()}
         if len(lengths) > 1:
             raise ValueError(f"every prefix of one engine needs the same length; got {sorted(lengths)}")
         return out

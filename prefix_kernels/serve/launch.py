@@ -7,71 +7,109 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-import torch
+from ..cli_common import HelpFormatter
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = ("bfloat16", "float16", "float32")
+INSTALL_HINT = "prefix-kernels serve needs aiohttp: pip install 'prefix-kernels[serve]' (or: pip install aiohttp)"
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="prefix-kernels serve", description="OpenAI-compatible server, one "
-                                "model per prefix (the request's 'model' field picks the prefix)")
+    p = argparse.ArgumentParser(prog="prefix-kernels serve", formatter_class=HelpFormatter,
+                                description="OpenAI-compatible server, one model per prefix (the request's 'model' "
+                                "field picks the prefix)")
     p.add_argument("--model", help="a transformers causal LM (folder or hub id); omit for a tiny CPU demo")
     p.add_argument("--prefix", action="append", default=[], metavar="NAME=DIR",
                    help="a prefix-tuning adapter (PEFT format) served as model NAME; repeat for more")
     p.add_argument("--tokenizer", help="tokenizer folder or id (default: --model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=32, help="concurrent requests (KV-cache slots)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + output tokens per request")
-    p.add_argument("--max-prefixes", type=int, default=64, help="bank capacity (prefixes added later included)")
-    p.add_argument("--queue-size", type=int, default=256, help="waiting requests before 429")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32")
-    p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (a non-loopback one wants --api-key)")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-batch", type=int, default=32, help="concurrent requests (KV-cache slots)")
+    g.add_argument("--max-seq-len", type=int, default=2048, help="prompt + output tokens per request")
+    g.add_argument("--max-prefixes", type=int, default=64, help="bank capacity (prefixes added later included)")
+    g.add_argument("--queue-size", type=int, default=256, help="waiting requests before 429")
+    g.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prompt tokens prefilled per engine step (between decode steps)")
+    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32")
+    g.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly")
+    g = p.add_argument_group("access")
+    g.add_argument("--api-key", action="append", default=[],
+                   help="a key the OpenAI routes require as 'Authorization: Bearer KEY' (repeat for several "
+                        "clients); also PREFIX_KERNELS_API_KEY, comma-separated")
+    g.add_argument("--enable-admin", action="store_true",
+                   help="turn on POST /v1/prefixes and DELETE /v1/prefixes/NAME (needs --admin-key, --adapter-root)")
+    g.add_argument("--admin-key", help="the key of the admin routes; also PREFIX_KERNELS_ADMIN_KEY")
+    g.add_argument("--adapter-root", help="the only folder POST /v1/prefixes may load adapters from")
+    g.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin allowed to call the API (e.g. https://app.example); repeat")
+    g.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+                   help="a Host header accepted besides the loopback names; repeat")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-tokens-cap", type=int, help="max_tokens at most (default: --max-seq-len)")
+    g.add_argument("--max-prompt-bytes", type=int, help="prompt bytes, checked before tokenizing "
+                   "(default: 32 x --max-seq-len)")
+    g.add_argument("--max-body-bytes", type=int, help="request body bytes (default: max(1 MiB, 8 x max prompt bytes))")
+    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds a generation may take (504 after)")
+    g.add_argument("--read-timeout", type=float, default=30.0, help="seconds to receive a request's head, and body")
+    g.add_argument("--keepalive-timeout", type=float, default=5.0, help="idle seconds before a connection closes")
+    g.add_argument("--max-connections", type=int, default=1024, help="open connections; more get 503")
+    g.add_argument("--backlog", type=int, default=2048, help="the listen backlog (connections not yet accepted)")
+    g.add_argument("--client-max-requests", type=int, default=0,
+                   help="requests in flight per client (API key, else address); 0: no limit")
+    g.add_argument("--client-max-tokens", type=int, default=0,
+                   help="max_tokens in flight per client; 0: no limit")
+    g.add_argument("--poll-interval", type=float, default=0.001,
+                   help="seconds between the server's looks at the engine's new tokens (one write per stream each)")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds the requests in flight get to finish")
+    g = p.add_argument_group("logs")
+    g.add_argument("--log-prompts", action="store_true", help="put prompt text in the request log lines")
+    g.add_argument("--log-level", default="INFO")
     return p
 
 
 def _named_dirs(pairs):
+    from .security import NAME_RE
+
     out = {}
     for pair in pairs:
         name, sep, folder = pair.partition("=")
         if not sep or not name or not folder:
             raise SystemExit(f"--prefix takes NAME=DIR, got {pair!r}")
+        if not NAME_RE.fullmatch(name):
+            raise SystemExit(f"--prefix name {name!r}: use 1-64 characters of A-Z a-z 0-9 . _ -")
         if name in out:
             raise SystemExit(f"--prefix {name} is given twice")
         out[name] = folder
     return out
 
 
-def demo_engine_inputs(vocab_size=128, prefix_len=8, names=("demo-a", "demo-b"), seed=0):
-    """(model, prefixes, tokenizer) of the demo: a tiny random Llama and byte-level text (ASCII:
-    a 128-token vocabulary, so whatever it samples decodes)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def demo_engine_inputs(adapters=None):
+    """(model, prefixes, tokenizer) of the demo: `prefix-kernels train`'s demo model and byte
+    tokenizer (prefix_kernels/demo.py), serving the given {name: adapter folder} (what the train
+    demo writes) or, with none, two random prefixes."""
+    from ..demo import demo_model, demo_prefixes, demo_tokenizer
 
-    from .text import ByteTokenizer
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    prefixes = {n: torch.randn(2, 2, 2, prefix_len, 16) for n in names}
-    return model, prefixes, ByteTokenizer(vocab_size)
+    model = demo_model().eval()
+    return model, dict(adapters) if adapters else demo_prefixes(model), demo_tokenizer()
 
 
 def build(args):
     """(engine, model name) from parsed arguments."""
+    import torch
+
     from .engine import Engine
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
+        torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if args.model is None:
-        if args.prefix:
-            raise SystemExit("--prefix needs --model (the demo serves its own random prefixes)")
-        model, prefixes, tokenizer = demo_engine_inputs()
-        name = "tiny-random-llama (demo)"
+        model, prefixes, tokenizer = demo_engine_inputs(_named_dirs(args.prefix))
+        name = "prefix-kernels-demo"
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -80,25 +118,60 @@ def build(args):
             raise SystemExit("serve needs at least one --prefix NAME=DIR (a prefix-tuning adapter)")
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-        name = args.model
+        name = os.path.basename(os.path.normpath(args.model))    # no server path in /v1/models
     model = model.to(device, dtype)
     engine = Engine(model, prefixes, tokenizer=tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                    max_prefixes=args.max_prefixes, queue_size=args.queue_size,
+                    max_prefixes=args.max_prefixes, queue_size=args.queue_size, prefill_chunk=args.prefill_chunk,
                     cuda_graphs=False if args.no_cuda_graphs else None)
     return engine, name
 
 
+def server_options(args) -> dict:
+    """ServerConfig fields from parsed arguments (and the key environment variables)."""
+    from .server import default_api_keys
+
+    return dict(api_keys=tuple(args.api_key) + default_api_keys(),
+                admin_key=args.admin_key or os.environ.get("PREFIX_KERNELS_ADMIN_KEY") or None,
+                enable_admin=args.enable_admin, adapter_root=args.adapter_root,
+                allowed_origins=tuple(args.allowed_origin), allowed_hosts=tuple(args.allowed_host),
+                max_body_bytes=args.max_body_bytes, max_prompt_bytes=args.max_prompt_bytes,
+                max_tokens_cap=args.max_tokens_cap, request_timeout=args.request_timeout,
+                read_timeout=args.read_timeout, keepalive_timeout=args.keepalive_timeout,
+                max_connections=args.max_connections, backlog=args.backlog, drain_timeout=args.drain_timeout,
+                client_max_requests=args.client_max_requests, client_max_tokens=args.client_max_tokens,
+                log_prompts=args.log_prompts, poll_interval=args.poll_interval)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        print(INSTALL_HINT, file=sys.stderr)
+        return 1
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from .server import Server
 
+    options = server_options(args)
+    try:     # the options and access rules are checked before the model loads
+        from .security import Access
+        from .server import ServerConfig
+        ServerConfig(**options).check()
+        Access(options["api_keys"], options["admin_key"], options["enable_admin"], options["adapter_root"],
+               bind_host=args.host)
+    except ValueError as e:
+        print(f"prefix-kernels serve: {e}", file=sys.stderr)
+        return 2
     engine, name = build(args)
     engine.warmup()
-    server = Server(engine, args.host, args.port, model_name=name)
-    first = engine.prefixes[0]
-    print(f"serving {name} with prefixes {engine.prefixes} on {server.url}\n"
-          f"  curl {server.url}/v1/completions -H 'Content-Type: application/json' "
-          f"-d '{{\"model\": \"{first}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", file=sys.stderr, flush=True)
-    server.serve_forever()
+    server = Server(engine, args.host, args.port, model_name=name, **options)
+    auth = " -H 'Authorization: Bearer $KEY'" if options["api_keys"] else ""
+
+    def banner(srv):
+        print(f"serving {name} with prefixes {engine.prefixes} on {srv.url}\n"
+              f"  curl {srv.url}/v1/completions -H 'Content-Type: application/json'{auth} "
+              f"-d '{{\"model\": \"{engine.prefixes[0]}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
+              file=sys.stderr, flush=True)
+
+    server.serve_forever(ready=banner)
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 
@@ -41,6 +42,7 @@ class Completion:
     finish_reason: str          # "stop", "length", "cancelled", "abort" or "error"
     prompt_tokens: int
     error: str | None = None
+    ttft: float | None = None   # seconds from submit to the first token (None: no token came)
 
 
 class Request:
@@ -50,6 +52,9 @@ class Request:
         self.id, self.prompt_ids, self.prefix, self.row = id, prompt_ids, prefix, row
         self.params, self.detok, self.stream = params, detok, stream
         self.slot = None
+        self.prefilled = 0                  # prompt tokens in the KV cache
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
         self.output_ids: list[int] = []
         self.finish_reason = None
         self.error = None
@@ -61,6 +66,11 @@ class Request:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token: seconds from submit to the first generated token, or None."""
+        return None if self.first_token_at is None else self.first_token_at - self.submitted_at
 
     @property
     def text(self) -> str:
@@ -79,7 +89,7 @@ class Request:
         if not self._done.wait(timeout):
             raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
         return Completion(self.id, self.prefix, self.text, list(self.output_ids), self.finish_reason,
-                          len(self.prompt_ids), self.error)
+                          len(self.prompt_ids), self.error, self.ttft)
 
     def events(self, timeout: float | None = None):
         """Yield (text delta, token id or None) while streaming; ends when the request does.
@@ -105,6 +115,11 @@ class Request:
             return None
 
     # -- called by the engine ------------------------------------------------------------------
+
+    def mark_token(self) -> None:
+        """A token was generated (the first one sets the time to first token)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
 
     def push_delta(self, text: str, token: int) -> None:
         self._events.put(("delta", text, token))

@@ -255,11 +255,13 @@ def make_layer(g: Geometry, act):
               index=None):
         """One decoder layer for B rows: h [B, H] is the residual stream before the previous
         layer's MLP output `delta` is added (None for layer 0). Writes the row's key/value at
-        `positions` of k_cache/v_cache, this layer's [slots, Hkv, Smax, D], or with `index` every
-        layer's [L, slots, Hkv, Smax, D] (in a graph of all layers, a write into the input itself
-        rather than into a view of it is what inductor does in place: a view's write copied the
-        layer's whole cache). counters: the decode kernel's workspace (DecodeWorkspace.counters,
-        or None). Returns (h, this layer's delta)."""
+        `positions` of k_cache/v_cache, this layer's [B, Hkv, Smax, D] (the first B slots), or
+        with `index` every layer's [L, B, Hkv, Smax, D] (in a graph of all layers, a write into
+        the input itself rather than into a view of it is what inductor does in place: a view's
+        write copied the layer's whole cache). The caller slices the B slots: slicing inside the
+        graph made the batch size a constant when B was the cache's slot count. counters: the
+        decode kernel's workspace (DecodeWorkspace.counters, or None). Returns (h, this layer's
+        delta)."""
         if delta is not None:
             h = h + delta
         b = h.shape[0]
@@ -282,7 +284,7 @@ def make_layer(g: Geometry, act):
             k_cache[at, slots, :, positions] = k.to(k_cache.dtype)
             v_cache[at, slots, :, positions] = v.to(v_cache.dtype)
             k_cache, v_cache = k_cache[index], v_cache[index]
-        o = decode_attention_op(q[:, :, None], k_cache[:b], v_cache[:b], seqlens, prefix_k, prefix_v, rows,
+        o = decode_attention_op(q[:, :, None], k_cache, v_cache, seqlens, prefix_k, prefix_v, rows,
                                 g.scale, g.backend, g.max_seqlen, counters)
         h = h + _linear(o.view(b, hq * d), w, "o")
         x = _rms_norm(h, w["post_norm"], g.eps, g.gemma_norm)
@@ -370,27 +372,28 @@ class DecodeStep:
 
     # -- the step as one function of its inputs --------------------------------------------
 
-    def _forward(self, tokens, positions, seqlens, rows, temperature, top_k, top_p, seeds, steps, out,
-                 sampling, layer_fn, head_fn, embed_fn):
+    def _forward(self, tokens, positions, seqlens, rows, temperature, top_k, top_p, seeds, steps, out, k_all,
+                 v_all, sampling, layer_fn, head_fn, embed_fn):
+        """k_all, v_all: [L, B, Hkv, Smax, D], the first B slots of the cache."""
         h, cos, sin, seqlens32, rows32 = embed_fn(tokens, positions, seqlens, rows, self.embed_weight,
                                                   self.inv_freq)
         delta = None
         whole = torch.compiler.is_compiling()         # one graph of every layer (per_layer=False)
         for i, w in enumerate(self.layers):
-            self._mark(h, delta, cos, sin, seqlens32, rows32)
-            k, v, index = (self.k_cache, self.v_cache, i) if whole else (self.k_cache[i], self.v_cache[i], None)
+            k, v, index = (k_all, v_all, i) if whole else (k_all[i], v_all[i], None)
+            self._mark(h, delta, cos, sin, seqlens32, rows32, k, v)
             h, delta = layer_fn(h, delta, w, k, v, self.bank[i, 0], self.bank[i, 1], positions, seqlens32, rows32,
                                 cos, sin, self.counters, index)
         self._mark(h, delta)
         return head_fn(h, delta, self.norm_weight, self.lm_weight, self.lm_bias, temperature, top_k, top_p,
                        seeds, steps, out)
 
-    def _mark(self, *tensors):
+    def _mark(self, *tensors, dim=0):
         """Batch dims symbolic between separately compiled pieces (dynamic mode, B > 1)."""
         if self._compiling and self.options.dynamic and not torch.compiler.is_compiling():
             for t in tensors:
-                if t is not None and t.shape[0] > 1:
-                    torch._dynamo.mark_dynamic(t, 0)
+                if t is not None and t.shape[dim] > 1:
+                    torch._dynamo.mark_dynamic(t, dim)
 
     @property
     def _compiling(self) -> bool:
@@ -431,11 +434,14 @@ class DecodeStep:
         args = (tokens, positions, seqlens, rows, temperature, top_k, top_p, seeds, steps, out)
         self._check(args, sampling)
         embed, layer, head, whole = self._functions(sampling)
+        b = tokens.shape[0]
+        k_all, v_all = self.k_cache[:, :b], self.v_cache[:, :b]
         with compile_limits(self._compiling):
             self._mark(*[a for a in args if a is not None])
+            self._mark(k_all, v_all, dim=1)
             if whole is not None:
-                return whole(*args)
-            return self._forward(*args, sampling, layer, head, embed)
+                return whole(*args, k_all, v_all)
+            return self._forward(*args, k_all, v_all, sampling, layer, head, embed)
 
     _INPUTS = ("tokens", "positions", "seqlens", "rows", "temperature", "top_k", "top_p", "seeds", "steps", "out")
     _FLOAT_INPUTS = ("temperature", "top_p")

@@ -7,13 +7,15 @@ import threading
 class ByteTokenizer:
     """UTF-8 bytes as token ids, for the demo model and tests (no files, no downloads).
 
-    Ids >= 256 (or a vocabulary under 256: bytes it cannot hold) are rejected on encode and
-    dropped on decode. Its chat template is "role: content" lines, then "assistant: ".
+    Bytes a vocabulary under 256 cannot hold are rejected on encode; ids >= 256 (special tokens,
+    such as the demo model's pad 256 and eos 257) are dropped on decode. Its chat template is
+    "role: content" lines, then "assistant: ".
     """
 
-    def __init__(self, vocab_size: int = 256):
+    def __init__(self, vocab_size: int = 256, eos_token_id: int | None = None, pad_token_id: int | None = None):
         self.vocab_size = vocab_size
-        self.eos_token_id = None
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
 
     def encode(self, text: str) -> list[int]:
         ids = list(text.encode("utf-8"))
