@@ -33,7 +33,8 @@ for step in "$@"; do
     servetests-gpu) timeout 300 python3 -m pytest -q -p no:logging tests/test_serve_engine.py tests/test_serve_http.py > $OUT/servetests.log 2>&1; summary $OUT/servetests.log ;;
     steptests-gpu) timeout 400 python3 -m pytest -q -p no:logging -m gpu tests/test_step.py tests/test_decode.py -k "step or custom_op" > $OUT/steptests.log 2>&1; summary $OUT/steptests.log ;;
     decode-step) timeout 295 python3 benchmarks/profile_decode_step.py 2>&1 | tee $OUT/decode_step.log | grep -v "^\s*$" ;;
-    decode-step-extra) timeout 295 python3 benchmarks/profile_decode_step.py --batches 32 128 --extra static whole --no-fp32-check 2>&1 | tee $OUT/decode_step_extra.log ;;
+    decode-step-extra) PREFIX_KERNELS_RESULTS=$OUT/extra timeout 295 python3 benchmarks/profile_decode_step.py --batches 32 128 --variants eager-graph compiled+fused --extra static whole --no-fp32-check 2>&1 | tee $OUT/decode_step_extra.log ;;
+    decode-step-autotune) PREFIX_KERNELS_RESULTS=$OUT/autotune timeout 295 python3 benchmarks/profile_decode_step.py --batches 32 128 --variants compiled+fused --extra autotune --no-fp32-check 2>&1 | tee $OUT/decode_step_autotune.log ;;
     probe-split) timeout 330 python3 benchmarks/probe_split.py > $OUT/probe_split.log 2>&1; echo "rc=$?"; grep -v "^  aten::" $OUT/probe_split.log | cut -c1-230 | tail -120 ;;
     training-split) for mode in ${SPLIT_MODES:-pad merge}; do PREFIX_KERNELS_ATTENTION=split PREFIX_KERNELS_SPLIT_MODE=$mode timeout 280 python3 benchmarks/bench_training.py --cases prefix-kernels floor --out $OUT/training_split_$mode > $OUT/training_split_$mode.log 2>&1; echo "-- split, mode $mode"; grep -v "^$" $OUT/training_split_$mode.log | tail -14; done ;;
     splittests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:logging tests/test_split_attention.py > $OUT/splittests.log 2>&1; summary $OUT/splittests.log ;;

@@ -324,11 +324,14 @@ class StepOptions:
     """How the step runs. compiler: a torch.compile backend ("inductor"; "aot_eager" for CPU
     tests) or None for eager PyTorch. fuse: q/k/v and gate/up as one GEMM each. dynamic: one
     compile with a symbolic batch size (plus one for B=1) instead of one per batch size.
-    per_layer: compile one layer's graph, reused by every layer (else the whole step at once)."""
+    per_layer: compile one layer's graph, reused by every layer (else the whole step at once).
+    mode: torch.compile's mode, e.g. "max-autotune-no-cudagraphs" to autotune the GEMMs (never
+    a CUDA-graph mode: the caller captures the step itself)."""
     compiler: Optional[str] = "inductor"
     fuse: bool = True
     dynamic: bool = True
     per_layer: bool = True
+    mode: Optional[str] = None
 
 
 class DecodeStep:
@@ -405,7 +408,7 @@ class DecodeStep:
             return self._embed, self._layer, self._heads[sampling], None
         if sampling not in self._compiled:
             o = self.options
-            compile_ = lambda fn: torch.compile(fn, fullgraph=True, backend=o.compiler,  # noqa: E731
+            compile_ = lambda fn: torch.compile(fn, fullgraph=True, backend=o.compiler, mode=o.mode,  # noqa: E731
                                                 dynamic=None if o.dynamic else False)
             if o.per_layer:
                 if "layer" not in self._compiled:
