@@ -38,7 +38,8 @@ for step in "$@"; do
     probe-split) timeout 330 python3 benchmarks/probe_split.py > $OUT/probe_split.log 2>&1; echo "rc=$?"; grep -v "^  aten::" $OUT/probe_split.log | cut -c1-230 | tail -120 ;;
     training-split) for mode in ${SPLIT_MODES:-pad merge}; do PREFIX_KERNELS_ATTENTION=split PREFIX_KERNELS_SPLIT_MODE=$mode timeout 280 python3 benchmarks/bench_training.py --cases prefix-kernels floor --out $OUT/training_split_$mode > $OUT/training_split_$mode.log 2>&1; echo "-- split, mode $mode"; grep -v "^$" $OUT/training_split_$mode.log | tail -14; done ;;
     splittests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:logging tests/test_split_attention.py > $OUT/splittests.log 2>&1; summary $OUT/splittests.log ;;
-    decode-e2e) timeout 400 python3 benchmarks/bench_decode.py > $OUT/bench_decode_e2e.log 2>&1; tr '\r' '\n' < $OUT/bench_decode_e2e.log | grep -v "it/s\]" | grep -v "^ *$" | tail -45 ;;
+    decode-e2e) timeout 400 python3 benchmarks/bench_decode.py --cases engine peft hf-generate > $OUT/bench_decode_e2e.log 2>&1; tr '\r' '\n' < $OUT/bench_decode_e2e.log | grep -v "it/s\]" | grep -v "^ *$" | tail -45 ;;
+    decode-vs-compiled) timeout 560 python3 benchmarks/bench_decode.py --cases engine engine-eager hf-compiled plain-step --out $OUT/vs_compiled > $OUT/bench_decode_vs_compiled.log 2>&1; tr '\r' '\n' < $OUT/bench_decode_vs_compiled.log | grep -v "it/s\]" | grep -v "^ *$" | tail -40 ;;
     servehttp-tests) timeout 300 python3 -m pytest -q -p no:logging tests/test_serve_http.py tests/test_serve_hardening.py tests/test_serve_load.py tests/test_bench_serve.py > $OUT/servehttp.log 2>&1; python3 -c "import aiohttp; print('aiohttp', aiohttp.__version__)"; summary $OUT/servehttp.log ;;
     serve-bench) timeout 500 python3 benchmarks/bench_serve.py --out $OUT > $OUT/bench_serve.log 2>&1; tail -16 $OUT/bench_serve.log ;;
     *) echo "unknown step $step" ;;
