@@ -19,8 +19,10 @@ concatenates them once and makes the HF modules' weights views into the result, 
 itself keeps working (`unfuse_weights` gives each module its own storage again).
 
 Compiled per layer by default: every layer has the same shapes, so one small graph serves all of
-them (seconds to compile instead of the minutes of an unrolled 22-layer graph); the residual add
-closing a layer is done at the start of the next one, so nothing fuses less than in one graph.
+them (one layer to compile, not an unrolled graph of every layer; `--extra whole` of
+benchmarks/profile_decode_step.py times both); the residual add closing a layer is done at the
+start of the next one, so nothing fuses less than in one graph. The engine (`Engine(decode_step=)`)
+gets its step from `engine_step` and runs it through `sampling_variant` at each step.
 """
 from __future__ import annotations
 
