@@ -35,15 +35,15 @@ def main():
             engine.step()
         torch.cuda.synchronize()
         step_ms = (time.perf_counter() - start) * 1e3 / steps
-        graph, _ = engine._graphs[min(b for b in engine._graphs if b >= batch)]
+        key = (min(b for b in engine.buckets if b >= batch), "greedy")
         start = time.perf_counter()
         for _ in range(steps):
-            graph.replay()
+            engine._graphs.replay(key)
         torch.cuda.synchronize()
         replay_ms = (time.perf_counter() - start) * 1e3 / steps
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
-                graph.replay()
+                engine._graphs.replay(key)
             torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
         gpu_ms = sum(e.self_device_time_total for e in events) / 10 / 1000

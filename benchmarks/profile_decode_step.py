@@ -12,11 +12,13 @@ batch size, replayed with the next tokens fed back inside the graph:
   compiled+fused/filtered   + top-k/top-p (a sort over the vocabulary): the general graph
   --extra static            compiled+fused with one compile per batch size instead of a dynamic one
   --extra whole             compiled+fused as one graph of all layers instead of one per layer
+  --extra autotune          compiled+fused with mode="max-autotune-no-cudagraphs" (Triton GEMMs
+                            autotuned against cuBLAS; long compile)
 Correctness: 16 greedy steps of compiled+fused against eager-graph from the same cache (bf16:
 first-step logits error and the share of rows whose 16 tokens agree), and exact tokens on a
 2-layer fp32 model of the same width. Prints a table, writes decode_step_profile.json.
 
-    python benchmarks/profile_decode_step.py [--batches 1 32 128] [--extra static whole]
+    python benchmarks/profile_decode_step.py [--batches 1 32 128] [--variants ...] [--extra static whole autotune]
     python benchmarks/profile_decode_step.py --quick      # CPU smoke run: tiny model, aot_eager, no graphs
 """
 from __future__ import annotations
@@ -204,13 +206,16 @@ def variant_options(name, compiler):
     from prefix_kernels.serve.step import StepOptions
 
     fuse = "fused" in name
-    return StepOptions(compiler=compiler, fuse=fuse, dynamic="static" not in name, per_layer="whole" not in name)
+    return StepOptions(compiler=compiler, fuse=fuse, dynamic="static" not in name, per_layer="whole" not in name,
+                       mode="max-autotune-no-cudagraphs" if "autotune" in name and compiler == "inductor" else None)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=None)
-    parser.add_argument("--extra", nargs="*", default=[], choices=["static", "whole"])
+    parser.add_argument("--variants", nargs="*", default=BASE_VARIANTS, choices=BASE_VARIANTS,
+                        help="base variants to run (default: all)")
+    parser.add_argument("--extra", nargs="*", default=[], choices=["static", "whole", "autotune"])
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, aot_eager, no graphs")
     parser.add_argument("--no-fp32-check", action="store_true")
     args = parser.parse_args(argv)
@@ -239,7 +244,7 @@ def main(argv=None) -> int:
     from prefix_kernels.integrations.transformers import position_offset
     offset = position_offset(model)
     graphs = GraphCache(device) if device.type == "cuda" else None
-    variants = BASE_VARIANTS + [f"compiled+fused/{e}" for e in args.extra]
+    variants = list(args.variants) + [f"compiled+fused/{e}" for e in args.extra]
     steps, rows, checks = {}, [], {}
     payload = {"benchmark": "profile_decode_step", "model": "TinyLlama-1.1B shape (random weights)" if not args.quick
                else "tiny llama (quick)", "dtype": str(dtype), "prefix_len": PREFIX_LEN, "max_seq_len": max_seq_len,

@@ -21,11 +21,12 @@ def test_quick_run_writes_every_case(tmp_path):
         (1, 1, "engine"), (1, 1, "peft"), (1, "-", "hf-generate"),
         (4, 1, "engine"), (4, 2, "engine"), (4, 4, "engine"), (4, 1, "peft"), (4, 2, "peft"), (4, 4, "peft"),
         (4, "-", "hf-generate"), (1, "-", "hf-compiled"), (1, "-", "plain-step"), (4, "-", "hf-compiled"),
-        (4, "-", "plain-step")}
+        (4, "-", "plain-step"), (1, 1, "engine-eager"), (4, 4, "engine-eager")}
     for row in rows:
         assert "error" not in row, row
         assert row["tokens_per_s"] > 0
     assert any(v.startswith("required B=4 N=2") for v in payload["verdicts"])
     assert any(v.startswith("required B=4: engine step") for v in payload["verdicts"])
-    assert {r["case"] for r in payload["decode_steps"]} >= {"engine N=4", "hf-compiled", "plain-step"}
+    assert {r["case"] for r in payload["decode_steps"]} >= {"engine N=4", "engine-eager N=4", "hf-compiled",
+                                                           "plain-step"}
     assert (tmp_path / "decode_e2e_quick.png").stat().st_size > 1000

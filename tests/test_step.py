@@ -76,7 +76,8 @@ class Case:
 
 
 def check_two_steps(case, step, atol=2e-5):
-    first, second = [7, 8, 9], [11, 12, 13]
+    n = len(case.prompts)
+    first, second = [7, 8, 9][:n], [11, 12, 13][:n]
     with torch.no_grad():
         got1 = step.logits(*case.inputs(first, 0))
         got2 = step.logits(*case.inputs(second, 1))
@@ -109,12 +110,14 @@ def test_prefix_entry_matters():
 
 # -- compiled (aot_eager on the CPU: the graph dynamo and AOT autograd build, run eagerly) -----
 
-@pytest.mark.parametrize("family,per_layer,batches", [("llama", True, (1, 2)), ("qwen3", True, ()),
-                                                    ("phi3", False, ())])
-def test_compiled_step_matches_patched_model(family, per_layer, batches):
+@pytest.mark.parametrize("family,per_layer,dynamic,batches,rows", [
+    ("llama", True, True, (1, 2), 3), ("qwen3", True, False, (), 3), ("phi3", False, True, (), 3),
+    ("llama", True, True, (), 2),            # B = the cache's slots = Hkv: the batch size stays symbolic
+])
+def test_compiled_step_matches_patched_model(family, per_layer, dynamic, batches, rows):
     torch._dynamo.reset()
-    case = Case(family)
-    step = case.step(compiler="aot_eager", per_layer=per_layer)
+    case = Case(family, lens=LENS[:rows], rows=ROWS[:rows])
+    step = case.step(compiler="aot_eager", per_layer=per_layer, dynamic=dynamic)
     check_two_steps(case, step)
     with torch.no_grad():                                   # B=1 recompiles, B=2 reuses the dynamic graph
         for batch in batches:
@@ -273,3 +276,108 @@ def test_bad_inputs_are_named():
         step(*(torch.zeros(4, dtype=torch.long) for _ in range(4)))
     with pytest.raises(ValueError, match="sampling must be one of"):
         step(tokens, pos, seqlens, rows, sampling="beam")
+
+
+# -- the engine with the compiled step -----------------------------------------------------------
+
+def _engine(decode_step, table, family="llama", **kw):
+    from prefix_kernels.serve import Engine
+
+    kw.setdefault("max_batch", 4)
+    kw.setdefault("max_seq_len", 40)
+    return Engine(tiny_model(family), table, decode_step=decode_step, **kw)
+
+
+def _table(family="llama", names="abc", seed=1):
+    from hf_tiny import tiny_config
+
+    cfg = tiny_config(family)
+    hkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(cfg.num_hidden_layers, 2, hkv, P, d, generator=g) for n in names}
+
+
+def _peft_greedy(family, prefix, ids, new):
+    """Greedy tokens of PEFT's prefix-tuning forward over the growing sequence (no cache)."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from prefix_kernels.bank import bank_to_peft_flat
+
+    model = get_peft_model(tiny_model(family), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.copy_(bank_to_peft_flat(prefix))
+        seq = torch.tensor([ids])
+        for _ in range(new):
+            logits = model(input_ids=seq, position_ids=torch.arange(seq.shape[1])[None]).logits
+            seq = torch.cat([seq, logits[:, -1:].argmax(-1)], 1)
+    return seq[0, len(ids):].tolist()
+
+
+def test_engine_compiled_step_equals_eager_engine_and_peft():
+    """Greedy and sampled requests in one batch (its filtered variant), mixed prefixes, rows at
+    different positions: the engine with the compiled step (aot_eager) gives the eager engine's
+    tokens; the greedy ones are PEFT's."""
+    from prefix_kernels.serve import SamplingParams
+
+    torch._dynamo.reset()
+    table = _table()
+    prompts = [[5, 17, 99, 3, 42], [7, 8], [9, 10, 11, 12, 13, 14, 15], [20]]
+    names = ["a", "b", "c", "a"]
+    params = [SamplingParams(temperature=0, max_tokens=6), SamplingParams(temperature=0.9, seed=3, max_tokens=6),
+              SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=4, max_tokens=6),
+              SamplingParams(temperature=0, max_tokens=6)]
+    outs = {}
+    for choice in ("eager", StepOptions(compiler="aot_eager", dynamic=False)):
+        eng = _engine(choice, table)
+        assert (eng.decode_step is None) == (choice == "eager")
+        reqs = [eng.submit(p, n, s) for p, n, s in zip(prompts, names, params)]
+        while not all(r.done for r in reqs):
+            eng.step()
+        outs[choice == "eager"] = [r.result().token_ids for r in reqs]
+    assert outs[True] == outs[False]
+    for i in (0, 3):
+        assert outs[True][i] == _peft_greedy("llama", table[names[i]], prompts[i], 6)
+
+
+def test_engine_decode_step_choice():
+    from prefix_kernels.serve import SamplingParams
+    from prefix_kernels.serve.step import sampling_variant
+
+    table = _table()
+    assert _engine("auto", table).decode_step is None               # CPU: the model's modules
+    with pytest.raises(NotImplementedError, match="gpt2"):
+        _engine("compiled", _table("gpt2"), family="gpt2")
+    with pytest.raises(ValueError, match="decode_step must be"):
+        _engine("fast", table)
+    greedy, plain, filtered = (SamplingParams(temperature=0), SamplingParams(temperature=1),
+                               SamplingParams(temperature=1, top_p=0.5))
+    assert sampling_variant([greedy, greedy]) == "greedy"
+    assert sampling_variant([greedy, plain]) == "sampled"
+    assert sampling_variant([plain, filtered, greedy]) == "filtered"
+    assert sampling_variant([greedy, SamplingParams(temperature=0, top_k=3)]) == "greedy"
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_engine_compiled_equals_eager_fp32():
+    """fp32 on the GPU, CUDA graphs both ways: the engine's compiled step (auto) gives the tokens
+    of its eager step, greedy and sampled, rows joining mid-flight."""
+    from prefix_kernels.serve import Engine, SamplingParams
+
+    torch._dynamo.reset()
+    table = _table()
+    outs = {}
+    for choice in ("eager", "auto"):
+        eng = Engine(tiny_model("llama").cuda(), table, max_batch=8, max_seq_len=48, decode_step=choice)
+        assert (eng.decode_step is None) == (choice == "eager")
+        eng.warmup()
+        reqs = [eng.submit(list(range(3 + i, 9 + 2 * i)), "abc"[i % 3],
+                           SamplingParams(temperature=0.7 * (i % 2), top_k=4 * (i % 3), seed=i, max_tokens=12))
+                for i in range(5)]
+        eng.step()
+        reqs += [eng.submit([1, 2, 3], "b", SamplingParams(temperature=0, max_tokens=12))]
+        while not all(r.done for r in reqs):
+            eng.step()
+        outs[choice] = [r.result().token_ids for r in reqs]
+    assert outs["auto"] == outs["eager"]

@@ -40,8 +40,10 @@ from .attention import CacheAttention
 from .cache import KVCache
 from .prefixes import PrefixSource, read_prefix, read_prefixes
 from .request import Completion, EngineClosed, PromptTooLong, QueueFull, Request
+from .graphs import GraphCache
 from .rows import BankRows, free_names
 from .sampling import SamplingParams, sample
+from .step import SAMPLING, engine_step, sampling_variant
 from .text import Detokenizer, Tokenizer
 from .validation import check_sampling_params
 
@@ -69,11 +71,15 @@ class Engine:
         prefill_chunk: prompt tokens prefilled per engine step, over all prompts being prefilled
             (a longer prompt takes several steps, decoding rows go on meanwhile).
         cuda_graphs: capture the decode step (default: on CUDA). backend: the decode kernel's.
+        decode_step: "auto" (the compiled step of serve/step.py on CUDA for the families it
+            covers, else the model's own modules, said once), "compiled", "eager" (the model's
+            modules), or a step.StepOptions. Either way one CUDA graph per batch bucket and
+            sampling variant holds the whole step, sampling and the token feedback included.
     """
 
     def __init__(self, model, prefixes=None, *, tokenizer=None, max_batch: int = 32, max_seq_len: int = 1024,
                  max_prefixes: int = 64, queue_size: int = 256, prefill_chunk: int = 2048,
-                 cuda_graphs: bool | None = None, backend: str = "auto"):
+                 cuda_graphs: bool | None = None, backend: str = "auto", decode_step="auto"):
         self.model = model.eval()
         offset, source = None, prefixes
         patched = hf.get_prefix_bank(model) if hf.is_patched(model) else None
@@ -114,6 +120,8 @@ class Engine:
         self.cache = KVCache(bank.num_layers, self.max_batch, bank.num_kv_heads, self.max_seq_len, bank.head_dim,
                              num_q_heads=model.config.num_attention_heads, dtype=self.dtype, device=self.device)
         hf.set_attention_hook(model, CacheAttention(self.cache, backend))
+        self.decode_step = engine_step(decode_step, model, self.cache, self.bank, offset=self.offset,
+                                       backend=backend)
         self.tokenizer = None if tokenizer is None else Tokenizer(
             tokenizer, _eos_ids(getattr(model, "generation_config", None)))
         self.vocab_size = model.config.vocab_size
@@ -145,8 +153,7 @@ class Engine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
-        self._graphs: dict[int, tuple] = {}
-        self._pool = None
+        self._graphs = GraphCache(self.device) if self.cuda_graphs else None
         self.buckets = sorted({min(1 << i, n) for i in range(n.bit_length() + 1)})
 
         self._waiting: deque[Request] = deque()
@@ -441,10 +448,8 @@ class Engine:
         np.minimum(h[POS], self.max_seq_len - 1, out=h[POS])
         np.minimum(h[SEQLEN], self.max_seq_len, out=h[SEQLEN])
         self._ints.copy_(h_buf, non_blocking=True)
-        logits = self._decode_logits(batch)
         reqs = [self._slots[s] for s in decoding]
-        tokens = self._sample(logits, slice(0, batch), self._ints[STEP, :batch], reqs)
-        self._tokens[:batch, 0] = tokens
+        tokens = self._decode(batch, sampling_variant(r.params for r in reqs))
         tok_buf[:batch].copy_(tokens, non_blocking=True)
         event = None
         if self.device.type == "cuda":
@@ -479,47 +484,46 @@ class Engine:
                              prefix_ids=self._ints[ROW, :batch])
         return out.logits[:, -1]
 
-    def _decode_logits(self, batch: int) -> torch.Tensor:
-        if not self.cuda_graphs:
-            return self._forward_decode(batch)
-        if batch not in self._graphs:
-            self._capture(batch)
-        graph, logits = self._graphs[batch]
-        graph.replay()
-        return logits
+    def _decode_fn(self, batch: int, sampling: str):
+        """One decode step of slots 0..batch-1 as a function of the engine's input buffers: the
+        next tokens [batch], also written into the token buffer the next step reads."""
+        tokens = self._tokens[:batch, 0]
+        if self.decode_step is not None:
+            ints = self._ints
+            return lambda: self.decode_step(
+                tokens, ints[POS, :batch], ints[SEQLEN, :batch], ints[ROW, :batch], self._temperature[:batch],
+                self._top_k[:batch], self._top_p[:batch], self._seeds[:batch], ints[STEP, :batch], out=tokens,
+                sampling=sampling)
 
-    def _capture(self, batch: int) -> None:
-        # Warm-up forwards write each row's K/V at its current position: the same values the step
-        # about to run writes (slots not decoding: their parked position). They build and load the
-        # kernels before capture; the decode kernel's scratch is the cache's workspace, made with
-        # the cache.
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-            self._stream = torch.cuda.Stream(self.device)
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            for _ in range(2):
-                self._forward_decode(batch)
-        torch.cuda.current_stream(self.device).wait_stream(self._stream)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: HTTP threads doing CPU work (tokenizing) must not invalidate the capture
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
+        def eager():
             logits = self._forward_decode(batch)
-        self._graphs[batch] = (graph, logits)
+            new = sample(logits, self._temperature[:batch], self._top_k[:batch], self._top_p[:batch],
+                         self._seeds[:batch], self._ints[STEP, :batch], any_sampled=sampling != "greedy",
+                         any_filtered=sampling == "filtered")
+            tokens.copy_(new)
+            return new
+        return eager
+
+    def _decode(self, batch: int, sampling: str) -> torch.Tensor:
+        """Run one decode step (replaying its CUDA graph, captured on first use); next tokens."""
+        if self._graphs is None:
+            return self._decode_fn(batch, sampling)()
+        # the warm-ups before capture rewrite each row's K/V at its current position (slots not
+        # decoding: their parked one) and the token buffer, which is restored
+        return self._graphs.replay((batch, sampling), self._decode_fn(batch, sampling), preserve=[self._tokens])
 
     @torch.no_grad()
-    def warmup(self, batch_sizes: list[int] | None = None) -> None:
-        """Capture the decode graphs (largest first: they share one memory pool) and compile the
-        kernels, so the first requests do not pay for it."""
+    def warmup(self, batch_sizes: list[int] | None = None, sampling: tuple[str, ...] = SAMPLING) -> None:
+        """Compile the decode step and capture its graphs for these batch sizes (default: every
+        bucket, largest first: they share one memory pool) and sampling variants, so the first
+        requests do not pay for it."""
         with self._lock:
             if self.num_active:
                 raise RuntimeError("warmup() runs before serving, with no request in flight")
             self._ints.copy_(torch.from_numpy(self._h))
             for batch in sorted(batch_sizes or self.buckets, reverse=True):
-                if self.cuda_graphs:
-                    self._capture(batch)
-                else:
-                    self._forward_decode(batch)
+                for variant in sampling:
+                    self._decode(batch, variant)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
 

@@ -36,6 +36,9 @@ def _parser():
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32")
     g.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly")
+    g.add_argument("--decode-step", default="auto", choices=["auto", "compiled", "eager"],
+                   help="auto: the compiled step (serve/step.py) on CUDA for Llama/Mistral/Qwen2/Qwen3/Phi-3/"
+                        "Gemma, else the model's own modules (eager)")
     g = p.add_argument_group("access")
     g.add_argument("--api-key", action="append", default=[],
                    help="a key the OpenAI routes require as 'Authorization: Bearer KEY' (repeat for several "
@@ -122,7 +125,7 @@ def build(args):
     model = model.to(device, dtype)
     engine = Engine(model, prefixes, tokenizer=tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                     max_prefixes=args.max_prefixes, queue_size=args.queue_size, prefill_chunk=args.prefill_chunk,
-                    cuda_graphs=False if args.no_cuda_graphs else None)
+                    cuda_graphs=False if args.no_cuda_graphs else None, decode_step=args.decode_step)
     return engine, name
 
 

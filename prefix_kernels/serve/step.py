@@ -19,8 +19,10 @@ concatenates them once and makes the HF modules' weights views into the result, 
 itself keeps working (`unfuse_weights` gives each module its own storage again).
 
 Compiled per layer by default: every layer has the same shapes, so one small graph serves all of
-them (seconds to compile instead of the minutes of an unrolled 22-layer graph); the residual add
-closing a layer is done at the start of the next one, so nothing fuses less than in one graph.
+them (one layer to compile, not an unrolled graph of every layer; `--extra whole` of
+benchmarks/profile_decode_step.py times both); the residual add closing a layer is done at the
+start of the next one, so nothing fuses less than in one graph. The engine (`Engine(decode_step=)`)
+gets its step from `engine_step` and runs it through `sampling_variant` at each step.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.decode import DecodeWorkspace, decode_attention_op
+from ..ops.utils import warn_once
 from .sampling import sample
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
@@ -254,11 +257,13 @@ def make_layer(g: Geometry, act):
               index=None):
         """One decoder layer for B rows: h [B, H] is the residual stream before the previous
         layer's MLP output `delta` is added (None for layer 0). Writes the row's key/value at
-        `positions` of k_cache/v_cache, this layer's [slots, Hkv, Smax, D], or with `index` every
-        layer's [L, slots, Hkv, Smax, D] (in a graph of all layers, a write into the input itself
-        rather than into a view of it is what inductor does in place: a view's write copied the
-        layer's whole cache). counters: the decode kernel's workspace (DecodeWorkspace.counters,
-        or None). Returns (h, this layer's delta)."""
+        `positions` of k_cache/v_cache, this layer's [B, Hkv, Smax, D] (the first B slots), or
+        with `index` every layer's [L, B, Hkv, Smax, D] (in a graph of all layers, a write into
+        the input itself rather than into a view of it is what inductor does in place: a view's
+        write copied the layer's whole cache). The caller slices the B slots: slicing inside the
+        graph made the batch size a constant when B was the cache's slot count. counters: the
+        decode kernel's workspace (DecodeWorkspace.counters, or None). Returns (h, this layer's
+        delta)."""
         if delta is not None:
             h = h + delta
         b = h.shape[0]
@@ -281,7 +286,7 @@ def make_layer(g: Geometry, act):
             k_cache[at, slots, :, positions] = k.to(k_cache.dtype)
             v_cache[at, slots, :, positions] = v.to(v_cache.dtype)
             k_cache, v_cache = k_cache[index], v_cache[index]
-        o = decode_attention_op(q[:, :, None], k_cache[:b], v_cache[:b], seqlens, prefix_k, prefix_v, rows,
+        o = decode_attention_op(q[:, :, None], k_cache, v_cache, seqlens, prefix_k, prefix_v, rows,
                                 g.scale, g.backend, g.max_seqlen, counters)
         h = h + _linear(o.view(b, hq * d), w, "o")
         x = _rms_norm(h, w["post_norm"], g.eps, g.gemma_norm)
@@ -321,11 +326,14 @@ class StepOptions:
     """How the step runs. compiler: a torch.compile backend ("inductor"; "aot_eager" for CPU
     tests) or None for eager PyTorch. fuse: q/k/v and gate/up as one GEMM each. dynamic: one
     compile with a symbolic batch size (plus one for B=1) instead of one per batch size.
-    per_layer: compile one layer's graph, reused by every layer (else the whole step at once)."""
+    per_layer: compile one layer's graph, reused by every layer (else the whole step at once).
+    mode: torch.compile's mode, e.g. "max-autotune-no-cudagraphs" to autotune the GEMMs (never
+    a CUDA-graph mode: the caller captures the step itself)."""
     compiler: Optional[str] = "inductor"
     fuse: bool = True
     dynamic: bool = True
     per_layer: bool = True
+    mode: Optional[str] = None
 
 
 class DecodeStep:
@@ -369,27 +377,28 @@ class DecodeStep:
 
     # -- the step as one function of its inputs --------------------------------------------
 
-    def _forward(self, tokens, positions, seqlens, rows, temperature, top_k, top_p, seeds, steps, out,
-                 sampling, layer_fn, head_fn, embed_fn):
+    def _forward(self, tokens, positions, seqlens, rows, temperature, top_k, top_p, seeds, steps, out, k_all,
+                 v_all, sampling, layer_fn, head_fn, embed_fn):
+        """k_all, v_all: [L, B, Hkv, Smax, D], the first B slots of the cache."""
         h, cos, sin, seqlens32, rows32 = embed_fn(tokens, positions, seqlens, rows, self.embed_weight,
                                                   self.inv_freq)
         delta = None
         whole = torch.compiler.is_compiling()         # one graph of every layer (per_layer=False)
         for i, w in enumerate(self.layers):
-            self._mark(h, delta, cos, sin, seqlens32, rows32)
-            k, v, index = (self.k_cache, self.v_cache, i) if whole else (self.k_cache[i], self.v_cache[i], None)
+            k, v, index = (k_all, v_all, i) if whole else (k_all[i], v_all[i], None)
+            self._mark(h, delta, cos, sin, seqlens32, rows32, k, v)
             h, delta = layer_fn(h, delta, w, k, v, self.bank[i, 0], self.bank[i, 1], positions, seqlens32, rows32,
                                 cos, sin, self.counters, index)
         self._mark(h, delta)
         return head_fn(h, delta, self.norm_weight, self.lm_weight, self.lm_bias, temperature, top_k, top_p,
                        seeds, steps, out)
 
-    def _mark(self, *tensors):
+    def _mark(self, *tensors, dim=0):
         """Batch dims symbolic between separately compiled pieces (dynamic mode, B > 1)."""
         if self._compiling and self.options.dynamic and not torch.compiler.is_compiling():
             for t in tensors:
-                if t is not None and t.shape[0] > 1:
-                    torch._dynamo.mark_dynamic(t, 0)
+                if t is not None and t.shape[dim] > 1:
+                    torch._dynamo.mark_dynamic(t, dim)
 
     @property
     def _compiling(self) -> bool:
@@ -401,7 +410,7 @@ class DecodeStep:
             return self._embed, self._layer, self._heads[sampling], None
         if sampling not in self._compiled:
             o = self.options
-            compile_ = lambda fn: torch.compile(fn, fullgraph=True, backend=o.compiler,  # noqa: E731
+            compile_ = lambda fn: torch.compile(fn, fullgraph=True, backend=o.compiler, mode=o.mode,  # noqa: E731
                                                 dynamic=None if o.dynamic else False)
             if o.per_layer:
                 if "layer" not in self._compiled:
@@ -430,11 +439,14 @@ class DecodeStep:
         args = (tokens, positions, seqlens, rows, temperature, top_k, top_p, seeds, steps, out)
         self._check(args, sampling)
         embed, layer, head, whole = self._functions(sampling)
+        b = tokens.shape[0]
+        k_all, v_all = self.k_cache[:, :b], self.v_cache[:, :b]
         with compile_limits(self._compiling):
             self._mark(*[a for a in args if a is not None])
+            self._mark(k_all, v_all, dim=1)
             if whole is not None:
-                return whole(*args)
-            return self._forward(*args, sampling, layer, head, embed)
+                return whole(*args, k_all, v_all)
+            return self._forward(*args, k_all, v_all, sampling, layer, head, embed)
 
     _INPUTS = ("tokens", "positions", "seqlens", "rows", "temperature", "top_k", "top_p", "seeds", "steps", "out")
     _FLOAT_INPUTS = ("temperature", "top_p")
@@ -481,3 +493,48 @@ def compile_limits(compiling: bool = True):
     wanted = {"recompile_limit": 64, "accumulated_recompile_limit": 4096, "fail_on_recompile_limit_hit": True}
     with config.patch(**{k: v for k, v in wanted.items() if hasattr(config, k)}):
         yield
+
+
+# --------------------------------------------------------------------------------------------
+# What the engine asks for
+# --------------------------------------------------------------------------------------------
+
+def sampling_variant(params) -> str:
+    """The cheapest of SAMPLING that serves every request's SamplingParams in `params`."""
+    params = list(params)
+    if all(p.temperature == 0 for p in params):
+        return "greedy"
+    if any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params):
+        return "filtered"
+    return "sampled"
+
+
+def engine_step(choice, model, cache, bank, *, offset: int, backend: str) -> Optional[DecodeStep]:
+    """The decode step an engine runs for `choice` (its `decode_step` argument): a DecodeStep,
+    or None for the HF modules through the cache (eager, each graph replaying their kernels).
+
+    "auto": the compiled step on CUDA for a supported family; otherwise None, said once on CUDA
+    with the reason. "compiled": the compiled step, or NotImplementedError saying why not.
+    "eager": None. A StepOptions: the step with those options (CPU tests: compiler="aot_eager").
+    """
+    if isinstance(choice, StepOptions):
+        options = choice
+    elif choice in ("auto", "compiled"):
+        options = StepOptions()
+    elif choice == "eager":
+        return None
+    else:
+        raise ValueError(f"decode_step must be 'auto', 'compiled', 'eager' or a StepOptions, got {choice!r}")
+    why = unsupported_reason(model)
+    if choice == "auto":
+        if cache.k.device.type != "cuda":
+            return None
+        if why is not None:
+            warn_once(f"Engine: the decode step runs the model's own modules in a CUDA graph ({why})")
+            return None
+    elif why is not None:
+        raise NotImplementedError(f"decode_step={choice!r}: {why}; use decode_step='eager'")
+    if backend == "auto" and cache.k.device.type == "cpu":
+        backend = "reference"          # what "auto" takes there, without its warning
+    return DecodeStep(model, cache.k, cache.v, bank.prefix, offset=offset, backend=backend, options=options,
+                      workspace=cache.workspace)
