@@ -38,9 +38,9 @@ from ..bank import PrefixBank
 from ..integrations import transformers as hf
 from .attention import CacheAttention
 from .cache import KVCache
+from .graphs import GraphCache
 from .prefixes import PrefixSource, read_prefix, read_prefixes
 from .request import Completion, EngineClosed, PromptTooLong, QueueFull, Request
-from .graphs import GraphCache
 from .rows import BankRows, free_names
 from .sampling import SamplingParams, sample
 from .step import SAMPLING, engine_step, sampling_variant
