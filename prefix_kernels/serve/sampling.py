@@ -89,16 +89,33 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         return greedy
     scaled = logits.float() / temperature.clamp_min(1e-6)[:, None]
     if any_filtered:
-        vocab = scaled.shape[-1]
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs          # mass of the tokens ranked above
-        rank = torch.arange(vocab, device=logits.device)[None]
-        k = torch.where(top_k > 0, top_k, vocab)[:, None]
-        drop = (before >= top_p[:, None]) | (rank >= k)
-        drop[:, 0] = False                             # the top token always stays
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        scaled = torch.empty_like(scaled).scatter_(-1, order, sorted_logits)
+        scaled = filter_top_k_top_p(scaled, top_k, top_p)
     gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, scaled.shape[-1])))
     sampled = (scaled + gumbel).argmax(dim=-1)
     return torch.where(temperature > 0, sampled, greedy)
+
+
+@torch.library.custom_op("prefix_kernels::filter_top_k_top_p", mutates_args=())
+def filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """scaled [B, V] float32 with every logit outside row b's top_k[b] (0: all) and top-p nucleus
+    top_p[b] set to -inf; the top token always stays.
+
+    A custom op, so a compiled step leaves the sort and the cumulative sum to eager kernels: with
+    a symbolic batch size inductor failed to generate the scan (torch 2.11, H200, 2026-11-30:
+    InductorError in SplitScan codegen, "list indices must be integers or slices, not NoneType").
+    Inside a captured CUDA graph these kernels replay like the rest of the step."""
+    vocab = scaled.shape[-1]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs          # mass of the tokens ranked above
+    rank = torch.arange(vocab, device=scaled.device)[None]
+    k = torch.where(top_k > 0, top_k, vocab)[:, None]
+    drop = (before >= top_p[:, None]) | (rank >= k)
+    drop[:, 0] = False                             # the top token always stays
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(scaled).scatter_(-1, order, sorted_logits)
+
+
+@filter_top_k_top_p.register_fake
+def _(scaled, top_k, top_p):
+    return torch.empty_like(scaled)
