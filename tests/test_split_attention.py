@@ -16,26 +16,16 @@ import prefix_kernels as pk
 from prefix_kernels.ops import split_attention as sa
 from prefix_kernels.ops.vendor_attention import lse_bhs
 from prefix_kernels.ops.reference import reference_prefix_attention
+import attention_utils
 from conftest import kernel_device, requires_gpu
 
-NAMES = ["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"]
+NAMES = attention_utils.NAMES
 
 
-def make_inputs(B=2, H=4, HKV=2, SQ=19, SK=None, D=32, P=7, N=3, dtype=torch.float32, device="cpu",
-                mixed=True, hf_layout=False):
-    SK = SQ if SK is None else SK
-    if hf_layout:   # HF hands attention [B, S, H, D] transposed
-        q = torch.randn(B, SQ, H, D, device=device, dtype=dtype).transpose(1, 2)
-        k = torch.randn(B, SK, HKV, D, device=device, dtype=dtype).transpose(1, 2)
-        v = torch.randn(B, SK, HKV, D, device=device, dtype=dtype).transpose(1, 2)
-    else:
-        q = torch.randn(B, H, SQ, D, device=device, dtype=dtype)
-        k = torch.randn(B, HKV, SK, D, device=device, dtype=dtype)
-        v = torch.randn(B, HKV, SK, D, device=device, dtype=dtype)
-    bank_k = torch.randn(N, HKV, P, D, device=device, dtype=dtype)
-    bank_v = torch.randn(N, HKV, P, D, device=device, dtype=dtype)
-    index = torch.tensor([(2 * b) % N for b in range(B)], device=device) if mixed else None
-    return [t.requires_grad_() for t in (q, k, v, bank_k, bank_v)], index
+def make_inputs(**kwargs):
+    """attention_utils.make_inputs without a padding mask (the split path takes none)."""
+    tensors, index, _ = attention_utils.make_inputs(**kwargs)
+    return tensors, index
 
 
 def run_split(tensors, index, grad_out, config, causal=True):

@@ -8,21 +8,12 @@ Softmax runs in base 2 like the fused kernels; the LSE that comes and goes is na
 import triton
 import triton.language as tl
 
+from .prefix_attention_kernels import _bank_entry
+
 # Inside @triton.jit code a global must be a tl.constexpr: a plain float passes the interpreter but
 # fails compilation on the GPU ("CompilationError at 53:46", H200 probe, 2026-11-30).
 KERNEL_LOG2E = tl.constexpr(1.4426950408889634)
 KERNEL_LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX: tl.constexpr):
-    """The row's bank entry clamped into the bank, and whether it was in range (else NaN rows)."""
-    if HAS_PIDX:
-        entry = tl.load(pidx_ptr + b).to(tl.int64)
-        ok = (entry >= 0) & (entry < N_ENTRIES)
-        return tl.where(ok, entry, 0), ok
-    else:
-        return 0, True
 
 
 @triton.jit
@@ -45,7 +36,7 @@ def _split_fwd_merge(
     b = pid_bh // H
     h = pid_bh % H
     hk = h // G
-    entry, entry_ok = _entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX=HAS_PIDX)
+    entry, entry_ok = _bank_entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX=HAS_PIDX)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < SQ
@@ -111,7 +102,7 @@ def _split_bwd_dq(
     b = pid_bh // H
     h = pid_bh % H
     hk = h // G
-    entry, _ = _entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX=HAS_PIDX)
+    entry, _ = _bank_entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX=HAS_PIDX)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < SQ
@@ -165,7 +156,7 @@ def _split_bwd_dprefix(
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // HKV
     hk = pid_bh % HKV
-    entry, _ = _entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX=HAS_PIDX)
+    entry, _ = _bank_entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX=HAS_PIDX)
     split = pid_n % SPLITS
     offs_n = (pid_n // SPLITS) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -226,7 +217,7 @@ def _split_bwd_onepass(
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // HKV
     hk = pid_bh % HKV
-    entry, _ = _entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX=HAS_PIDX)
+    entry, _ = _bank_entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX=HAS_PIDX)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < P
