@@ -126,7 +126,8 @@ def test_reference_backend_dropout_keeps_the_expectation():
     tensors, index, _ = make_inputs(B=2, H=2, HKV=1, SQ=64, P=8)
     q, k, v, bk, bv = (t.detach() for t in tensors)
     q, v, bv = torch.zeros_like(q), torch.ones_like(v), torch.ones_like(bv)
-    out = pk.prefix_attention(q, k, v, bk, bv, prefix_index=index, dropout_p=0.5, backend="reference")
+    # p=0.3, not 0.5: a swapped keep/drop mask (mean ~0.43) or a 1/p scale (~2.33) must fail
+    out = pk.prefix_attention(q, k, v, bk, bv, prefix_index=index, dropout_p=0.3, backend="reference")
     assert abs(out.mean().item() - 1) < 0.1 and (out != 1).any()
 
 
@@ -178,6 +179,30 @@ def test_features_match_fp64_reference(case):
         features["dropout_mask"] = _keep_mask(2, tensors, features["dropout_p"])
     ref_out, ref_grads = reference_fp64(tensors, index, mask, grad_out, **features)
     assert_close_fp64((out, *grads), (ref_out, *ref_grads))
+
+
+@pytest.mark.parametrize("case", ["window18_gqa4", "softcap_causal", "packed_window_softcap_dropout"])
+def test_features_prefix_only_backward(case):
+    # A frozen model's first layer asks only for the bank's gradients: another grid, another
+    # split count and the segment bound passed as is; checked with each feature on.
+    shape, features = FEATURE_CASES[case]
+    features = dict(features)
+    device = kernel_device()
+    tensors, index, mask = make_inputs(device=device, **shape)
+    for t in tensors[:3]:
+        t.requires_grad_(False)
+    if "segments" in features:
+        q = tensors[0]
+        features["segment_start"] = _packed_starts(q.shape[0], q.shape[2], features.pop("segments"), device)
+    grad_out = torch.randn_like(tensors[0])
+    torch.manual_seed(2)
+    out, grads = run(tensors, index, mask, grad_out, "triton", **features)
+    if features.get("dropout_p"):
+        features["dropout_mask"] = _keep_mask(2, tensors, features["dropout_p"])
+    ref_out, ref_grads = reference_fp64(tensors, index, mask, grad_out, **features)
+    assert len(grads) == 2
+    for name, got, want in zip(("out", "dprefix_k", "dprefix_v"), (out, *grads), (ref_out, *ref_grads)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=3e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_unsorted_segment_starts_still_match_the_reference():

@@ -29,6 +29,8 @@ CASES = {
     "head_dim_80": dict(D=80, SQ=17, H=2, HKV=1),
     "single_entry_no_index": dict(N=1, mixed=False, SQ=26),
     "sq_gt_sk": dict(SQ=20, SK=11),
+    # Sq > 64: the prefix-gradient programs split the queries into ranges (one range up to 64)
+    "long_splits": dict(B=2, H=2, HKV=1, SQ=150, P=7, padding="left"),
 }
 
 

@@ -54,6 +54,8 @@ CASES = {
     "hf_strides": dict(SQ=23, hf_layout=True),
     "head_dim_40": dict(D=40, SQ=18, H=2, HKV=1),
     "single_entry": dict(N=1, mixed=False, SQ=26),
+    # Sq > 64: the bank-gradient programs split the queries into ranges (one range up to 64)
+    "long_splits": dict(B=2, H=2, HKV=1, SQ=150, P=7),
 }
 MATRIX = ([(case, mode, kind) for case in CASES for mode, kind in (("pad", "auto"), ("merge", "onepass"),
                                                                       ("merge", "twopass"))]
