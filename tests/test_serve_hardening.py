@@ -172,7 +172,8 @@ def test_3_an_oversized_body_is_413_before_it_is_read(server):
                                                                      f"Content-Length: {64 << 20}"]))
     status, headers, body = split_response(raw)
     assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"
-    assert time.monotonic() - start < 2 and headers.get("connection") == "close"
+    # the 413 itself proves the body was not read (the read timeout would have made it 408)
+    assert time.monotonic() - start < 10 and headers.get("connection") == "close"
     # chunked, without a length: cut off once over the limit
     chunk = b"x" * (1 << 20)
     data = head("POST", "/v1/completions", ["Content-Type: application/json", "Transfer-Encoding: chunked"])
@@ -271,14 +272,15 @@ def test_5_a_burst_of_connections_waits_in_the_backlog(server):
     elapsed = time.monotonic() - start
     for s in socks:
         s.close()
-    assert not errors and elapsed < 0.9, (len(errors), elapsed)
+    # a full backlog would drop SYNs: the 0.5 s connect timeout fails first; the time is a sanity bound
+    assert not errors and elapsed < 5, (len(errors), elapsed)
 
 
 # -- 6. SIGTERM drains --------------------------------------------------------------------------
 
 def test_6_drain_lets_requests_finish_and_ends_streams_with_done():
     srv = start_server(make_engine(max_batch=4, max_seq_len=256))
-    body = completion(max_tokens=60, ignore_eos=True)
+    body = completion(max_tokens=200, ignore_eos=True)      # long enough to be in flight at the drain
     health = socket.create_connection(("127.0.0.1", srv.port))       # a keep-alive connection of a prober
     try:
         with ThreadPoolExecutor(4) as pool:
@@ -298,7 +300,7 @@ def test_6_drain_lets_requests_finish_and_ends_streams_with_done():
                 events = sse_events(text)          # ends with [DONE]
                 assert status == 200 and events[-1]["choices"][0]["finish_reason"] == "length"
             status, out = plain.result(30)
-            assert status == 200 and out["usage"]["completion_tokens"] == 60
+            assert status == 200 and out["usage"]["completion_tokens"] == 200
             drain.result(30)
     finally:
         health.close()
@@ -530,17 +532,19 @@ def test_15_max_tokens_is_capped(server):
 
 
 def test_15_per_client_limits_are_429():
-    srv = start_server(make_engine(max_batch=4, max_seq_len=512), api_keys=("alice", "bob"),
-                       client_max_requests=2, client_max_tokens=300)
+    # the engine starts only after the refusal: alice's two requests are surely still in flight
+    srv = Server(make_engine(max_batch=4, max_seq_len=512), port=0, api_keys=("alice", "bob"),
+                 client_max_requests=2, client_max_tokens=300).start(engine=False)
     alice, bob = {"Authorization": "Bearer alice"}, {"Authorization": "Bearer bob"}
     long = completion(max_tokens=100, ignore_eos=True)
     try:
         with ThreadPoolExecutor(4) as pool:
             running = [pool.submit(post, srv, "/v1/completions", long, headers=alice) for _ in range(2)]
-            wait_until(lambda: srv.engine.num_active + srv.engine.num_waiting == 2)
+            wait_until(lambda: srv.engine.num_waiting == 2)
             status, out = post(srv, "/v1/completions", long, headers=alice)
             assert status == 429 and out["error"]["code"] == "client_limit" and "requests in flight" in \
                 out["error"]["message"]
+            srv.engine.start()
             status, out = post(srv, "/v1/completions", completion(max_tokens=250), headers=bob)
             assert status == 200             # another client is not held back
             assert all(f.result(60)[0] == 200 for f in running)
