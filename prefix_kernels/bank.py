@@ -33,10 +33,11 @@ SAVE_FORMATS = ("auto", "peft", "prefix_kernels")
 
 
 def validate_name(name) -> str:
-    """An entry name: 1-64 of [A-Za-z0-9._-], not "." or ".." (names become folder names)."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+    """An entry name: 1-64 of [A-Za-z0-9._-], not only dots (names become folder names when
+    saved and URL path segments when served)."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or set(name) == {"."}:
         raise ValueError(f"invalid prefix name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ - "
-                         "(not '.' or '..'); names become folder names when saved")
+                         "(not only dots); names become folder names when saved")
     return name
 
 

@@ -553,3 +553,44 @@ def test_gpu_engine_matches_peft(prefill_chunk):
     outs = eng.generate(prompts, ["a", "b"], SamplingParams(temperature=0, max_tokens=6))
     for out, prompt, name in zip(outs, prompts, "ab"):
         assert out.token_ids == peft_greedy("llama", table[name], prompt, 6), name
+
+
+# -- models and arguments the engine refuses before touching the model ---------------------------
+
+def test_models_it_cannot_serve_are_refused_before_patching():
+    from hf_tiny import tiny_seq2seq
+
+    from prefix_kernels.integrations.transformers import is_patched
+
+    bart = tiny_seq2seq("bart")
+    with pytest.raises(ValueError, match="decoder-only models; bart is an encoder-decoder"):
+        Engine(bart, {"a": torch.randn(2, 2, 4, P, 16)})
+    assert not is_patched(bart)
+    gemma2 = tiny_model("gemma2", attn_logit_softcapping=50.0)
+    with pytest.raises(ValueError, match="caps its attention logits"):
+        Engine(gemma2, prefixes("gemma2", names=("a",)))
+    assert not is_patched(gemma2)
+    for name, value in (("max_batch", 0), ("max_seq_len", 1), ("queue_size", 0), ("prefill_chunk", 0)):
+        with pytest.raises(ValueError, match=f"{name} must be >= "):
+            Engine(tiny_model("llama"), prefixes(names=("a",)), **{name: value})
+
+
+def test_a_bad_prefix_leaves_a_patched_model_as_it_was():
+    from prefix_kernels.integrations.transformers import get_prefix_bank, is_patched, patch_model
+
+    model = tiny_model("llama")
+    bank = patch_model(model, P, names=["kept"])
+    with pytest.raises(ValueError):
+        Engine(model, {"bad": torch.randn(3, 3)})
+    assert is_patched(model) and get_prefix_bank(model) is bank
+
+
+def test_eos_stops_without_a_tokenizer():
+    model = tiny_model("llama")
+    table = prefixes(names=("a",))
+    ids = [5, 9, 17, 33]
+    free = Engine(model, table, max_batch=2, max_seq_len=48).generate([ids], "a", GREEDY)[0].token_ids
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = free[2]
+    out = Engine(model, table, max_batch=2, max_seq_len=48).generate([ids], "a", GREEDY)[0]
+    assert out.finish_reason == "stop" and out.token_ids == free[:free.index(free[2])]

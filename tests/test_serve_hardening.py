@@ -54,6 +54,16 @@ def adapters(tmp_path):
     return root
 
 
+def test_1_a_full_bank_is_409_not_a_bad_adapter(adapters):
+    engine = make_engine(max_prefixes=len(make_engine().prefixes))      # every row taken
+    srv = start_server(engine, enable_admin=True, admin_key="adm", adapter_root=str(adapters))
+    try:
+        status, out = post(srv, "/v1/prefixes", {"name": "new", "path": "good"}, headers={"Authorization": "Bearer adm"})
+        assert status == 409 and out["error"]["code"] == "bank_full", out
+    finally:
+        srv.close()
+
+
 def test_1_api_key_guards_the_openai_routes():
     srv = start_server(api_keys=("k1", "k2"))
     try:

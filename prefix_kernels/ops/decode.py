@@ -13,6 +13,7 @@ function. Softmax runs in base 2: scores are pre-multiplied by scale*log2(e).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Optional
@@ -326,6 +327,12 @@ def _check_workspace(workspace, q, heads_kv):
               f"DecodeWorkspace(device, batch, heads_q, heads_kv, seqlen_q) for the largest launch")
 
 
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    # the path is the same for every layer and step: said once, not ~1,200 times during warm-up
+    log.info(message)
+
+
 # --------------------------------------------------------------------------------------------
 # Checks and dispatch
 # --------------------------------------------------------------------------------------------
@@ -505,7 +512,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     path, why = select_backend(q, k_cache, v_cache, prefix_k, prefix_v, backend)
     if path == "cuda":
-        log.info("decode_attention: %s", why)
+        _log_once(f"decode_attention: {why}")
     elif backend == "auto" or path != backend:
         _warn_once(f"decode_attention: using the {'Triton kernel' if path == 'triton' else 'PyTorch reference'}"
                    f" ({why})")

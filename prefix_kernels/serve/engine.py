@@ -80,18 +80,22 @@ class Engine:
     def __init__(self, model, prefixes=None, *, tokenizer=None, max_batch: int = 32, max_seq_len: int = 1024,
                  max_prefixes: int = 64, queue_size: int = 256, prefill_chunk: int = 2048,
                  cuda_graphs: bool | None = None, backend: str = "auto", decode_step="auto"):
+        for name, value, low in (("max_batch", max_batch, 1), ("max_seq_len", max_seq_len, 2),
+                                 ("max_prefixes", max_prefixes, 1), ("queue_size", queue_size, 1),
+                                 ("prefill_chunk", prefill_chunk, 1)):
+            if int(value) < low:
+                raise ValueError(f"Engine: {name} must be >= {low}, got {value}")
+        _check_servable(model.config)
         self.model = model.eval()
         offset, source = None, prefixes
         patched = hf.get_prefix_bank(model) if hf.is_patched(model) else None
-        if patched is not None:           # re-patched below with a bank of fixed capacity
-            offset = hf.position_offset(model)
-            source = patched if source is None else source
-            hf.unpatch_model(model)
-        entries = read_prefixes(source)
+        # read the prefixes before unpatching a patched model: a bad one leaves it as it was
+        entries = read_prefixes(patched if source is None else source)
         if not entries:
             raise ValueError("the engine needs at least one prefix: pass prefixes={name: adapter folder or tensor}")
-        if int(prefill_chunk) < 1:
-            raise ValueError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
+        if patched is not None:           # re-patched below with a bank of fixed capacity
+            offset = hf.position_offset(model)
+            hf.unpatch_model(model)
         prefix_len = next(iter(entries.values())).prefix_len
         self.max_batch, self.max_seq_len, self.queue_size = int(max_batch), int(max_seq_len), int(queue_size)
         self.prefill_chunk = int(prefill_chunk)
@@ -105,7 +109,7 @@ class Engine:
         self.offset = hf.position_offset(model)
         try:
             self._check_geometry(model.config)
-        except ValueError:
+        except Exception:
             hf.unpatch_model(model)
             raise
 
@@ -122,8 +126,8 @@ class Engine:
         hf.set_attention_hook(model, CacheAttention(self.cache, backend))
         self.decode_step = engine_step(decode_step, model, self.cache, self.bank, offset=self.offset,
                                        backend=backend)
-        self.tokenizer = None if tokenizer is None else Tokenizer(
-            tokenizer, _eos_ids(getattr(model, "generation_config", None)))
+        self._model_eos = frozenset(_eos_ids(getattr(model, "generation_config", None)))
+        self.tokenizer = None if tokenizer is None else Tokenizer(tokenizer, self._model_eos)
         self.vocab_size = model.config.vocab_size
         self._logits_to_keep = _wants_logits_to_keep(model)
 
@@ -162,14 +166,20 @@ class Engine:
         self._closed = False
         self.steps = 0
 
+    @property
+    def eos_token_ids(self) -> frozenset:
+        """Token ids that end a request (unless ignore_eos): the tokenizer's, which include the
+        model's generation config's, or those alone when the engine works on token ids."""
+        return self.tokenizer.eos_token_ids if self.tokenizer is not None else self._model_eos
+
     # -- construction checks -----------------------------------------------------------------
 
     def _check_geometry(self, config):
         window = getattr(config, "sliding_window", None)
         if window and getattr(config, "use_sliding_window", True) and self.max_seq_len + self.bank.prefix_len > window:
             raise ValueError(f"{config.model_type} has a sliding window of {window} keys but max_seq_len="
-                             f"{self.max_seq_len} + {self.bank.prefix_len} prefix slots exceed it (the kernels "
-                             f"have no window): use max_seq_len <= {window - self.bank.prefix_len}")
+                             f"{self.max_seq_len} + {self.bank.prefix_len} prefix slots exceed it (the decode "
+                             f"kernel has no window): use max_seq_len <= {window - self.bank.prefix_len}")
         if hf.FAMILIES[config.model_type].absolute_positions:
             limit = config.max_position_embeddings
             if self.max_seq_len + self.offset > limit:
@@ -541,7 +551,7 @@ class Engine:
         params = req.params
         req.mark_token()
         req.output_ids.append(token)
-        if not params.ignore_eos and self.tokenizer is not None and token in self.tokenizer.eos_token_ids:
+        if not params.ignore_eos and token in self.eos_token_ids:      # with or without a tokenizer
             req.output_ids.pop()
             self._finish(req, "stop")
             return
@@ -567,6 +577,21 @@ class Engine:
             self._prefilling.remove(req)
         self.rows.release(req.row)
         req.finish(reason, error)
+
+
+def _check_servable(config) -> None:
+    """Refuse, before anything is patched, a model the engine's decode path cannot run exactly."""
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"the serving engine runs decoder-only models; {model_type} is an encoder-decoder model "
+                         "(use patch_model + model.generate for it)")
+    if model_type not in hf.FAMILIES:
+        raise ValueError(f"the serving engine does not support model_type {model_type!r}; it serves "
+                         f"{', '.join(sorted(hf.FAMILIES))}")
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap:
+        raise ValueError(f"{model_type} caps its attention logits ({softcap}) and the decode kernel has no softcap: "
+                         "the engine cannot serve it (patch_model + model.generate can)")
 
 
 @dataclass

@@ -76,15 +76,17 @@ def _parser():
 
 
 def _named_dirs(pairs):
-    from .security import NAME_RE
+    from ..bank import validate_name
 
     out = {}
     for pair in pairs:
         name, sep, folder = pair.partition("=")
         if not sep or not name or not folder:
             raise SystemExit(f"--prefix takes NAME=DIR, got {pair!r}")
-        if not NAME_RE.fullmatch(name):
-            raise SystemExit(f"--prefix name {name!r}: use 1-64 characters of A-Z a-z 0-9 . _ -")
+        try:
+            validate_name(name)
+        except ValueError as e:
+            raise SystemExit(f"--prefix: {e}") from None
         if name in out:
             raise SystemExit(f"--prefix {name} is given twice")
         out[name] = folder

@@ -133,6 +133,10 @@ class Request:
     def finish(self, reason: str, error: str | None = None) -> None:
         """Engine side: end the request (a finish_reason of Completion) and wake its readers."""
         self.finish_reason, self.error = reason, error
-        tail = self.detok.delta(True) if self.detok is not None else ""
+        try:
+            tail = self.detok.delta(True) if self.detok is not None else ""
+        except Exception as e:          # a tokenizer that cannot decode an id: this request fails alone
+            tail = ""
+            self.finish_reason, self.error = "error", f"{type(e).__name__}: {e}"
         self._events.put(("done", tail, None))
         self._done.set()

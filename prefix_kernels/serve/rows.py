@@ -36,6 +36,10 @@ def _bank_name(name: str, row: int) -> str:
     return f"{SERVED}{row}" if name.startswith(RESERVED) else name
 
 
+class BankFull(ValueError):
+    """Every row of the bank serves a prefix (or waits for its last request): remove one first."""
+
+
 class BankRows:
     """Which bank row serves which name, which rows are free, and how many requests use each.
 
@@ -101,8 +105,8 @@ class BankRows:
         if name in self._rows and not replace:
             raise ValueError(f"a prefix named {name!r} is already served")
         if not reserved and not self._free:
-            raise ValueError(f"the prefix bank is full ({self.capacity} prefixes, max_prefixes): "
-                             "remove one first")
+            raise BankFull(f"the prefix bank is full ({self.capacity} prefixes, max_prefixes): "
+                           "remove one first")
 
     def remove(self, name: str) -> None:
         """Stop serving `name`: new requests for it fail at once; its row is freed when unused."""

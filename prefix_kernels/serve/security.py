@@ -6,11 +6,10 @@ import hashlib
 import hmac
 import ipaddress
 import os
-import re
 
+from ..bank import validate_name
 from .api import ApiError
 
-NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
@@ -25,10 +24,12 @@ def is_loopback(host: str) -> bool:
 
 
 def check_name(name) -> str:
-    """A prefix name: 1-64 of [A-Za-z0-9._-], not only dots (it is also a URL path segment)."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or set(name) == {"."}:
-        raise ApiError(400, "'name' must be 1-64 characters of A-Z a-z 0-9 . _ - (not only dots)", param="name")
-    return name
+    """A prefix name by the bank's rule (bank.validate_name), as a 400 for the client."""
+    try:
+        return validate_name(name)
+    except ValueError:
+        raise ApiError(400, "'name' must be 1-64 characters of A-Z a-z 0-9 . _ - (not only dots)",
+                       param="name") from None
 
 
 def _bearer(headers) -> str | None:

@@ -30,11 +30,19 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from .api import ApiError, ChunkWriter, Limits, completion_body, parse_generation, parse_json
+from .api import (
+    ApiError,
+    ChunkWriter,
+    Limits,
+    completion_body,
+    parse_generation,
+    parse_json,
+)
 from .connections import Registry
 from .metrics import Metrics
 from .pump import EventPump
 from .request import EngineClosed, PromptTooLong, QueueFull, UnknownPrefix
+from .rows import BankFull
 from .security import Access, ClientLimits, check_name, client_id, is_loopback
 
 log = logging.getLogger("prefix_kernels.serve")
@@ -432,10 +440,15 @@ class Server:
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self._pool, functools.partial(self.engine.add_prefix, name, real))
-        except Exception as e:      # anything in the client's adapter is the client's error
+        except BankFull as e:               # capacity, not a bad adapter
+            raise ApiError(409, f"cannot add {name!r}: {e}", code="bank_full") from None
+        except (ValueError, FileNotFoundError, TypeError, KeyError) as e:   # the client's adapter
             log.info("adding prefix %r from %r failed: %s: %s", name, real, type(e).__name__, e)
             raise ApiError(400, f"adapter {path!r} cannot be loaded: {self._clean(e, real, path)}",
                            param="path", code="invalid_adapter") from None
+        except Exception:                   # the server's fault (out of memory, a bug): 500, logged
+            log.exception("adding prefix %r from %r failed", name, real)
+            raise ApiError(500, f"adding prefix {name!r} failed on the server", code="internal_error") from None
         return _json_response(201, {"object": "prefix", "id": name, "prefixes": self.engine.prefixes})
 
     def _clean(self, err, real, shown) -> str:
