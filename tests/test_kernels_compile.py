@@ -13,10 +13,14 @@ import pytest
 _SCRIPT = r"""
 import sys
 import torch
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton._C.libtriton import ir
-from triton.compiler.compiler import make_backend
+try:        # triton's compiler internals: their names move between releases
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton._C.libtriton import ir
+    from triton.compiler.compiler import make_backend
+except ImportError as exc:
+    print("TRITON_INTERNALS_DIFFER", exc)
+    sys.exit(77)
 from prefix_kernels.ops import prefix_attention as op
 
 launches = []
@@ -94,7 +98,7 @@ def test_kernels_pass_the_gpu_compiler_frontend():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    if "ImportError" in res.stderr or "make_ir() takes" in res.stdout:
+    if res.returncode == 77 or "make_ir() takes" in res.stdout:   # not an import error of ours
         pytest.skip(f"this triton's compiler internals differ: {res.stderr.strip().splitlines()[-1:]}")
     assert res.returncode == 0, res.stdout + res.stderr[-2000:]
     assert res.stdout.count("OK") == 15, res.stdout     # fwd, 2 dq, 2 dkdv, 2 reduces per call; dropout_mask

@@ -303,10 +303,14 @@ def test_path_split_on_the_gpu_calls_the_vendor(split_calls):
 _FRONTEND_SCRIPT = r"""
 import sys
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton._C.libtriton import ir
-from triton.compiler.compiler import make_backend
+try:        # triton's compiler internals: their names move between releases
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton._C.libtriton import ir
+    from triton.compiler.compiler import make_backend
+except ImportError as exc:
+    print("TRITON_INTERNALS_DIFFER", exc)
+    sys.exit(77)
 from prefix_kernels.ops import split_kernels as K
 from prefix_kernels.ops.prefix_attention_kernels import reduce_prefix_grads
 
@@ -362,7 +366,7 @@ def test_split_kernels_pass_the_gpu_compiler_frontend():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", _FRONTEND_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)
-    if "ImportError" in res.stderr or "make_ir() takes" in res.stdout:
+    if res.returncode == 77 or "make_ir() takes" in res.stdout:   # not an import error of ours
         pytest.skip(f"this triton's compiler internals differ: {res.stderr.strip().splitlines()[-1:]}")
     assert res.returncode == 0, res.stdout + res.stderr[-2000:]
     assert res.stdout.count("OK") == 5, res.stdout

@@ -30,6 +30,11 @@ def environment() -> dict:
             env[name] = version(name)         # without importing it (peft alone takes seconds)
         except PackageNotFoundError:
             env[name] = None
+    # the switches that choose what ran (PREFIX_KERNELS_ATTENTION=split, ..._AUTOTUNE=0, ...):
+    # a figure without them cannot be traced to the path it measured
+    env["settings"] = {k: v for k, v in sorted(os.environ.items())
+                       if k.startswith("PREFIX_KERNELS_") and k not in ("PREFIX_KERNELS_GIT_COMMIT",
+                                                                         "PREFIX_KERNELS_RESULTS")}
     return env
 
 
