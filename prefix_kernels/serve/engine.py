@@ -43,7 +43,7 @@ from .prefixes import PrefixSource, read_prefix, read_prefixes
 from .request import Completion, EngineClosed, PromptTooLong, QueueFull, Request
 from .rows import BankRows, free_names
 from .sampling import SamplingParams, sample
-from .step import SAMPLING, engine_step, sampling_variant
+from .step import SAMPLING, StepOptions, engine_step, sampling_variant
 from .text import Detokenizer, Tokenizer
 from .validation import check_sampling_params
 
@@ -79,7 +79,8 @@ class Engine:
 
     def __init__(self, model, prefixes=None, *, tokenizer=None, max_batch: int = 32, max_seq_len: int = 1024,
                  max_prefixes: int = 64, queue_size: int = 256, prefill_chunk: int = 2048,
-                 cuda_graphs: bool | None = None, backend: str = "auto", decode_step="auto"):
+                 cuda_graphs: bool | None = None, backend: str = "auto",
+                 decode_step: "str | StepOptions" = "auto"):
         self.model = model.eval()
         offset, source = None, prefixes
         patched = hf.get_prefix_bank(model) if hf.is_patched(model) else None
