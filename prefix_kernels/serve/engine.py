@@ -511,7 +511,10 @@ class Engine:
             return self._decode_fn(batch, sampling)()
         # the warm-ups before capture rewrite each row's K/V at its current position (slots not
         # decoding: their parked one) and the token buffer, which is restored
-        return self._graphs.replay((batch, sampling), self._decode_fn(batch, sampling), preserve=[self._tokens])
+        key = (batch, sampling)
+        if key in self._graphs:
+            return self._graphs.replay(key)
+        return self._graphs.replay(key, self._decode_fn(batch, sampling), preserve=[self._tokens])
 
     @torch.no_grad()
     def warmup(self, batch_sizes: list[int] | None = None, sampling: tuple[str, ...] = SAMPLING) -> None:
