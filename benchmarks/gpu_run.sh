@@ -30,7 +30,7 @@ for step in "$@"; do
     scaling) NCCL_NVLS_ENABLE=0 timeout 560 python3 benchmarks/bench_scaling.py > $OUT/bench_scaling.log 2>&1; grep -v "^W[0-9]" $OUT/bench_scaling.log | tail -22 ;;
     decode) timeout 300 python3 benchmarks/bench_decode_kernel.py > $OUT/bench_decode.log 2>&1; tail -30 $OUT/bench_decode.log ;;
     decode-splits) timeout 200 python3 benchmarks/bench_decode_kernel.py --sweep-splits 2>&1 | tee $OUT/decode_splits.log ;;
-    servetests-gpu) timeout 300 python3 -m pytest -q -p no:logging tests/test_serve_engine.py tests/test_serve_http.py > $OUT/servetests.log 2>&1; summary $OUT/servetests.log ;;
+    servetests-gpu) timeout 540 python3 -m pytest -q -p no:logging tests/test_serve_engine.py tests/test_serve_http.py > $OUT/servetests.log 2>&1; summary $OUT/servetests.log ;;
     steptests-gpu) timeout 400 python3 -m pytest -q -p no:logging -m gpu tests/test_step.py tests/test_decode.py -k "step or custom_op" > $OUT/steptests.log 2>&1; summary $OUT/steptests.log ;;
     decode-step) timeout 295 python3 benchmarks/profile_decode_step.py 2>&1 | tee $OUT/decode_step.log | grep -v "^\s*$" ;;
     decode-step-extra) PREFIX_KERNELS_RESULTS=$OUT/extra timeout 295 python3 benchmarks/profile_decode_step.py --batches 32 128 --variants eager-graph compiled+fused --extra static whole --no-fp32-check 2>&1 | tee $OUT/decode_step_extra.log ;;

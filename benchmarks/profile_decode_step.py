@@ -79,33 +79,13 @@ def start_positions(n, max_seq_len):
 
 def engine_cache(model, bank, slots, max_seq_len, dtype, device, backend):
     """The engine's KV cache, hooked into the patched model's attention; `cache.decoding(batch,
-    positions, seqlens)` is the context of a decode forward (the engine's cache API before and
-    after its split into cache.py / attention.py)."""
+    positions, seqlens)` is the context of a decode forward."""
     from prefix_kernels.integrations import transformers as hf
+    from prefix_kernels.serve.attention import CacheAttention
+    from prefix_kernels.serve.cache import KVCache
 
-    geometry = (bank.num_layers, slots, bank.num_kv_heads, max_seq_len, bank.head_dim)
-    heads = model.config.num_attention_heads
-    try:
-        from prefix_kernels.serve.attention import CacheAttention
-        from prefix_kernels.serve.cache import KVCache
-    except ImportError:
-        import contextlib
-
-        from prefix_kernels.serve.cache import StaticKVCache
-
-        cache = StaticKVCache(*geometry, num_q_heads=heads, dtype=dtype, device=device, backend=backend)
-
-        @contextlib.contextmanager
-        def decoding(batch, positions, seqlens):
-            cache.mode, cache.positions, cache.seqlens = "decode", positions, seqlens
-            try:
-                yield cache
-            finally:
-                cache.mode = None
-        cache.decoding = decoding
-        hf.set_attention_hook(model, cache)
-        return cache
-    cache = KVCache(*geometry, num_q_heads=heads, dtype=dtype, device=device)
+    cache = KVCache(bank.num_layers, slots, bank.num_kv_heads, max_seq_len, bank.head_dim,
+                    num_q_heads=model.config.num_attention_heads, dtype=dtype, device=device)
     hf.set_attention_hook(model, CacheAttention(cache, backend))
     return cache
 

@@ -81,7 +81,8 @@ def run_hf_compiled(model, prompts: torch.Tensor, steps: int, compiler: str | No
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
     mode = "reduce-overhead" if device.type == "cuda" and compiler == "inductor" else None
-    compiled = torch.compile(decode, mode=mode, fullgraph=True, backend=compiler) if compiler else decode
+    # static shapes: compiled for this batch size, as a user serving one batch size would
+    compiled = torch.compile(decode, mode=mode, fullgraph=True, backend=compiler, dynamic=False) if compiler else decode
     positions = [torch.tensor([context + i], device=device) for i in range(steps + 3)]
     state = {"token": token}
 

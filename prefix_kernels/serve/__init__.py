@@ -2,7 +2,8 @@
 from .engine import Engine
 from .request import Completion, EngineClosed, PromptTooLong, QueueFull, Request, UnknownPrefix
 from .sampling import SamplingParams
+from .step import StepOptions
 from .text import ByteTokenizer
 
 __all__ = ["Engine", "SamplingParams", "Request", "Completion", "ByteTokenizer", "UnknownPrefix",
-           "PromptTooLong", "QueueFull", "EngineClosed"]
+           "PromptTooLong", "QueueFull", "EngineClosed", "StepOptions"]

@@ -43,7 +43,7 @@ from .prefixes import PrefixSource, read_prefix, read_prefixes
 from .request import Completion, EngineClosed, PromptTooLong, QueueFull, Request
 from .rows import BankRows, free_names
 from .sampling import SamplingParams, sample
-from .step import SAMPLING, engine_step, sampling_variant
+from .step import SAMPLING, StepOptions, engine_step, sampling_variant
 from .text import Detokenizer, Tokenizer
 from .validation import check_sampling_params
 
@@ -79,7 +79,8 @@ class Engine:
 
     def __init__(self, model, prefixes=None, *, tokenizer=None, max_batch: int = 32, max_seq_len: int = 1024,
                  max_prefixes: int = 64, queue_size: int = 256, prefill_chunk: int = 2048,
-                 cuda_graphs: bool | None = None, backend: str = "auto", decode_step="auto"):
+                 cuda_graphs: bool | None = None, backend: str = "auto",
+                 decode_step: "str | StepOptions" = "auto"):
         for name, value, low in (("max_batch", max_batch, 1), ("max_seq_len", max_seq_len, 2),
                                  ("max_prefixes", max_prefixes, 1), ("queue_size", queue_size, 1),
                                  ("prefill_chunk", prefill_chunk, 1)):
@@ -520,7 +521,10 @@ class Engine:
             return self._decode_fn(batch, sampling)()
         # the warm-ups before capture rewrite each row's K/V at its current position (slots not
         # decoding: their parked one) and the token buffer, which is restored
-        return self._graphs.replay((batch, sampling), self._decode_fn(batch, sampling), preserve=[self._tokens])
+        key = (batch, sampling)
+        if key in self._graphs:
+            return self._graphs.replay(key)
+        return self._graphs.replay(key, self._decode_fn(batch, sampling), preserve=[self._tokens])
 
     @torch.no_grad()
     def warmup(self, batch_sizes: list[int] | None = None, sampling: tuple[str, ...] = SAMPLING) -> None:
