@@ -38,6 +38,7 @@ for step in "$@"; do
     training-split) for mode in ${SPLIT_MODES:-pad merge}; do PREFIX_KERNELS_ATTENTION=split PREFIX_KERNELS_SPLIT_MODE=$mode timeout 280 python3 benchmarks/bench_training.py --cases prefix-kernels floor --out $OUT/training_split_$mode > $OUT/training_split_$mode.log 2>&1; echo "-- split, mode $mode"; grep -v "^$" $OUT/training_split_$mode.log | tail -14; done ;;
     kerneltests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 500 python3 -m pytest -q -p no:logging -m gpu tests/test_attention_features.py tests/test_patch_model_features.py > $OUT/kerneltests.log 2>&1; summary $OUT/kerneltests.log ;;
     kerneltests-all-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 560 python3 -m pytest -q -p no:logging tests/test_attention_features.py > $OUT/kerneltests_all.log 2>&1; summary $OUT/kerneltests_all.log ;;
+    features) timeout 400 python3 benchmarks/bench_features.py > $OUT/bench_features.log 2>&1; echo "rc=$?"; tail -22 $OUT/bench_features.log ;;
     packed) timeout 500 python3 benchmarks/bench_packed.py > $OUT/bench_packed.log 2>&1; echo "rc=$?"; tail -14 $OUT/bench_packed.log ;;
     splittests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:logging tests/test_split_attention.py > $OUT/splittests.log 2>&1; summary $OUT/splittests.log ;;
     decode-e2e) timeout 400 python3 benchmarks/bench_decode.py > $OUT/bench_decode_e2e.log 2>&1; tr '\r' '\n' < $OUT/bench_decode_e2e.log | grep -v "it/s\]" | grep -v "^ *$" | tail -45 ;;
