@@ -18,7 +18,7 @@ for step in "$@"; do
     optests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:logging tests/test_prefix_attention.py -k "gpu or low_precision or compile or determin or only_requested or unused" > $OUT/optests.log 2>&1; summary $OUT/optests.log ;;
     hftests-gpu) timeout 300 python3 -m pytest -q -p no:logging -m gpu tests/test_patch_model.py > $OUT/hftests.log 2>&1; summary $OUT/hftests.log ;;
     encdectests-gpu) timeout 420 python3 -m pytest -q -p no:logging -m gpu tests/test_seq2seq.py > $OUT/encdectests.log 2>&1; summary $OUT/encdectests.log ;;
-    decodetests-gpu) timeout 400 python3 -m pytest -q -p no:logging -m gpu tests/test_decode.py > $OUT/decodetests.log 2>&1; summary $OUT/decodetests.log ;;
+    decodetests-gpu) timeout 540 python3 -m pytest -q -p no:logging -m gpu tests/test_decode.py > $OUT/decodetests.log 2>&1; summary $OUT/decodetests.log ;;
     profile) timeout 200 python3 benchmarks/profile_attention.py 2>&1 | tee $OUT/profile.log ;;
     host) timeout 200 python3 benchmarks/profile_host.py 2>&1 | tee $OUT/host.log | cut -c1-160 ;;
     attention) timeout 420 python3 benchmarks/bench_attention.py > $OUT/bench_attention.log 2>&1; grep -v "^shapes\|it/s\]" $OUT/bench_attention.log | tail -45 ;;
@@ -44,6 +44,9 @@ for step in "$@"; do
     decode-e2e) timeout 400 python3 benchmarks/bench_decode.py > $OUT/bench_decode_e2e.log 2>&1; tr '\r' '\n' < $OUT/bench_decode_e2e.log | grep -v "it/s\]" | grep -v "^ *$" | tail -45 ;;
     servehttp-tests) timeout 300 python3 -m pytest -q -p no:logging tests/test_serve_http.py tests/test_serve_hardening.py tests/test_serve_load.py tests/test_bench_serve.py > $OUT/servehttp.log 2>&1; python3 -c "import aiohttp; print('aiohttp', aiohttp.__version__)"; summary $OUT/servehttp.log ;;
     serve-bench) timeout 500 python3 benchmarks/bench_serve.py --out $OUT > $OUT/bench_serve.log 2>&1; tail -16 $OUT/bench_serve.log ;;
+    curves) timeout 500 python3 -m prefix_kernels.bench.training --curves --out $OUT > $OUT/training_curves.log 2>&1; grep -v "Warning\|warn" $OUT/training_curves.log | tail -20 ;;
+    multitask) timeout 300 python3 -m prefix_kernels.bench.training --multitask --out $OUT > $OUT/multitask.log 2>&1; tail -8 $OUT/multitask.log ;;
+    benchgpu) timeout 300 python3 -m pytest -q -p no:logging -m gpu tests/test_gpu_benchmarks.py --benchmark-json=$OUT/gpu-benchmarks.json > $OUT/benchgpu.log 2>&1; summary $OUT/benchgpu.log; grep -A12 "^Name (time" $OUT/benchgpu.log ;;
     *) echo "unknown step $step" ;;
   esac
 done

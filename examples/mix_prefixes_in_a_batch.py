@@ -14,7 +14,7 @@ import argparse
 import torch
 
 import prefix_kernels as pk
-from prefix_kernels.demo import PAD_ID, demo_model, demo_tokenizer
+from prefix_kernels.demo import EOS_ID, PAD_ID, demo_model, demo_tokenizer
 
 PROMPTS = ["review: a dull, flat film. sentiment:", "text: the soup was late. topic:",
            "review: a superb film. sentiment:", "text: the match was late. topic:"]
@@ -26,6 +26,11 @@ def left_padded(tokenizer, prompts):
     ids = torch.tensor([[PAD_ID] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return ids, mask
+
+
+def until_eos(ids: list[int]) -> list[int]:
+    """New tokens up to the first eos: a batch pads a finished row on, a row alone just stops."""
+    return ids[:ids.index(EOS_ID) + 1] if EOS_ID in ids else ids
 
 
 def main(argv=None) -> int:
@@ -56,7 +61,8 @@ def main(argv=None) -> int:
         with torch.no_grad():
             alone = model.generate(input_ids=alone_ids, attention_mask=alone_mask, prefix_ids=[name],
                                    do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=PAD_ID)
-        mixed_new, alone_new = batch[row, ids.shape[1]:].tolist(), alone[0, alone_ids.shape[1]:].tolist()
+        mixed_new = until_eos(batch[row, ids.shape[1]:].tolist())
+        alone_new = until_eos(alone[0, alone_ids.shape[1]:].tolist())
         same = mixed_new == alone_new
         print(f"[{name}] {prompt!r} -> {tokenizer.decode(mixed_new)!r}  (same as alone: {same})")
         if not same:

@@ -139,6 +139,7 @@ class AdapterConfig:
 
     @property
     def head_dim(self) -> int:
+        """D: token_dim over the number of (KV) heads."""
         return self.token_dim // self.num_attention_heads
 
     @property

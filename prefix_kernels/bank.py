@@ -95,10 +95,12 @@ class PrefixBank(nn.Module):
 
     @property
     def num_entries(self) -> int:
+        """N, the number of prefixes (entries) in the bank."""
         return len(self.names)
 
     @property
     def token_dim(self) -> int:
+        """Hkv * D: the width of one prefix slot of one layer's keys (PEFT's token_dim)."""
         return self.num_kv_heads * self.head_dim
 
     def site_slice(self, site: str) -> slice:
@@ -112,7 +114,7 @@ class PrefixBank(nn.Module):
             start += count
         raise AssertionError(site)
 
-    def index_of(self, name) -> int:
+    def index_of(self, name: str | int) -> int:
         """Entry index of a name (an int is taken as an index and range-checked)."""
         if isinstance(name, int) and not isinstance(name, bool):
             if not 0 <= name < self.num_entries:
@@ -158,7 +160,7 @@ class PrefixBank(nn.Module):
             self.proj_out_bias[i].zero_()
 
     @torch.no_grad()
-    def set_entry(self, name_or_index, prefix: torch.Tensor, site: str | None = None) -> None:
+    def set_entry(self, name_or_index: str | int, prefix: torch.Tensor, site: str | None = None) -> None:
         """Copy a plain prefix [L, 2, Hkv, P, D] into an entry, in place (or, with `site`, the
         [L_site, 2, Hkv, P, D] prefix of that site only)."""
         if self.projection_hidden is not None:
@@ -175,7 +177,8 @@ class PrefixBank(nn.Module):
         target.copy_(prefix.to(self.prefix.device, self.prefix.dtype))
 
     @torch.no_grad()
-    def set_projection(self, name_or_index, embedding, in_weight, in_bias, out_weight, out_bias) -> None:
+    def set_projection(self, name_or_index: str | int, embedding: torch.Tensor, in_weight: torch.Tensor,
+                       in_bias: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor) -> None:
         """Copy MLP-reparameterization weights (PEFT PrefixEncoder layout) into an entry."""
         if self.projection_hidden is None:
             raise ValueError("this bank has no MLP reparameterization (projection_hidden=None)")
@@ -187,7 +190,7 @@ class PrefixBank(nn.Module):
                 raise ValueError(f"projection weight of shape {tuple(src.shape)}, want {tuple(dst.shape[1:])}")
             dst[i].copy_(src)
 
-    def add_entry(self, name: str, init="zeros") -> int:
+    def add_entry(self, name: str, init: str | torch.Tensor = "zeros") -> int:
         """Append an entry; returns its index. Parameters are re-allocated: build optimizers after."""
         name = validate_name(name)
         if name in self.names:
@@ -203,7 +206,7 @@ class PrefixBank(nn.Module):
         self._init_entry(len(self.names) - 1, init)
         return len(self.names) - 1
 
-    def rename(self, old, new: str) -> int:
+    def rename(self, old: str | int, new: str) -> int:
         """Give entry `old` (a name or an index) the name `new`; returns its index. The storage
         is untouched (a serving engine's captured graphs keep reading the same row)."""
         i = self.index_of(old)
@@ -213,7 +216,7 @@ class PrefixBank(nn.Module):
         self.names[i] = new
         return i
 
-    def load_adapter(self, entry, adapter) -> int:
+    def load_adapter(self, entry: str | int, adapter: str | Adapter) -> int:
         """Load an adapter (a folder, or an `Adapter` from `read_adapter`) into `entry`; returns its index.
 
         `entry` is a name or an index. An existing entry is overwritten in place (its storage is
@@ -277,7 +280,7 @@ class PrefixBank(nn.Module):
         return out if dtype is None else out.to(dtype)
 
     @torch.no_grad()
-    def folded(self, name_or_index) -> torch.Tensor:
+    def folded(self, name_or_index: str | int) -> torch.Tensor:
         """One entry as a plain prefix [L, 2, Hkv, P, D] (the MLP folded in), fp32 on the CPU."""
         i = self.index_of(name_or_index)
         return self.materialize()[:, :, i].float().cpu().clone()

@@ -154,7 +154,7 @@ def _describe(model: dict | None) -> str:
             f"{model.get('num_kv_heads')} KV heads of {model.get('head_dim')}")
 
 
-def load_for_resume(folder: str, identity: dict, bank_shapes: dict, map_location=None,
+def load_for_resume(folder: str, identity: dict, bank_shapes: dict, map_location: Any = None,
                     note: Callable[[str], None] = print) -> tuple[dict, str] | None:
     """(checkpoint, path) to resume from folder, or None when there is none.
 

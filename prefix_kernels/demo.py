@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import random
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .serve.text import ByteTokenizer
 
 # base_model_name_or_path of the adapters the demo writes: the serve demo checks it
 DEMO_MODEL_NAME = "prefix-kernels-demo"
@@ -19,7 +24,7 @@ _WORDS = {"positive": ["great", "lovely", "superb", "fun", "moving", "brilliant"
           "negative": ["dull", "awful", "boring", "flat", "clumsy", "tedious", "cold", "weak"]}
 
 
-def demo_tokenizer():
+def demo_tokenizer() -> "ByteTokenizer":
     """The demo's tokenizer: UTF-8 bytes, pad 256, eos 257 (serve.text.ByteTokenizer)."""
     from .serve.text import ByteTokenizer
 
@@ -52,7 +57,7 @@ def demo_examples(n: int = 400, seed: int = 0) -> list[dict]:
     return rows
 
 
-def demo_prefixes(model: torch.nn.Module, prefix_len: int = 8, names=("demo-a", "demo-b"),
+def demo_prefixes(model: torch.nn.Module, prefix_len: int = 8, names: tuple[str, ...] = ("demo-a", "demo-b"),
                   seed: int = 0) -> dict[str, torch.Tensor]:
     """Random prefixes [L, 2, Hkv, P, D] for the serve demo when no adapter is given."""
     config = model.config

@@ -62,7 +62,7 @@ class _HFTokenizer:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
 
-def loss_sum(model, ids: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor,
+def loss_sum(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor,
              prefix_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of the next-token cross entropy over the labelled tokens (fp32), as HF's causal-LM
     loss before its mean: the caller divides by the token count of the whole (global) batch.
@@ -149,7 +149,7 @@ def _check(args) -> dict[str, str]:
     return tasks
 
 
-def run(args) -> dict:
+def run(args: argparse.Namespace) -> dict:
     """Train; returns {'train_losses' (every step, resumed ones included), 'eval_loss_before',
     'eval_loss' (token means over every task), 'eval_losses' ({task: loss}), 'adapters'
     ({task: folder}), 'steps'}.
@@ -202,7 +202,7 @@ def _to_argv(args, drop=()) -> list[str]:
 # -- the loop -----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, eval_sets: dict[str, list[Example]], batch_size: int, pad_id: int,
+def evaluate(model: torch.nn.Module, eval_sets: dict[str, list[Example]], batch_size: int, pad_id: int,
              ctx: pd.Context) -> tuple[dict[str, float], float]:
     """({task: token-mean loss}, token-mean loss over every task), each rank taking its share of
     every global batch."""

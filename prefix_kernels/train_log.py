@@ -11,6 +11,10 @@ import time
 SCHEDULES = ("cosine", "linear", "constant")
 
 
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based): linear warm-up
     over `warmup` steps from 1/(warmup+1) to 1, then `schedule` down to 0 at `total` (or flat)."""
@@ -40,7 +44,7 @@ class RunLog:
                 from torch.utils.tensorboard import SummaryWriter
                 self._tb = SummaryWriter(os.path.join(out, "tb"))
             except ImportError:        # torch's writer needs the tensorboard package
-                (note or print)("TensorBoard logs off: the `tensorboard` package is not installed "
+                (note or _note)("TensorBoard logs off: the `tensorboard` package is not installed "
                                 "(pip install tensorboard); JSON lines go to " + self.path)
         self._start = time.time()
 
@@ -96,6 +100,6 @@ def progress_bar(total: int, initial: int, enabled: bool, note=None):
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        (note or print)("tqdm is not installed: progress as plain lines (pip install 'prefix-kernels[bench]')")
+        (note or _note)("tqdm is not installed: progress as plain lines (pip install 'prefix-kernels[bench]')")
         return _LinePrinter(total, initial)
     return tqdm(total=total, initial=initial, desc="train", file=sys.stderr)

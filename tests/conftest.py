@@ -45,7 +45,8 @@ def demo_server(tmp_path_factory):
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "prefix_kernels.cli", "serve", "--port", str(port),
                                "--prefix", f"sentiment={out}/adapters/sentiment", "--prefix", f"topic={out}/adapters/topic"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})      # steadier on 2 shared cores
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:

@@ -81,6 +81,20 @@ def raw_exchange(port, data: bytes, *, half_close=False, timeout=10.0, linger_re
         sock.close()
 
 
+def recv_response(sock, timeout=10.0) -> bytes:
+    """One whole response with a Content-Length from a socket left open (keep-alive)."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
 def split_response(raw: bytes):
     """(status, headers dict with lower-case names, body bytes) of a raw HTTP/1.x response."""
     head, _, body = raw.partition(b"\r\n\r\n")

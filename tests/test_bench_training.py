@@ -23,3 +23,30 @@ def test_quick_run_writes_every_case(tmp_path):
             assert row["tokens_per_s"] > 0 and row["final_loss"] > 0
         assert payload["verdicts"][shape]
     assert (tmp_path / "training_quick.png").stat().st_size > 1000
+
+
+def test_loss_curves_quick(tmp_path):
+    """--curves --quick (llama only: the GPT-2 dropout and BART rows need features still being built):
+    every method's curve lands in the JSON, ours and PEFT's prefix start from the same prefix and
+    follow the same losses (fp32, same math)."""
+    assert bench.main(["--curves", "--quick", "--steps", "3", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "training-curves-quick.json").read_text())
+    rows = {r["method"]: r for r in payload["results"]}
+    assert list(rows) == ["prefix-kernels", "peft-prefix", "peft-lora-r8", "full-finetune"]
+    for row in rows.values():
+        assert "error" not in row, row
+        assert len(row["loss"]) == len(row["seconds"]) == 3 and row["seconds"] == sorted(row["seconds"])
+    ours, peft = rows["prefix-kernels"]["loss"], rows["peft-prefix"]["loss"]
+    assert max(abs(a - b) for a, b in zip(ours, peft)) < 1e-4
+    assert payload["verdicts"][0].startswith("llama: ours vs PEFT prefix, largest loss gap")
+    assert (tmp_path / "training-curves-quick.png").stat().st_size > 5000
+
+
+def test_multitask_quick(tmp_path):
+    """--multitask --quick: one run of 2 tasks and the same tasks one by one take the same path."""
+    assert bench.main(["--multitask", "--quick", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "multitask-quick.json").read_text())
+    assert [r["way"] for r in payload["results"]] == ["one run", "one by one"]
+    assert all(len(r["losses"]) == 2 and all(len(l) == 3 for l in r["losses"]) for r in payload["results"])
+    assert payload["max_loss_gap"] < 1e-4
+    assert (tmp_path / "multitask-quick.png").stat().st_size > 5000

@@ -121,6 +121,25 @@ def test_add_and_remove_prefix_while_serving():
     assert eng.generate([PROMPTS[2]], "b", params)[0].token_ids == alone(PROMPTS[2], "b", params).token_ids
 
 
+def test_adapter_folders_serve_like_their_tensors(tmp_path):
+    from prefix_kernels.bank import PrefixBank
+
+    table = prefixes()
+    layers, _, hkv, p, d = table["a"].shape
+    bank = PrefixBank(layers, hkv, d, p, names=["a"])
+    bank.set_entry("a", table["a"])
+    bank.save_pretrained(str(tmp_path / "a"))
+    eng = Engine(tiny_model("llama"), {"a": str(tmp_path / "a")}, tokenizer=ByteTokenizer(128), max_batch=4,
+                 max_seq_len=48)
+    assert eng.generate([PROMPTS[0]], "a", GREEDY)[0].token_ids == alone(PROMPTS[0], "a").token_ids
+    longer = PrefixBank(layers, hkv, d, p + 1, names=["x"])
+    longer.save_pretrained(str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="does not fit this model's prefix bank: num_virtual_tokens is 5 in the "
+                                         "adapter but 4 here"):
+        eng.add_prefix("x", str(tmp_path / "x"))
+    assert eng.prefixes == ["a"] and eng.rows.num_free == eng.rows.capacity - 1
+
+
 def test_replacing_a_prefix_keeps_requests_in_flight_on_the_old_one():
     table = prefixes()
     eng = engine(names=("a",), max_prefixes=2)
@@ -418,15 +437,20 @@ def test_bank_rows_count_users_and_free_retired_rows():
     assert rows.num_free == 1 and rows.names == ["x"]               # the failed fill gave its row back
     held = rows.acquire("x")
     assert rows.install("x", lambda row: None, replace=True) == 1     # x moves; row 0 stays in use
-    assert rows.num_free == 0 and len(set(bank.names)) == 2 and bank.names[1] == "x"
+    assert rows.num_free == 0 and bank.names == [".retired-0", "x"]
     rows.release(held)
-    assert rows.num_free == 1 and bank.names[0].startswith("<free>")
+    assert rows.num_free == 1 and bank.names[0] == ".free-0"
     rows.remove("x")
     assert rows.num_free == 2 and rows.names == []
     with pytest.raises(Unknown):
         rows.acquire("x")
     with pytest.raises(RuntimeError, match="released more often"):
         rows.release(0)
+    # names the bank cannot hold as folder names, or that look like its stand-ins: served all the same
+    assert [rows.install(n, lambda row: None) for n in (".free-1", "a b")] == [0, 1]
+    assert rows.names == [".free-1", "a b"] and bank.names == [".served-0", ".served-1"]
+    with pytest.raises(ValueError, match="non-empty string"):
+        rows.install("", lambda row: None)
 
 
 def test_kv_cache_stores_only_inside_a_mode():
@@ -447,7 +471,7 @@ def test_kv_cache_stores_only_inside_a_mode():
     assert not cache.k[1, 0, :, 1:].any()                      # row 1's padding is not stored
     with cache.prefilling([2], [3], [2]):                      # a continuation: window over the cache
         k, v = cache.update(1, key[:1, :, :2], key[:1, :, :2])
-        assert cache.mode.key_mask.tolist() == [[True] * 5]
+        assert cache.mode.key_mask.tolist() == [[1] * 5]
     assert k.shape == (1, 1, 5, 4) and torch.equal(k[0, :, :3], key[0]) and torch.equal(k[0, :, 3:], key[0, :, :2])
 
 

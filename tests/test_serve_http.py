@@ -210,3 +210,25 @@ def test_metrics_in_prometheus_text(server):
     for line in text.splitlines():     # every sample has a TYPE
         if line.startswith("# TYPE"):
             assert line.split()[3] in ("gauge", "counter", "histogram")
+
+
+def test_a_slow_stream_reader_gets_its_text_coalesced(server, monkeypatch):
+    """While a client's socket buffer is over the limit, its tokens wait in the pump and go out
+    together: the text is whole and in order (here the limit is below zero: everything waits)."""
+    from prefix_kernels.serve import server as server_module
+
+    monkeypatch.setattr(server_module, "STREAM_BUFFER_LIMIT", -1)
+    body = {"model": "d", "prompt": "slow reader", "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    status, text, _ = request(server, "POST", "/v1/completions", {**body, "stream": True})
+    events = sse_events(text)
+    ref = alone("slow reader", "d", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)).text
+    assert status == 200 and "".join(e["choices"][0]["text"] for e in events) == ref
+    assert len(events) <= 2          # the first token (which sends the head), then the rest at the end
+
+
+def test_options_out_of_range_are_refused():
+    engine = make_engine()
+    for option, value in [("read_timeout", 0), ("poll_interval", -1), ("max_connections", 0), ("drain_timeout", -1),
+                          ("max_tokens_cap", 0)]:
+        with pytest.raises(ValueError, match=option):
+            Server(engine, port=0, **{option: value})

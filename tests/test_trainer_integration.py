@@ -88,3 +88,14 @@ def test_prefix_trainer_resumes_exactly(tmp_path):
     assert trainer.state.global_step == 4
     torch.testing.assert_close(resumed.prefix, whole.prefix, atol=1e-6, rtol=1e-6)
     assert not torch.equal(resumed.prefix[:, :, 0], bank.prefix[:, :, 0])      # it trained on after step 2
+
+
+def test_a_gathered_state_dict_is_what_gets_saved(tmp_path):
+    """Under DeepSpeed/FSDP Trainer passes the gathered state dict: its prefix values are saved,
+    not this process's (possibly sharded) bank."""
+    model, bank = _patched()
+    state = {f"prefix_bank.{k}": v + 1.0 for k, v in bank.state_dict().items()}
+    model.save_pretrained(str(tmp_path), state_dict=state)
+    fresh = tiny_model("llama")
+    pk.load_prefix(fresh, str(tmp_path / "legal"), name="legal", backend="reference")
+    torch.testing.assert_close(pk.get_prefix_bank(fresh).folded("legal"), bank.folded("legal") + 1.0)

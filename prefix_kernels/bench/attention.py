@@ -12,6 +12,9 @@ the prefix, in one process run:
   prefix_kernels_split  this package, path="split": the vendor's cuDNN kernel does the attention, the
                   prefix padded into the same call (mode from PREFIX_KERNELS_SPLIT_MODE, default
                   "pad"); an error row where the split cannot run
+
+Without a GPU: a check of the Triton kernels under the CPU interpreter, CPU timings (float32,
+median and IQR) and the committed H200 table instead (bench/attention_cpu.py).
 """
 from __future__ import annotations
 

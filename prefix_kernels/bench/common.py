@@ -39,6 +39,8 @@ def git_commit() -> str:
     if os.environ.get("PREFIX_KERNELS_GIT_COMMIT"):
         return os.environ["PREFIX_KERNELS_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return "unknown (an installed package, not a checkout)"
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
@@ -57,7 +59,10 @@ def device_slug(env: dict) -> str:
 
 
 def results_dir() -> Path:
-    here = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    """Where results go: $PREFIX_KERNELS_RESULTS, else the checkout's benchmarks/results/, else
+    (an installed package) ./prefix-kernels-results/."""
+    checkout = Path(__file__).resolve().parents[2] / "benchmarks"
+    here = checkout / "results" if checkout.is_dir() else Path.cwd() / "prefix-kernels-results"
     path = Path(os.environ.get("PREFIX_KERNELS_RESULTS", here))
     path.mkdir(parents=True, exist_ok=True)
     return path

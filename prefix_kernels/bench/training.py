@@ -2,6 +2,8 @@
 
     python benchmarks/bench_training.py            # H200: both shapes, every case
     python benchmarks/bench_training.py --quick    # a tiny CPU smoke run of the same code
+    prefix-kernels bench training --curves         # loss vs wall-clock time (bench/training_curves.py)
+    prefix-kernels bench training --multitask      # N tasks in one run vs one after another
 
 A step is forward with labels + backward + AdamW on the trainable parameters (none for the
 floor). Cases, each on a freshly built model (random weights from the config, bf16, SDPA):
@@ -192,7 +194,19 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; quick 2)")
     parser.add_argument("--out", default=None, help="folder for the JSON and PNG (default: the results dir)")
+    parser.add_argument("--curves", action="store_true", help="loss vs wall-clock time instead: ours, PEFT prefix, "
+                        "LoRA, full fine-tuning on the same data and steps (bench/training_curves.py)")
+    parser.add_argument("--archs", default=None, help="--curves: comma-separated of llama, gpt2 (attention "
+                        "dropout 0.1), bart (encoder-decoder) (default: all on the GPU; quick: llama)")
+    parser.add_argument("--multitask", action="store_true", help="N tasks in one run vs one after another "
+                        "instead (bench/multitask.py)")
+    parser.add_argument("--tasks", type=int, default=None, help="--multitask: N (default 8; quick 2)")
     args = parser.parse_args(argv)
+    if args.curves or args.multitask:
+        if args.curves and args.multitask:
+            parser.error("--curves and --multitask are two runs: pass one")
+        from . import multitask, training_curves
+        return (training_curves if args.curves else multitask).main(args)
 
     if args.quick:
         device, dtype = torch.device("cpu"), torch.float32

@@ -9,6 +9,7 @@ bank (what `PrefixTrainer` does to resume). Unpatching restores the model's own 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -23,13 +24,14 @@ def _bank_for_saving(bank: PrefixBank, state_dict: dict | None) -> PrefixBank:
     if not values:
         return bank
     copy = PrefixBank(bank.num_layers, bank.num_kv_heads, bank.head_dim, bank.prefix_len, names=list(bank.names),
-                      projection_hidden=bank.projection_hidden, init="zeros", device="cpu")
+                      projection_hidden=bank.projection_hidden, init="zeros", device="cpu",
+                      sites=getattr(bank, "sites", None), task_type=getattr(bank, "task_type", "CAUSAL_LM"))
     copy.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in values.items()})
     return copy
 
 
-def save_patched_model(model, save_directory: str, state_dict: dict | None = None, is_main_process: bool = True,
-                       **_ignored) -> list[str]:
+def save_patched_model(model: torch.nn.Module, save_directory: str, state_dict: dict | None = None,
+                       is_main_process: bool = True, **_ignored: Any) -> list[str]:
     """`save_pretrained` of a patched model: the prefix adapters in PEFT's layout; returns the
     folders written (none on a process that is not the main one). Other keyword arguments of
     transformers' save_pretrained (safe_serialization, max_shard_size, ...) do not apply."""
@@ -49,7 +51,7 @@ def adapter_folders(directory: str, names: list[str]) -> dict[str, str]:
     return {name: directory if name == "default" else os.path.join(directory, name) for name in names}
 
 
-def load_adapters(model, directory: str) -> None:
+def load_adapters(model: torch.nn.Module, directory: str) -> None:
     """Load what save_patched_model wrote in `directory` back into the patched model's bank entries
     (in place: an optimizer holding the bank's parameters keeps them)."""
     from .transformers import get_prefix_bank, load_prefix

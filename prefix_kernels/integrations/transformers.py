@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -422,9 +422,10 @@ def _prefix_from_text(model, init, tokenizer, prefix_len, num_layers):
                         for i in range(num_layers)]).float()
 
 
-def patch_model(model, num_prefix_tokens: int = 32, *, projection_hidden: int | None = None,
-                init="random", position_offset: int | None = None, num_prefixes: int = 1,
-                names=None, tokenizer=None, backend: str = "auto", sites=None) -> PrefixBank:
+def patch_model(model: torch.nn.Module, num_prefix_tokens: int = 32, *, projection_hidden: int | None = None,
+                init: str | torch.Tensor | list[int] = "random", position_offset: int | None = None,
+                num_prefixes: int = 1, names: list[str] | None = None, tokenizer: Any = None,
+                backend: str = "auto", sites: list[str] | None = None) -> PrefixBank:
     """Freeze `model` and prefix-tune it through the fused op; returns the trainable PrefixBank.
 
     Args:
@@ -485,7 +486,7 @@ def patch_model(model, num_prefix_tokens: int = 32, *, projection_hidden: int | 
     return bank
 
 
-def unpatch_model(model):
+def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     """Undo patch_model: the original attention, trainability, methods; the bank is detached."""
     state = model.__dict__.get(_STATE_ATTR)
     if state is None:
@@ -528,12 +529,12 @@ def position_offset(model) -> int:
     return state.offset
 
 
-def is_patched(model) -> bool:
+def is_patched(model: torch.nn.Module) -> bool:
     """Whether `patch_model` has patched this model instance (and `unpatch_model` has not undone it)."""
     return _STATE_ATTR in getattr(model, "__dict__", {})
 
 
-def get_prefix_bank(model) -> PrefixBank:
+def get_prefix_bank(model: torch.nn.Module) -> PrefixBank:
     """The prefix bank of a patched model; ValueError if the model is not patched."""
     state = model.__dict__.get(_STATE_ATTR)
     if state is None:
@@ -541,7 +542,7 @@ def get_prefix_bank(model) -> PrefixBank:
     return state.bank
 
 
-def load_prefix(model, directory: str, name: str | None = None, **patch_kwargs) -> PrefixBank:
+def load_prefix(model: torch.nn.Module, directory: str, name: str | None = None, **patch_kwargs: Any) -> PrefixBank:
     """Load a prefix-tuning adapter (ours or PEFT's) into bank entry `name` (default "default").
 
     An unpatched model is patched first (P and, for encoder-decoder models, the sites from the

@@ -454,8 +454,10 @@ def select_backend(q, k_cache, v_cache, prefix_k, prefix_v, backend="auto") -> t
 # Public API
 # --------------------------------------------------------------------------------------------
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix_v, *, prefix_index=None,
-                     scale=None, backend="auto", max_seqlen=None, num_splits=None, workspace=None):
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                     prefix_k: torch.Tensor, prefix_v: torch.Tensor, *, prefix_index: torch.Tensor | None = None,
+                     scale: float | None = None, backend: str = "auto", max_seqlen: int | None = None,
+                     num_splits: int | None = None, workspace: "DecodeWorkspace | None" = None) -> torch.Tensor:
     """Attention of a few new queries per row over the row's prefix and its static KV cache.
 
     Row b attends to the P slots of bank entry prefix_index[b] (always visible, no mask) and to

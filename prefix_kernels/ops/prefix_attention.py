@@ -390,9 +390,12 @@ _prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # Public API
 # --------------------------------------------------------------------------------------------
 
-def prefix_attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, key_padding_mask=None,
-                     scale=None, causal=True, backend="auto", dropout_p=0.0, path=None, softcap=None,
-                     window=None, segment_start=None):
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                     prefix_v: torch.Tensor, *, prefix_index: torch.Tensor | None = None,
+                     key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
+                     causal: bool = True, backend: str = "auto", dropout_p: float = 0.0,
+                     path: str | None = None, softcap: float | None = None, window: int | None = None,
+                     segment_start: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over a per-row prefix from a prefix bank plus the row's own keys.
 
     Args:

@@ -33,10 +33,13 @@ def visible_keys_mask(sq: int, sk: int, key_padding_mask: torch.Tensor | None, c
     return allowed
 
 
-def reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None,
-                               key_padding_mask=None, scale=None, causal=True, upcast=True, *,
-                               dropout_p=0.0, dropout_mask=None, softcap=None, window=None,
-                               segment_start=None):
+def reference_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                               prefix_v: torch.Tensor, prefix_index: torch.Tensor | None = None,
+                               key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
+                               causal: bool = True, upcast: bool = True, *, dropout_p: float = 0.0,
+                               dropout_mask: torch.Tensor | None = None, softcap: float | None = None,
+                               window: int | None = None, segment_start: torch.Tensor | None = None
+                               ) -> torch.Tensor:
     """Same arguments as `prefix_kernels.prefix_attention`.
 
     upcast=True computes half-precision inputs in float32 and casts the result back (the CPU

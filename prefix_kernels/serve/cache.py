@@ -47,7 +47,7 @@ class Prefill:
     token_slots: torch.Tensor = None    # [T] its slot
     token_pos: torch.Tensor = None      # [T] its position
     window: Optional[torch.Tensor] = None      # [n, K] cache positions each row attends over
-    key_mask: Optional[torch.Tensor] = None    # [n, K] bool: position >= 0 (a real key)
+    key_mask: Optional[torch.Tensor] = None    # [n, K] uint8, 1 = position >= 0 (a real key)
 
 
 class KVCache:
@@ -104,7 +104,8 @@ class KVCache:
             # query c at key index K - width + c (the kernels' bottom-right causal alignment)
             width, ahead = max(lengths), max(starts)
             pos = torch.tensor(starts, dtype=torch.long)[:, None] - ahead + torch.arange(ahead + width)[None]
-            mode.key_mask = (pos >= 0).to(self.device, non_blocking=True)
+            # uint8: the form prefix_attention's kernels read (no conversion per layer)
+            mode.key_mask = (pos >= 0).to(torch.uint8).to(self.device, non_blocking=True)
             mode.window = pos.clamp(0, self.max_seq_len - 1).to(self.device, non_blocking=True)
         self._begin(mode)
 
@@ -140,7 +141,7 @@ class KVCache:
         Decode: (k, v) [batch, Hkv, max_seq_len, D], the slots' whole buffers (the valid length
         of each is the mode's seqlens). Prefill: (k, v) [n, Hkv, K, D] with K >= the chunk's width,
         aligned so that the chunk's query c of row i sits at key index K - width + c; keys where
-        the mode's key_mask is False are not the row's.
+        the mode's key_mask is 0 are not the row's.
         """
         mode = self.mode
         k_layer, v_layer = self.k[layer], self.v[layer]

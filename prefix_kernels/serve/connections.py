@@ -38,7 +38,12 @@ def raw_response(err: ApiError) -> bytes:
 
 def _line_too_long_status(text: str) -> int:
     """414 when the request line was too long, 431 when a header was (aiohttp raises LineTooLong
-    for both; the excerpt it quotes starts with the method or the path for the request line)."""
+    for both; its C parser quotes an excerpt that starts with the path for the request line)."""
+    low = text.lower()
+    if "status line" in low or "request line" in low:       # aiohttp's pure-Python parser says which
+        return 414
+    if "header" in low:
+        return 431
     excerpt = text.split("reading:", 1)[-1].strip()
     excerpt = re.sub(r"^(bytearray\()?b?['\"]", "", excerpt)
     return 414 if excerpt.startswith("/") or re.match(r"[A-Z]+ \S", excerpt) else 431

@@ -10,7 +10,8 @@ slots, prefill up to `prefill_chunk` prompt tokens (chunks of one or several pro
 forward, a long prompt spread over several steps), then one decode step for every slot whose
 prompt is in. So a long prompt never stalls the rows that are decoding: they get a token every
 step. Its parts: rows.py (which bank row serves which prefix, reference-counted), cache.py (the
-KV cache, which only stores), attention.py (the layers' attention over prefix + cache).
+KV cache, which only stores), attention.py (the layers' attention over prefix + cache),
+prefixes.py (prefixes given as tensors or adapter folders, read once).
 
 The decode step runs slots 0..B-1 with B the next power of two over the highest decoding slot,
 and on CUDA it is a captured CUDA graph per B (static inputs: last tokens, positions, lengths,
@@ -33,10 +34,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..bank import PrefixBank, peft_flat_to_bank, read_peft_prefix
+from ..bank import PrefixBank
 from ..integrations import transformers as hf
 from .attention import CacheAttention
 from .cache import KVCache
+from .prefixes import PrefixSource, read_prefix, read_prefixes
 from .request import Completion, EngineClosed, PromptTooLong, QueueFull, Request
 from .rows import BankRows, free_names
 from .sampling import SamplingParams, sample
@@ -79,7 +81,7 @@ class Engine:
             offset = hf.position_offset(model)
             source = patched if source is None else source
             hf.unpatch_model(model)
-        entries = _read_prefixes(source)
+        entries = read_prefixes(source)
         if not entries:
             raise ValueError("the engine needs at least one prefix: pass prefixes={name: adapter folder or tensor}")
         if int(prefill_chunk) < 1:
@@ -172,14 +174,15 @@ class Engine:
 
     @property
     def prefixes(self) -> list[str]:
+        """Names of the prefixes being served."""
         return self.rows.names
 
-    def add_prefix(self, name: str, prefix) -> None:
+    def add_prefix(self, name: str, prefix: "str | torch.Tensor") -> None:
         """Add (or replace) a prefix while serving: an adapter folder or a tensor [L, 2, Hkv, P, D].
 
         Replacing a name gives new requests the new prefix; requests in flight keep the old one.
         """
-        entry = _read_prefix(prefix)
+        entry = read_prefix(prefix)
         with self._lock:
             self._install(str(name), entry, replace=True)
 
@@ -188,14 +191,13 @@ class Engine:
         with self._lock:
             self.rows.remove(name)
 
-    def _install(self, name: str, entry: "_PrefixSource", replace: bool = False) -> None:
-        value = entry.bank_tensor(self.bank)
-        # in place: captured graphs read the same storage
-        self.rows.install(name, lambda row: self.bank.set_entry(row, value), replace=replace)
+    def _install(self, name: str, entry: PrefixSource, replace: bool = False) -> None:
+        entry.check(self.bank)
+        self.rows.install(name, lambda row: entry.write(self.bank, row), replace=replace)
 
     # -- submission ----------------------------------------------------------------------------
 
-    def submit(self, prompt, prefix: str, params: SamplingParams | None = None, *, stream: bool = False) -> Request:
+    def submit(self, prompt: str | list[int], prefix: str, params: SamplingParams | None = None, *, stream: bool = False) -> Request:
         """Queue a request: `prompt` is text (needs a tokenizer) or a list of token ids.
 
         Raises UnknownPrefix, PromptTooLong, QueueFull, EngineClosed or ValueError; never blocks.
@@ -207,7 +209,9 @@ class Engine:
             prompt = self.tokenizer.encode(prompt)
         return self._submit_ids(list(prompt), prefix, params, stream)
 
-    def submit_chat(self, messages, prefix: str, params: SamplingParams | None = None, *, stream=False) -> Request:
+    def submit_chat(self, messages: list[dict], prefix: str, params: SamplingParams | None = None, *,
+                    stream: bool = False) -> Request:
+        """Queue a chat request: messages [{"role", "content"}] through the tokenizer's chat template."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer")
         return self._submit_ids(self.tokenizer.encode_chat(messages), prefix, params or SamplingParams(), stream)
@@ -236,7 +240,8 @@ class Engine:
             self._cv.notify_all()
         return req
 
-    def generate(self, prompts, prefixes, params: SamplingParams | None = None) -> list[Completion]:
+    def generate(self, prompts: list, prefixes: str | list[str],
+                 params: SamplingParams | None = None) -> list[Completion]:
         """Submit every prompt (one prefix name, or one per prompt) and wait for all of them."""
         if isinstance(prefixes, str):
             prefixes = [prefixes] * len(prompts)
@@ -255,9 +260,11 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
+        """Requests queued for a slot."""
         return len(self._waiting)
 
     def has_work(self) -> bool:
+        """Whether a step would do anything (requests waiting, running or a step in flight)."""
         return bool(self._waiting) or self.num_active > 0 or self._pending is not None
 
     def start(self) -> "Engine":
@@ -501,7 +508,7 @@ class Engine:
         self._graphs[batch] = (graph, logits)
 
     @torch.no_grad()
-    def warmup(self, batch_sizes=None) -> None:
+    def warmup(self, batch_sizes: list[int] | None = None) -> None:
         """Capture the decode graphs (largest first: they share one memory pool) and compile the
         kernels, so the first requests do not pay for it."""
         with self._lock:
@@ -564,56 +571,6 @@ class _Chunk:
     req: Request
     start: int
     length: int
-
-
-# -- reading prefixes: adapter folders are read here, and only here --------------------------------
-
-@dataclass
-class _PrefixSource:
-    """A prefix given to the engine: a tensor [L, 2, Hkv, P, D] or an adapter folder, read once."""
-    prefix_len: int
-    tensor: torch.Tensor | None = None
-    folder: str | None = None
-    config: dict | None = None
-    flat: torch.Tensor | None = None            # PEFT's prompt_embeddings [P, L * 2 * Hkv * D]
-
-    def bank_tensor(self, bank: PrefixBank) -> torch.Tensor:
-        """The prefix as [L, 2, Hkv, P, D] for `bank`, or ValueError naming what does not fit."""
-        if self.tensor is not None:
-            return self.tensor
-        config = self.config
-        if config["num_virtual_tokens"] != bank.prefix_len or self.flat.shape[1] != bank.num_layers * 2 * bank.token_dim:
-            raise ValueError(f"adapter {self.folder!r} ({config['num_virtual_tokens']} virtual tokens, "
-                             f"{config['num_layers']} layers, token_dim {config['token_dim']}) does not fit this "
-                             f"bank ({bank.prefix_len} tokens, {bank.num_layers} layers, token_dim {bank.token_dim})")
-        return peft_flat_to_bank(self.flat, bank.num_layers, bank.num_kv_heads, bank.head_dim)
-
-
-def _read_prefix(value) -> _PrefixSource:
-    """An adapter folder (read here: the engine's one reader of adapter files) or a tensor."""
-    if isinstance(value, str):
-        config, flat = read_peft_prefix(value)
-        return _PrefixSource(config["num_virtual_tokens"], folder=value, config=config, flat=flat)
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 5 or value.shape[1] != 2:
-            raise ValueError(f"a prefix tensor must be [layers, 2, kv_heads, prefix_len, head_dim], got "
-                             f"{list(value.shape)}")
-        return _PrefixSource(value.shape[3], tensor=value)
-    raise TypeError(f"a prefix is an adapter folder or a tensor, got {type(value).__name__}")
-
-
-def _read_prefixes(source) -> dict[str, _PrefixSource]:
-    if source is None:
-        return {}
-    if isinstance(source, PrefixBank):
-        return {name: _PrefixSource(source.prefix_len, tensor=source.folded(name)) for name in source.names}
-    if isinstance(source, dict):
-        out = {str(name): _read_prefix(value) for name, value in source.items()}
-        lengths = {entry.prefix_len for entry in out.values()}
-        if len(lengths) > 1:
-            raise ValueError(f"every prefix of one engine needs the same length; got {sorted(lengths)}")
-        return out
-    raise TypeError(f"prefixes must be a PrefixBank or a dict name -> folder/tensor, got {type(source).__name__}")
 
 
 def _eos_ids(generation_config):

@@ -31,6 +31,8 @@ def _parser():
     g.add_argument("--max-seq-len", type=int, default=2048, help="prompt + output tokens per request")
     g.add_argument("--max-prefixes", type=int, default=64, help="bank capacity (prefixes added later included)")
     g.add_argument("--queue-size", type=int, default=256, help="waiting requests before 429")
+    g.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prompt tokens prefilled per engine step (between decode steps)")
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32")
     g.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly")
@@ -60,6 +62,8 @@ def _parser():
                    help="requests in flight per client (API key, else address); 0: no limit")
     g.add_argument("--client-max-tokens", type=int, default=0,
                    help="max_tokens in flight per client; 0: no limit")
+    g.add_argument("--poll-interval", type=float, default=0.001,
+                   help="seconds between the server's looks at the engine's new tokens (one write per stream each)")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds the requests in flight get to finish")
     g = p.add_argument_group("logs")
@@ -117,7 +121,7 @@ def build(args):
         name = os.path.basename(os.path.normpath(args.model))    # no server path in /v1/models
     model = model.to(device, dtype)
     engine = Engine(model, prefixes, tokenizer=tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                    max_prefixes=args.max_prefixes, queue_size=args.queue_size,
+                    max_prefixes=args.max_prefixes, queue_size=args.queue_size, prefill_chunk=args.prefill_chunk,
                     cuda_graphs=False if args.no_cuda_graphs else None)
     return engine, name
 
@@ -135,7 +139,7 @@ def server_options(args) -> dict:
                 read_timeout=args.read_timeout, keepalive_timeout=args.keepalive_timeout,
                 max_connections=args.max_connections, backlog=args.backlog, drain_timeout=args.drain_timeout,
                 client_max_requests=args.client_max_requests, client_max_tokens=args.client_max_tokens,
-                log_prompts=args.log_prompts)
+                log_prompts=args.log_prompts, poll_interval=args.poll_interval)
 
 
 def main(argv=None) -> int:
@@ -149,8 +153,10 @@ def main(argv=None) -> int:
     from .server import Server
 
     options = server_options(args)
-    try:     # the access rules are checked before the model loads
+    try:     # the options and access rules are checked before the model loads
         from .security import Access
+        from .server import ServerConfig
+        ServerConfig(**options).check()
         Access(options["api_keys"], options["admin_key"], options["enable_admin"], options["adapter_root"],
                bind_host=args.host)
     except ValueError as e:

@@ -5,6 +5,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 
 class UnknownPrefix(KeyError):
@@ -65,6 +66,7 @@ class Request:
 
     @property
     def done(self) -> bool:
+        """Whether the request has finished (any reason)."""
         return self._done.is_set()
 
     @property
@@ -74,6 +76,7 @@ class Request:
 
     @property
     def text(self) -> str:
+        """The text generated so far (stop strings cut off)."""
         return self.detok.text if self.detok is not None else ""
 
     def cancel(self) -> None:
@@ -83,15 +86,17 @@ class Request:
             self._wake.notify_all()
 
     def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request finishes or timeout seconds pass; whether it finished."""
         return self._done.wait(timeout)
 
     def result(self, timeout: float | None = None) -> Completion:
+        """The finished Completion (blocks; TimeoutError after timeout seconds)."""
         if not self._done.wait(timeout):
             raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
         return Completion(self.id, self.prefix, self.text, list(self.output_ids), self.finish_reason,
                           len(self.prompt_ids), self.error, self.ttft)
 
-    def events(self, timeout: float | None = None):
+    def events(self, timeout: float | None = None) -> Iterator[tuple[str, int | None]]:
         """Yield (text delta, token id or None) while streaming; ends when the request does.
 
         Needs submit(..., stream=True). Raises TimeoutError if nothing arrives within timeout.
@@ -107,7 +112,7 @@ class Request:
                 return
             yield text, token
 
-    def poll(self, timeout: float):
+    def poll(self, timeout: float) -> tuple[str, str, int | None] | None:
         """The next stream event ("delta" | "done", text, token id or None), or None after timeout."""
         try:
             return self._events.get(timeout=timeout)
@@ -122,9 +127,11 @@ class Request:
             self.first_token_at = time.monotonic()
 
     def push_delta(self, text: str, token: int) -> None:
+        """Engine side: hand a streamed text delta (and its token) to the reader."""
         self._events.put(("delta", text, token))
 
     def finish(self, reason: str, error: str | None = None) -> None:
+        """Engine side: end the request (a finish_reason of Completion) and wake its readers."""
         self.finish_reason, self.error = reason, error
         tail = self.detok.delta(True) if self.detok is not None else ""
         self._events.put(("done", tail, None))

@@ -11,11 +11,16 @@ import heapq
 import threading
 from typing import Callable
 
-from ..bank import PrefixBank
+from ..bank import PrefixBank, validate_name
 from .request import UnknownPrefix
 
-FREE = "<free>"          # bank name of a free row (the bank wants one distinct name per row)
-RETIRED = "<retired>"    # bank name of a row hidden from new requests, still in use
+# The bank wants one distinct name per row, valid as a folder name (bank.validate_name). Served
+# names are this module's table; the bank row takes the served name where it is such a name and
+# does not start with RESERVED, else a stand-in, as do free and retired rows.
+RESERVED = "."
+FREE = ".free-"          # a free row
+RETIRED = ".retired-"    # a row hidden from new requests, still in use
+SERVED = ".served-"      # a row serving a name the bank cannot hold (a space, say)
 
 
 def free_names(capacity: int) -> list[str]:
@@ -23,9 +28,12 @@ def free_names(capacity: int) -> list[str]:
     return [f"{FREE}{i}" for i in range(capacity)]
 
 
-def _set_bank_name(bank: PrefixBank, row: int, name: str) -> None:
-    # the one place that names a bank row; becomes bank.rename(...) when PrefixBank gains it
-    bank.names[row] = name
+def _bank_name(name: str, row: int) -> str:
+    try:
+        validate_name(name)
+    except ValueError:
+        return f"{SERVED}{row}"
+    return f"{SERVED}{row}" if name.startswith(RESERVED) else name
 
 
 class BankRows:
@@ -44,7 +52,7 @@ class BankRows:
         self._users = [0] * self.capacity
         self._retired: set[int] = set()                  # hidden rows, freed when unused
         for row in range(self.capacity):
-            _set_bank_name(bank, row, f"{FREE}{row}")
+            bank.rename(row, f"{FREE}{row}")
 
     @property
     def names(self) -> list[str]:
@@ -65,6 +73,8 @@ class BankRows:
         old one). Raises ValueError when the name is taken (replace=False) or no row is free;
         if `fill` raises, the row goes back to the free list and `name` is unchanged.
         """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a prefix name must be a non-empty string, got {name!r}")
         with self._lock:
             self._check_install(name, replace)
             row = heapq.heappop(self._free)
@@ -82,9 +92,9 @@ class BankRows:
                 raise
             old = self._rows.get(name)
             if old is not None:
-                self._retire(old)
+                self._retire(old)            # first: the bank's names stay distinct
             self._rows[name] = row
-            _set_bank_name(self.bank, row, name)
+            self.bank.rename(row, _bank_name(name, row))
         return row
 
     def _check_install(self, name, replace, reserved=False):
@@ -123,11 +133,11 @@ class BankRows:
 
     def _retire(self, row):
         self._retired.add(row)
-        _set_bank_name(self.bank, row, f"{RETIRED}{row}")
+        self.bank.rename(row, f"{RETIRED}{row}")
         self._free_if_unused(row)
 
     def _free_if_unused(self, row):
         if row in self._retired and self._users[row] == 0:
             self._retired.discard(row)
-            _set_bank_name(self.bank, row, f"{FREE}{row}")
+            self.bank.rename(row, f"{FREE}{row}")
             heapq.heappush(self._free, row)

@@ -57,6 +57,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
+        """Temperature 0: the most likely token every step."""
         return self.temperature == 0
 
 

@@ -69,6 +69,20 @@ class ServerConfig:
     max_line_size: int = 8190             # request line / header line bytes
     max_field_size: int = 8190
 
+    def check(self) -> "ServerConfig":
+        """ValueError naming the first option out of range."""
+        for name in ("request_timeout", "read_timeout", "keepalive_timeout", "poll_interval", "max_connections",
+                     "backlog", "max_line_size", "max_field_size"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("drain_timeout", "client_max_requests", "client_max_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_body_bytes", "max_prompt_bytes", "max_tokens_cap"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
 
 class _Ctx:
     """What the request log line and the metrics need to know about one request."""
@@ -99,6 +113,7 @@ class Server:
         self.engine = engine
         self.host, self.port, self.model_name = host, int(port), model_name
         cfg = self.config = dataclasses.replace(config or ServerConfig(), **options)
+        cfg.check()
         self.access = Access(cfg.api_keys, cfg.admin_key, cfg.enable_admin, cfg.adapter_root, cfg.allowed_origins,
                              cfg.allowed_hosts, host)
         prompt_bytes = cfg.max_prompt_bytes or 32 * engine.max_seq_len

@@ -18,6 +18,7 @@ class ByteTokenizer:
         self.pad_token_id = pad_token_id
 
     def encode(self, text: str) -> list[int]:
+        """UTF-8 bytes of text as ids (ValueError for a byte the vocabulary cannot hold)."""
         ids = list(text.encode("utf-8"))
         bad = [i for i in ids if i >= self.vocab_size]
         if bad:
@@ -25,10 +26,12 @@ class ByteTokenizer:
                              f"{bad[0]} (use ASCII text)")
         return ids
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: list[int]) -> str:
+        """Text of the byte ids (special ids >= 256 dropped, invalid UTF-8 replaced)."""
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages) -> str:
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """"role: content" lines, then "assistant: "."""
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
 
