@@ -36,10 +36,11 @@ for step in "$@"; do
     decode-step-extra) timeout 295 python3 benchmarks/profile_decode_step.py --batches 32 128 --extra static whole --no-fp32-check 2>&1 | tee $OUT/decode_step_extra.log ;;
     probe-split) timeout 330 python3 benchmarks/probe_split.py > $OUT/probe_split.log 2>&1; echo "rc=$?"; grep -v "^  aten::" $OUT/probe_split.log | cut -c1-230 | tail -120 ;;
     training-split) for mode in ${SPLIT_MODES:-pad merge}; do PREFIX_KERNELS_ATTENTION=split PREFIX_KERNELS_SPLIT_MODE=$mode timeout 280 python3 benchmarks/bench_training.py --cases prefix-kernels floor --out $OUT/training_split_$mode > $OUT/training_split_$mode.log 2>&1; echo "-- split, mode $mode"; grep -v "^$" $OUT/training_split_$mode.log | tail -14; done ;;
-    kerneltests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 500 python3 -m pytest -q -p no:logging -m gpu tests/test_attention_features.py tests/test_patch_model_features.py > $OUT/kerneltests.log 2>&1; summary $OUT/kerneltests.log ;;
-    kerneltests-all-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 560 python3 -m pytest -q -p no:logging tests/test_attention_features.py > $OUT/kerneltests_all.log 2>&1; summary $OUT/kerneltests_all.log ;;
-    features) timeout 400 python3 benchmarks/bench_features.py > $OUT/bench_features.log 2>&1; echo "rc=$?"; tail -22 $OUT/bench_features.log ;;
-    packed) timeout 500 python3 benchmarks/bench_packed.py > $OUT/bench_packed.log 2>&1; echo "rc=$?"; tail -14 $OUT/bench_packed.log ;;
+    kerneltests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 540 python3 -m pytest -q -p no:logging -m gpu tests/test_attention_features.py tests/test_patch_model_features.py -k "not fp16" > $OUT/kerneltests.log 2>&1; summary $OUT/kerneltests.log ;;
+    kerneltests-fp16-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 540 python3 -m pytest -q -p no:logging -m gpu tests/test_attention_features.py -k fp16 > $OUT/kerneltests_fp16.log 2>&1; summary $OUT/kerneltests_fp16.log ;;
+    kerneltests-all-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 560 python3 -m pytest -q -p no:logging tests/test_attention_features.py -m "not gpu" > $OUT/kerneltests_all.log 2>&1; summary $OUT/kerneltests_all.log ;;
+    features) PREFIX_KERNELS_AUTOTUNE=0 timeout 400 python3 benchmarks/bench_features.py > $OUT/bench_features.log 2>&1; echo "rc=$?"; tail -22 $OUT/bench_features.log ;;
+    packed) PREFIX_KERNELS_AUTOTUNE=0 timeout 500 python3 benchmarks/bench_packed.py > $OUT/bench_packed.log 2>&1; echo "rc=$?"; tail -14 $OUT/bench_packed.log ;;
     splittests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:logging tests/test_split_attention.py > $OUT/splittests.log 2>&1; summary $OUT/splittests.log ;;
     decode-e2e) timeout 400 python3 benchmarks/bench_decode.py > $OUT/bench_decode_e2e.log 2>&1; tr '\r' '\n' < $OUT/bench_decode_e2e.log | grep -v "it/s\]" | grep -v "^ *$" | tail -45 ;;
     servehttp-tests) timeout 300 python3 -m pytest -q -p no:logging tests/test_serve_http.py tests/test_serve_hardening.py tests/test_serve_load.py tests/test_bench_serve.py > $OUT/servehttp.log 2>&1; python3 -c "import aiohttp; print('aiohttp', aiohttp.__version__)"; summary $OUT/servehttp.log ;;

@@ -218,8 +218,8 @@ def test_segment_starts_from_position_ids_and_cu_seqlens():
 
 def test_torch_compile_fullgraph_with_every_feature():
     device = kernel_device()
-    tensors, index, mask = make_inputs(SQ=17, device=device, padding="right")
-    starts = _packed_starts(2, 17, [[7], [17]], device)
+    tensors, index, mask = make_inputs(B=2, H=2, HKV=1, SQ=12, device=device, padding="right")
+    starts = _packed_starts(2, 12, [[7], [12]], device)
 
     def f(*t):
         return pk.prefix_attention(*t, prefix_index=index, key_padding_mask=mask, backend="triton", dropout_p=0.2,
