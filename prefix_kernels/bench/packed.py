@@ -13,7 +13,8 @@ forward with labels + backward + AdamW on the trainable parameters. Cases:
   prefix-kernels-grouped    as padded, documents sorted by length first (group_by_length)
   peft-prefix-padded        PEFT prefix tuning, padded (it cannot pack: its prefix is the KV cache)
 Throughput counts useful tokens only (document tokens, no padding). The first step's loss of
-each case is reported: packed and padded train on the same targets.
+each case is reported: packed and padded train on the same targets. gpu_run.sh's `packed` step
+sets PREFIX_KERNELS_AUTOTUNE=0 (every case on each kernel's default config; no autotune compiles).
 """
 from __future__ import annotations
 

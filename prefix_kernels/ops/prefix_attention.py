@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -391,7 +391,7 @@ _prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
-                     prefix_v: torch.Tensor, *, prefix_index: torch.Tensor | None = None,
+                     prefix_v: torch.Tensor, *, prefix_index: torch.Tensor | Sequence[int] | int | None = None,
                      key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
                      causal: bool = True, backend: str = "auto", dropout_p: float = 0.0,
                      path: str | None = None, softcap: float | None = None, window: int | None = None,

@@ -2,6 +2,7 @@
 of convenient inputs (a list of prefix ids, HF's float additive mask) to what the kernels read."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -92,7 +93,7 @@ def check_features(q, k, causal, dropout_p, softcap, window, segment_start):
         if not softcap > 0:
             _fail(f"softcap must be a positive number (or None), got {softcap}")
     if window is not None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
             _fail(f"window must be a positive int (keys within `window` positions of the query), "
                   f"got {window!r}")
         if not causal:
