@@ -13,14 +13,7 @@ import pytest
 _SCRIPT = r"""
 import sys
 import torch
-try:        # triton's compiler internals: their names move between releases
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton._C.libtriton import ir
-    from triton.compiler.compiler import make_backend
-except ImportError as exc:
-    print("TRITON_INTERNALS_DIFFER", exc)
-    sys.exit(77)
+from triton_frontend import lower_to_ttir
 from prefix_kernels.ops import prefix_attention as op
 
 launches = []
@@ -50,18 +43,7 @@ def lower(kernel, args, constexprs):
             signature[name] = "*fp32" if name in FP32 else "*" + TYPES[value.dtype]
         else:
             signature[name] = "fp32" if isinstance(value, float) else ("i64" if abs(value) >= 2**31 else "i32")
-    for name in constexprs:
-        signature[name] = "constexpr"
-    src = ASTSource(fn=kernel, signature=signature,
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    options = backend.parse_options({"num_warps": 4, "num_stages": 2})
-    context = ir.context()
-    ir.load_dialects(context)
-    backend.load_dialects(context)
-    return src.make_ir(target, options, backend.get_codegen_implementation(options),
-                       backend.get_module_map(), context)
+    return lower_to_ttir(kernel, signature, constexprs)
 
 
 torch.manual_seed(0)
@@ -98,6 +80,8 @@ sys.exit(1 if failed else 0)
 def test_kernels_pass_the_gpu_compiler_frontend():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    tests_dir = os.path.dirname(os.path.abspath(__file__))       # triton_frontend.py
+    env["PYTHONPATH"] = os.pathsep.join([tests_dir] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     res = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     if res.returncode == 77 or "make_ir() takes" in res.stdout:   # not an import error of ours
         pytest.skip(f"this triton's compiler internals differ: {res.stderr.strip().splitlines()[-1:]}")

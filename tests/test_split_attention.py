@@ -302,15 +302,7 @@ def test_path_split_on_the_gpu_calls_the_vendor(split_calls):
 
 _FRONTEND_SCRIPT = r"""
 import sys
-import triton
-try:        # triton's compiler internals: their names move between releases
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton._C.libtriton import ir
-    from triton.compiler.compiler import make_backend
-except ImportError as exc:
-    print("TRITON_INTERNALS_DIFFER", exc)
-    sys.exit(77)
+from triton_frontend import lower_to_ttir
 from prefix_kernels.ops import split_kernels as K
 from prefix_kernels.ops.prefix_attention_kernels import reduce_prefix_grads
 
@@ -319,7 +311,7 @@ def lower(kernel, constexprs):
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
-            signature[name] = "constexpr"
+            continue
         elif name in ("pidx_ptr", "PIDX"):
             signature[name] = "*i64"
         elif name in fp32_ptrs:
@@ -328,16 +320,7 @@ def lower(kernel, constexprs):
             signature[name] = "*bf16"
         else:
             signature[name] = "fp32" if name in ("qk_scale", "sm_scale") else "i32"
-    src = ASTSource(fn=kernel, signature=signature,
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    options = backend.parse_options({"num_warps": 4, "num_stages": 2})
-    context = ir.context()
-    ir.load_dialects(context)
-    backend.load_dialects(context)
-    return src.make_ir(target, options, backend.get_codegen_implementation(options),
-                       backend.get_module_map(), context)
+    return lower_to_ttir(kernel, signature, constexprs)
 
 common = dict(HAS_PIDX=True, HEAD_DIM=80, BLOCK_D=128, PREC="tf32", BLOCK_M=64, BLOCK_N=32)
 jobs = {"merge": (K._split_fwd_merge, common), "dq": (K._split_bwd_dq, dict(common, DQ_GRAD=True)),
@@ -364,6 +347,8 @@ def test_split_kernels_pass_the_gpu_compiler_frontend():
     import sys
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    tests_dir = os.path.dirname(os.path.abspath(__file__))       # triton_frontend.py
+    env["PYTHONPATH"] = os.pathsep.join([tests_dir] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     res = subprocess.run([sys.executable, "-c", _FRONTEND_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)
     if res.returncode == 77 or "make_ir() takes" in res.stdout:   # not an import error of ours
