@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -20,7 +19,8 @@ from . import split_attention
 from .prefix_attention_inputs import (as_prefix_index, check_features, check_inputs, padding_mask_as_bool,
                                       triton_unsupported_reason as _triton_unsupported_reason)
 from .reference import reference_prefix_attention
-from .utils import LOG2E, interpreting as _interpreting, sm_count, warn_once as _warn_once
+from .utils import (LOG2E, autotune_enabled, head_dim_class, interpreting as _interpreting, seq_bucket, sm_count,
+                    warn_once as _warn_once)
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,15 +69,8 @@ _FEATURES = ["HEAD_DIM", "seq_bucket", "CAUSAL", "HAS_KPM", "DROPOUT", "SOFTCAP"
 _TUNE_KEY = {"fwd": _FEATURES, "dq": _FEATURES + ["DQ_GRAD"], "dkdv": _FEATURES + ["PREFIX_GRAD", "OWN_GRAD"]}
 
 
-def _autotune_enabled() -> bool:
-    # PREFIX_KERNELS_AUTOTUNE=0 takes each default untimed (tests, quick runs).
-    return os.environ.get("PREFIX_KERNELS_AUTOTUNE", "1") != "0"
-
-
 def _head_dim_class(head_dim: int, dtype) -> object:
-    if dtype == torch.float32:
-        return "fp32"
-    return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    return "fp32" if dtype == torch.float32 else head_dim_class(head_dim)
 
 
 _KERNELS = {"fwd": kernels.prefix_attn_fwd, "dq": kernels.prefix_attn_bwd_dq,
@@ -95,7 +88,7 @@ def _tuned(kernel_name: str):
 
     def candidates(configs, named_args, **kwargs):
         cls = _head_dim_class(kwargs["HEAD_DIM"], named_args["q_ptr"].dtype)
-        return table[cls] if _autotune_enabled() else table[cls][:1]
+        return table[cls] if autotune_enabled() else table[cls][:1]
 
     return triton.autotune(configs=every, key=_TUNE_KEY[kernel_name],
                            prune_configs_by={"early_config_prune": candidates})(kernel)
@@ -127,11 +120,6 @@ def _launch(kernel_name, grid, args, constexprs, dtype, seq_bucket):
     config, derived = chosen
     _KERNELS[kernel_name].fn[grid](*args, **constexprs, **derived, **config.kwargs,
                                    num_warps=config.num_warps, num_stages=config.num_stages)
-
-
-def _seq_bucket(n: int) -> int:
-    # Autotune once per power-of-two length class (>= 256) rather than per exact length.
-    return max(256, triton.next_power_of_2(n))
 
 
 def _kpm_args(key_padding_mask, q):
@@ -199,7 +187,7 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
     kpm, s_kpm_b, s_kpm_n = _kpm_args(key_padding_mask, q)
     seg, s_seg_b = _seg_args(segment_start, q)
     qk_scale, scalars, flags = _feature_args(scale, softcap, window, dropout_p, rng)
-    bucket = _seq_bucket(max(sq, sk))
+    bucket = seq_bucket(max(sq, sk))
     _launch("fwd", lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h),
             (q, k, v, prefix_k, prefix_v, prefix_index if prefix_index is not None else q, kpm, seg, out, lse,
              *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
@@ -234,7 +222,7 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
     kpm, s_kpm_b, s_kpm_n = _kpm_args(key_padding_mask, q)
     seg, s_seg_b = _seg_args(segment_start, q)
     pidx = prefix_index if prefix_index is not None else q
-    bucket = _seq_bucket(max(sq, sk))
+    bucket = seq_bucket(max(sq, sk))
     qk_scale, scalars, feature_flags = _feature_args(scale, softcap, window, dropout_p, rng)
     flags = dict(HAS_PIDX=prefix_index is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
                  HAS_SEGMENTS=segment_start is not None, HEAD_DIM=d, **feature_flags)

@@ -34,7 +34,7 @@ import triton
 
 from .prefix_attention_kernels import reduce_prefix_grads
 from .split_kernels import _split_bwd_dprefix, _split_bwd_dq, _split_bwd_onepass, _split_fwd_merge
-from .utils import LOG2E, interpreting, sm_count, warn_once
+from .utils import LOG2E, autotune_enabled, head_dim_class, interpreting, seq_bucket, sm_count, warn_once
 from .vendor_attention import VENDOR_MAX_HEAD_DIM, in_layout_of, lse_bhs, vendor_backward, vendor_forward
 
 LN2 = 0.6931471805599453
@@ -83,10 +83,6 @@ ONEPASS_MAX_P = {64: 128, 128: 64, 256: 32}
 _CHOSEN: dict = {}
 
 
-def _autotune_enabled() -> bool:
-    return os.environ.get("PREFIX_KERNELS_AUTOTUNE", "1") != "0"
-
-
 @functools.lru_cache(maxsize=None)
 def _tuned(name: str, head_dim_class: int, tune: bool):
     kernel = _KERNELS[name]
@@ -100,20 +96,16 @@ def _tuned(name: str, head_dim_class: int, tune: bool):
 def _launch(name, grid, args, constexprs, dtype):
     """Launch with the config autotune chose for this key; later calls skip triton's
     Autotuner.run (~70 us of host time per launch, see ops/prefix_attention.py `_launch`)."""
-    tune = _autotune_enabled()
+    tune = autotune_enabled()
     key = (name, dtype, tune, args[-1], *sorted(constexprs.items()))      # args[-1]: SEQ_BUCKET
     config = _CHOSEN.get(key)
     if config is None:
-        tuner = _tuned(name, _head_dim_class(constexprs["HEAD_DIM"]), tune)
+        tuner = _tuned(name, head_dim_class(constexprs["HEAD_DIM"]), tune)
         tuner[grid](*args, **constexprs)
         _CHOSEN[key] = tuner.best_config
         return
     _KERNELS[name][grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
                          num_stages=config.num_stages)
-
-
-def _head_dim_class(d: int) -> int:
-    return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
 def _meta(q, p, one_block=False):
@@ -132,11 +124,7 @@ def _prefix_block(p: int, d: int) -> int:
 
 
 def _onepass_fits(p: int, d: int) -> bool:
-    return p <= ONEPASS_MAX_P[_head_dim_class(d)]
-
-
-def _seq_bucket(n: int) -> int:
-    return max(256, triton.next_power_of_2(n))
+    return p <= ONEPASS_MAX_P[head_dim_class(d)]
 
 
 def _query_splits(sq: int, programs_per_split: int, device) -> int:
@@ -171,7 +159,7 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, ve
     _launch("merge", lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h),
             (q, prefix_k, prefix_v, prefix_index if prefix_index is not None else q, out, lse_own, lse,
              *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *out.stride(), *lse_own.stride(),
-             h, h // hkv, sq, p, prefix_k.shape[0], scale * LOG2E, _seq_bucket(sq)),
+             h, h // hkv, sq, p, prefix_k.shape[0], scale * LOG2E, seq_bucket(sq)),
             dict(HAS_PIDX=prefix_index is not None, **meta), q.dtype)
     return out, lse
 
@@ -204,7 +192,7 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, out, lse, sc
     pidx = prefix_index if prefix_index is not None else q
     dq_arg = dq if need_dq else q
     common = dict(HAS_PIDX=prefix_index is not None, **meta)
-    bucket = _seq_bucket(sq)
+    bucket = seq_bucket(sq)
     if need_prefix:
         prefix_programs = triton.cdiv(p, meta["BLOCK_N"]) if kind == "twopass" else 1
         splits = _query_splits(sq, b * hkv * prefix_programs, q.device)

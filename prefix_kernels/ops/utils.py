@@ -6,6 +6,7 @@ import os
 import warnings
 
 import torch
+import triton
 
 LOG2E = 1.4426950408889634      # the kernels run softmax in base 2: scores are pre-scaled by log2(e)
 
@@ -30,3 +31,18 @@ def sm_count(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (cached: the property query costs ~10 us per call)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _sm_count(index)
+
+
+def autotune_enabled() -> bool:
+    """PREFIX_KERNELS_AUTOTUNE=0 takes each kernel's first candidate untimed (tests, quick runs)."""
+    return os.environ.get("PREFIX_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def seq_bucket(n: int) -> int:
+    """Autotune once per power-of-two length class (>= 256) rather than per exact length."""
+    return max(256, triton.next_power_of_2(n))
+
+
+def head_dim_class(head_dim: int) -> int:
+    """The autotune table's head-dim class: 64, 128 or 256."""
+    return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
