@@ -76,6 +76,7 @@ class PrefixBank(nn.Module):
             raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.prefix_len, self.projection_hidden = prefix_len, projection_hidden
+        self._cast = None           # (key, tensor): the last cast of a frozen bank, see materialize
         self.sites, self.task_type = sites, task_type
         self.names = names
         n, token_dim = len(names), num_kv_heads * head_dim
@@ -278,7 +279,16 @@ class PrefixBank(nn.Module):
             flat = torch.einsum("nph,noh->npo", hidden, self.proj_out_weight) + self.proj_out_bias[:, None]
             n, p = flat.shape[:2]
             out = flat.view(n, p, self.num_layers, 2, self.num_kv_heads, self.head_dim).permute(2, 3, 0, 4, 1, 5)
-        return out if dtype is None else out.to(dtype)
+        if dtype is None or out.dtype == dtype:
+            return out
+        if out.requires_grad and torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return out.to(dtype)        # part of the step's graph (training, or traced by dynamo)
+        # Frozen (serving, generate): cast once, not every forward: `generate` would otherwise copy
+        # the whole bank each token (1,000 entries of the DESIGN.md shape: 1.4 GB read per token).
+        key = (dtype, out.device, out.data_ptr(), out._version)
+        if self._cast is None or self._cast[0] != key:
+            self._cast = (key, out.detach().to(dtype))
+        return self._cast[1]
 
     @torch.no_grad()
     def folded(self, name_or_index: str | int) -> torch.Tensor:

@@ -203,3 +203,19 @@ def test_save_checks_every_name_before_writing(tmp_path):
     written = bank.save_pretrained(str(tmp_path), names=["ok"])
     assert written == [str(tmp_path)]
     assert torch.equal(read_adapter(written[0]).tensors["decoder"], bank_to_peft_flat(bank.folded("ok")))
+
+
+def test_a_frozen_bank_is_cast_once_and_again_after_it_changes():
+    import torch
+
+    from prefix_kernels.bank import PrefixBank
+
+    bank = PrefixBank(2, 2, 8, 4, names=["a", "b"])
+    with torch.no_grad():
+        first = bank.materialize(torch.bfloat16)
+        assert bank.materialize(torch.bfloat16) is first            # generate: no copy per token
+        bank.prefix.mul_(2)                                         # an in-place update (a load, a step)
+        again = bank.materialize(torch.bfloat16)
+    assert again is not first and torch.equal(again, (bank.prefix * 1).to(torch.bfloat16).detach())
+    trained = bank.materialize(torch.bfloat16)                      # grad enabled: in the graph
+    assert trained.grad_fn is not None
