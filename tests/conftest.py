@@ -26,9 +26,11 @@ def demo_server(tmp_path_factory):
     """The CLI end to end, shared by the CLI, example and server-overhead tests: examples/
     train_with_cli.sh (3 steps) trains two prefixes on the demo model, then `prefix-kernels serve`
     serves both adapters as written, on a free loopback port. Yields (base URL, training folder)."""
-    import socket
+    import collections
+    import queue
     import subprocess
     import sys
+    import threading
     import time
     import urllib.request
     from pathlib import Path
@@ -40,24 +42,35 @@ def demo_server(tmp_path_factory):
     done = subprocess.run(["bash", str(root / "examples" / "train_with_cli.sh"), str(out)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "prefix_kernels.cli", "serve", "--port", str(port),
+    # --port 0: the server binds a free port itself and names it in its banner (a port picked here
+    # and bound later could be taken in between); a thread drains stderr so the server's request
+    # log can never fill the pipe and block it
+    server = subprocess.Popen([sys.executable, "-m", "prefix_kernels.cli", "serve", "--port", "0",
                                "--prefix", f"sentiment={out}/adapters/sentiment", "--prefix", f"topic={out}/adapters/topic"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})      # steadier on 2 shared cores
-    url = f"http://127.0.0.1:{port}"
+    urls, tail = queue.Queue(), collections.deque(maxlen=200)
+
+    def drain():
+        for line in server.stderr:
+            tail.append(line)
+            if line.startswith("serving ") and " on http://" in line:
+                urls.put(line.split(" on ", 1)[1].split()[0])
+    threading.Thread(target=drain, daemon=True).start()
     deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5):
+    try:
+        while True:
+            try:
+                url = urls.get(timeout=0.5)
                 break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                server.kill()
-                raise RuntimeError(f"the demo server did not start: {server.stderr.read()[-3000:]}")
-            time.sleep(0.5)
+            except queue.Empty:
+                if server.poll() is not None or time.time() > deadline:
+                    raise
+        with urllib.request.urlopen(f"{url}/health", timeout=30):
+            pass
+    except (queue.Empty, OSError):
+        server.kill()
+        raise RuntimeError(f"the demo server did not start: {''.join(tail)[-3000:]}") from None
     try:
         yield url, out
     finally:
