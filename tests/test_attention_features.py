@@ -163,12 +163,16 @@ FEATURE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", FEATURE_CASES)
-def test_features_match_fp64_reference(case):
+def _feature_case(case, bank_grads_only=False):
+    """(ours, reference) for FEATURE_CASES[case]: the op's output and gradients next to the fp64
+    reference's, the dropout mask taken from the kernels' own RNG."""
     shape, features = FEATURE_CASES[case]
     features = dict(features)
     device = kernel_device()
     tensors, index, mask = make_inputs(device=device, **shape)
+    if bank_grads_only:
+        for t in tensors[:3]:
+            t.requires_grad_(False)
     if "segments" in features:
         q = tensors[0]
         features["segment_start"] = _packed_starts(q.shape[0], q.shape[2], features.pop("segments"), device)
@@ -178,30 +182,22 @@ def test_features_match_fp64_reference(case):
     if features.get("dropout_p"):
         features["dropout_mask"] = _keep_mask(2, tensors, features["dropout_p"])
     ref_out, ref_grads = reference_fp64(tensors, index, mask, grad_out, **features)
-    assert_close_fp64((out, *grads), (ref_out, *ref_grads))
+    return (out, *grads), (ref_out, *ref_grads)
+
+
+@pytest.mark.parametrize("case", FEATURE_CASES)
+def test_features_match_fp64_reference(case):
+    ours, ref = _feature_case(case)
+    assert_close_fp64(ours, ref)
 
 
 @pytest.mark.parametrize("case", ["window18_gqa4", "softcap_causal", "packed_window_softcap_dropout"])
 def test_features_prefix_only_backward(case):
     # A frozen model's first layer asks only for the bank's gradients: another grid, another
     # split count and the segment bound passed as is; checked with each feature on.
-    shape, features = FEATURE_CASES[case]
-    features = dict(features)
-    device = kernel_device()
-    tensors, index, mask = make_inputs(device=device, **shape)
-    for t in tensors[:3]:
-        t.requires_grad_(False)
-    if "segments" in features:
-        q = tensors[0]
-        features["segment_start"] = _packed_starts(q.shape[0], q.shape[2], features.pop("segments"), device)
-    grad_out = torch.randn_like(tensors[0])
-    torch.manual_seed(2)
-    out, grads = run(tensors, index, mask, grad_out, "triton", **features)
-    if features.get("dropout_p"):
-        features["dropout_mask"] = _keep_mask(2, tensors, features["dropout_p"])
-    ref_out, ref_grads = reference_fp64(tensors, index, mask, grad_out, **features)
-    assert len(grads) == 2
-    for name, got, want in zip(("out", "dprefix_k", "dprefix_v"), (out, *grads), (ref_out, *ref_grads)):
+    ours, ref = _feature_case(case, bank_grads_only=True)
+    assert len(ours) == 3
+    for name, got, want in zip(("out", "dprefix_k", "dprefix_v"), ours, ref):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=3e-5, msg=lambda m: f"{name}: {m}")
 
 
