@@ -120,3 +120,22 @@ def seq2seq_batch(batch=3, src=7, tgt=5, seed=1):
     target = torch.randint(3, VOCAB, (batch, tgt + 1), generator=g)
     target[:, 0] = 2
     return ids, mask, target[:, :-1].contiguous(), target[:, 1:].contiguous()
+
+
+def peft_greedy(family: str, prefix: torch.Tensor, ids: list, new: int) -> list:
+    """Greedy tokens of PEFT's prefix-tuning forward over the growing sequence (no cache), for
+    the tiny `family` model with `prefix` [L, 2, Hkv, P, D] as its prompt encoder."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from prefix_kernels.bank import bank_to_peft_flat
+
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix.shape[3])
+    model = get_peft_model(tiny_model(family), config)
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.copy_(bank_to_peft_flat(prefix))
+        seq = torch.tensor([ids])
+        for _ in range(new):
+            logits = model(input_ids=seq, position_ids=torch.arange(seq.shape[1])[None]).logits
+            seq = torch.cat([seq, logits[:, -1:].argmax(-1)], 1)
+    return seq[0, len(ids):].tolist()
+

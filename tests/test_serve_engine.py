@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from conftest import requires_gpu
-from hf_tiny import tiny_model
-from prefix_kernels.bank import bank_to_peft_flat
+from hf_tiny import peft_greedy, tiny_model
 from prefix_kernels.serve import (ByteTokenizer, Engine, PromptTooLong, QueueFull, SamplingParams,
                                   UnknownPrefix)
 from prefix_kernels.serve.sampling import sample, uniform_noise
@@ -40,20 +39,6 @@ def engine(family="llama", names=("a", "b", "c"), **kw):
 def alone(prompt, prefix, params=GREEDY, family="llama"):
     """The same request on a fresh engine with nothing else in flight."""
     return engine(family, names=(prefix,)).generate([prompt], prefix, params)[0]
-
-
-def peft_greedy(family, prefix, ids, new):
-    """Greedy tokens of PEFT's prefix-tuning forward on the growing sequence (no cache)."""
-    from peft import PrefixTuningConfig, get_peft_model
-
-    model = get_peft_model(tiny_model(family), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
-    with torch.no_grad():
-        model.prompt_encoder["default"].embedding.weight.copy_(bank_to_peft_flat(prefix))
-        seq = torch.tensor([ids])
-        for _ in range(new):
-            logits = model(input_ids=seq, position_ids=torch.arange(seq.shape[1])[None]).logits
-            seq = torch.cat([seq, logits[:, -1:].argmax(-1)], 1)
-    return seq[0, len(ids):].tolist()
 
 
 # -- correctness against PEFT and against running alone ---------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import requires_gpu
-from hf_tiny import VOCAB, tiny_model
+from hf_tiny import VOCAB, peft_greedy, tiny_model
 from prefix_kernels.integrations import transformers as hf
 from prefix_kernels.serve.sampling import sample
 from prefix_kernels.serve.step import DecodeStep, StepOptions, fuse_linears, unfuse_weights, unsupported_reason
@@ -298,22 +298,6 @@ def _table(family="llama", names="abc", seed=1):
     return {n: torch.randn(cfg.num_hidden_layers, 2, hkv, P, d, generator=g) for n in names}
 
 
-def _peft_greedy(family, prefix, ids, new):
-    """Greedy tokens of PEFT's prefix-tuning forward over the growing sequence (no cache)."""
-    from peft import PrefixTuningConfig, get_peft_model
-
-    from prefix_kernels.bank import bank_to_peft_flat
-
-    model = get_peft_model(tiny_model(family), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
-    with torch.no_grad():
-        model.prompt_encoder["default"].embedding.weight.copy_(bank_to_peft_flat(prefix))
-        seq = torch.tensor([ids])
-        for _ in range(new):
-            logits = model(input_ids=seq, position_ids=torch.arange(seq.shape[1])[None]).logits
-            seq = torch.cat([seq, logits[:, -1:].argmax(-1)], 1)
-    return seq[0, len(ids):].tolist()
-
-
 def test_engine_compiled_step_equals_eager_engine_and_peft():
     """Greedy and sampled requests in one batch (its filtered variant), mixed prefixes, rows at
     different positions: the engine with the compiled step (aot_eager) gives the eager engine's
@@ -337,7 +321,7 @@ def test_engine_compiled_step_equals_eager_engine_and_peft():
         outs[choice == "eager"] = [r.result().token_ids for r in reqs]
     assert outs[True] == outs[False]
     for i in (0, 3):
-        assert outs[True][i] == _peft_greedy("llama", table[names[i]], prompts[i], 6)
+        assert outs[True][i] == peft_greedy("llama", table[names[i]], prompts[i], 6)
 
 
 def test_engine_decode_step_choice():
