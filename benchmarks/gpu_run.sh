@@ -25,6 +25,7 @@ for step in "$@"; do
     training) timeout 420 python3 benchmarks/bench_training.py --out $OUT > $OUT/bench_training.log 2>&1; tail -30 $OUT/bench_training.log ;;
     attention-train-shapes) PREFIX_KERNELS_RESULTS=$OUT/train_shapes timeout 300 python3 benchmarks/bench_attention.py --shape 8,32,4,1024,64,32,1 --shape 2,32,4,4096,64,128,1 --variants floor,prefix_kernels --no-plot > $OUT/attention_train_shapes.log 2>&1; tail -25 $OUT/attention_train_shapes.log ;;
     profile-training) timeout 300 python3 benchmarks/profile_training.py 2>&1 | tee $OUT/profile_training.log ;;
+    profile-training-short) for arch in tinyllama gpt2 gpt2-nodrop; do timeout 150 python3 benchmarks/profile_training.py --arch $arch 8,512,32 --cases prefix-kernels peft-prefix floor 2>&1 | tee -a $OUT/profile_training_short.log | grep -v Warning; done ;;
     profile-decode) timeout 200 python3 benchmarks/profile_decode.py 32 128 2>&1 | tee $OUT/profile_decode.log ;;
     disttests-gpu) NCCL_NVLS_ENABLE=0 timeout 300 python3 -m pytest -q -p no:logging -m gpu tests/test_distributed.py > $OUT/disttests.log 2>&1; summary $OUT/disttests.log ;;
     scaling) NCCL_NVLS_ENABLE=0 timeout 560 python3 benchmarks/bench_scaling.py > $OUT/bench_scaling.log 2>&1; grep -v "^W[0-9]" $OUT/bench_scaling.log | tail -22 ;;

@@ -24,6 +24,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -299,6 +300,8 @@ def main(argv=None):
     if args.cpu_smoke:
         DEVICE, DTYPE = "cpu", torch.float32
         issue_shapes, check_shapes = SMOKE_ISSUE_SHAPES, SMOKE_CHECK_SHAPES
+        # the smoke run must never overwrite the committed GPU results
+        os.environ.setdefault("PREFIX_KERNELS_RESULTS", os.path.join(tempfile.gettempdir(), "probe_split_smoke"))
     elif not torch.cuda.is_available():
         log("probe_split needs a CUDA GPU (or --cpu-smoke under TRITON_INTERPRET=1)")
         return 1

@@ -4,7 +4,12 @@ Same step as prefix_kernels/bench/training.py (TinyLlama-1.1B shape, bf16, forwa
 AdamW), profiled with torch.profiler after warm-up. Prints, per case, the wall time per step, the
 summed GPU kernel time per step (their difference is GPU idle time: host overhead or syncs) and
 the heaviest kernels, so a gap to the floor can be placed in a kernel or in the host.
-usage: python benchmarks/profile_training.py [B,S,P ...]     (default 2,4096,128 8,1024,32)
+It also times the host: `launch` is how long step() takes to return (the CPU's share when the
+GPU queue never fills), `sync/step` the wall time with a synchronize after every step (as a
+training loop that logs loss.item() runs), and lists the CPU-side syncs of one step.
+usage: python benchmarks/profile_training.py [--arch tinyllama|gpt2|gpt2-nodrop] [B,S,P ...] [--cases CASE ...]
+       (default tinyllama, 2,4096,128 8,1024,32; cases prefix-kernels floor; gpt2: GPT-2 small with
+       its attention dropout 0.1 as in bench training --curves, gpt2-nodrop: the same without it)
 """
 import sys
 import time
@@ -29,13 +34,29 @@ def profile_case(case, config, batch, seq, prefix_len, steps=3):
         step()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - start) * 1e3 / steps
+    launch, synced = [], []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        launch.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        synced.append(time.perf_counter() - start)
+    launch_ms, synced_ms = 1e3 * min(launch), 1e3 * min(synced)
+    with profile(activities=[ProfilerActivity.CPU]) as cpu_prof:
+        step()
+        torch.cuda.synchronize()
+    syncs = {e.key: e.count for e in cpu_prof.key_averages()
+             if e.key in ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize",
+                          "cudaDeviceSynchronize", "cudaMemcpyAsync", "aten::nonzero")}
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     total = sum(e.self_device_time_total for e in events) / steps / 1000
-    print(f"\n{case} B{batch} S{seq} P{prefix_len}: wall {wall:.1f} ms/step, GPU kernels {total:.1f} ms/step")
+    print(f"\n{case} B{batch} S{seq} P{prefix_len}: wall {wall:.1f} ms/step, GPU kernels {total:.1f} ms/step, "
+          f"launch {launch_ms:.1f} ms, sync/step {synced_ms:.1f} ms; host calls/step {syncs}")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
         print(f"  {e.self_device_time_total / steps / 1000:8.2f} ms  x{e.count // steps:<4} {e.key[:100]}")
     del model, optimizer, params
@@ -43,10 +64,25 @@ def profile_case(case, config, batch, seq, prefix_len, steps=3):
 
 
 def main():
-    shapes = [tuple(int(x) for x in a.split(",")) for a in sys.argv[1:]] or [(2, 4096, 128), (8, 1024, 32)]
-    config = bt.model_config(quick=False)
+    args = sys.argv[1:]
+    cases = ["prefix-kernels", "floor"]
+    if "--cases" in args:
+        at = args.index("--cases")
+        args, cases = args[:at], args[at + 1:]
+    arch = "tinyllama"
+    if "--arch" in args:
+        at = args.index("--arch")
+        arch = args[at + 1]
+        args = args[:at] + args[at + 2:]
+    shapes = [tuple(int(x) for x in a.split(",")) for a in args] or [(2, 4096, 128), (8, 1024, 32)]
+    if arch == "tinyllama":
+        config = bt.model_config(quick=False)
+    else:
+        from transformers import GPT2Config
+        config = GPT2Config(attn_pdrop=0.1 if arch == "gpt2" else 0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    print(f"== {arch}")
     for batch, seq, prefix_len in shapes:
-        for case in ("prefix-kernels", "floor"):
+        for case in cases:
             profile_case(case, config, batch, seq, prefix_len)
 
 
