@@ -42,6 +42,19 @@ def test_loss_curves_quick(tmp_path):
     assert (tmp_path / "training-curves-quick.png").stat().st_size > 5000
 
 
+def test_loss_curves_quick_gpt2_bart(tmp_path):
+    """--curves --quick for GPT-2 (attention dropout 0.1) and BART (ours at three sites and at
+    PEFT's one): every row runs, and each of ours gets a tokens/s verdict against PEFT's."""
+    assert bench.main(["--curves", "--quick", "--archs", "gpt2,bart", "--steps", "2", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "training-curves-quick.json").read_text())
+    rows = [(r["arch"], r["method"]) for r in payload["results"]]
+    assert rows == [("gpt2", "prefix-kernels"), ("gpt2", "peft-prefix"), ("bart", "prefix-kernels"),
+                    ("bart", "prefix-kernels-decoder"), ("bart", "peft-prefix")]
+    assert all("error" not in r for r in payload["results"]), payload["results"]
+    speed = [line for line in payload["verdicts"] if "tokens/s vs PEFT prefix" in line]
+    assert [line.split(":")[0] for line in speed] == ["gpt2", "bart", "bart"]
+
+
 def test_multitask_quick(tmp_path):
     """--multitask --quick: one run of 2 tasks and the same tasks one by one take the same path."""
     assert bench.main(["--multitask", "--quick", "--out", str(tmp_path)]) == 0
