@@ -251,8 +251,9 @@ def test_gradient_checkpointing_same_gradients(reentrant, projection):
         assert_close(ckpt, plain, atol=1e-6, what="checkpointed grad")
 
 
-def test_reentrant_checkpointing_with_projection_raises():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "opt"])     # OPT keeps the checkpointing flag on its decoder
+def test_reentrant_checkpointing_with_projection_raises(family):
+    model = tiny_model(family)
     pk.patch_model(model, P, projection_hidden=16, backend="reference")
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
