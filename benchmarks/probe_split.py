@@ -271,19 +271,15 @@ def chosen_configs():
     """The config autotune picked per kernel and key, for the fused op and the split kernels."""
     from prefix_kernels.ops import prefix_attention as fused
     from prefix_kernels.ops import split_attention as sa
-    hopper = [c for table in getattr(fused, "_HOPPER_CANDIDATES", {}).values()
-              for configs in table.values() for c in configs]
+    hopper = [c for table in fused._HOPPER_CANDIDATES.values() for configs in table.values() for c in configs]
     lines = []
     for module, label in ((fused, "fused"), (sa, "split")):
-        for key, config in getattr(module, "_CHOSEN", {}).items():
-            if isinstance(config, tuple):       # the fused op keeps (config, derived constexprs)
-                config = config[0]
-            consts = dict(item for item in key if isinstance(item, tuple) and len(item) == 2)
+        for name, _, tuned, bucket, consts, config in module._LAUNCHER.chosen_configs():
             shown = {k: v for k, v in consts.items() if k.startswith(("BLOCK_N", "HAS_PIDX", "DQ", "PREFIX", "OWN"))}
-            bucket = next((x for x in key[1:] if isinstance(x, int) and not isinstance(x, bool)), None)
             mark = "*" if any(config is c for c in hopper) else " "
-            lines.append(f"{mark} {label}.{key[0]} D={consts.get('HEAD_DIM')} bucket={bucket} {shown} -> "
-                         f"{config.kwargs} warps={config.num_warps} stages={config.num_stages}")
+            untuned = "" if tuned else " (untuned default)"
+            lines.append(f"{mark} {label}.{name} D={consts.get('HEAD_DIM')} bucket={bucket} {shown} -> "
+                         f"{config.kwargs} warps={config.num_warps} stages={config.num_stages}{untuned}")
     return lines
 
 

@@ -9,18 +9,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-def kernel_device() -> str:
-    """Where the Triton kernels can run: the GPU, else the CPU under the interpreter."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "cpu"
-    pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 (the README's test command sets it)")
-
-
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 @pytest.fixture(scope="session")
 def demo_server(tmp_path_factory):
     """The CLI end to end, shared by the CLI, example and server-overhead tests: examples/

@@ -10,7 +10,7 @@ import prefix_kernels as pk
 from prefix_kernels.ops import prefix_attention as op
 from attention_utils import (assert_close_fp64, assert_low_precision_within_twice_torch, make_inputs,
                              reference_fp64, run)
-from conftest import kernel_device, requires_gpu
+from utils import kernel_device, requires_gpu
 
 
 def _keep_mask(seed, tensors, p):

@@ -15,6 +15,7 @@ import sys
 import torch
 from triton_frontend import lower_to_ttir
 from prefix_kernels.ops import prefix_attention as op
+from prefix_kernels.ops.launch import derived_constexprs
 
 launches = []
 op._launch = lambda name, grid, args, constexprs, dtype, bucket: launches.append((name, args, constexprs))
@@ -61,8 +62,8 @@ op.dropout_mask(every["rng"], 2, 4, 20, 20, 5, 0.1, "cpu")
 failed = 0
 for kernel, args, constexprs in launches:
     if isinstance(kernel, str):
-        kernel, constexprs = op._KERNELS[kernel], {**constexprs, **op._derived(op._KERNELS[kernel], args, constexprs),
-                                                   "BLOCK_M": 64, "BLOCK_N": 32}
+        kernel = op._KERNELS[kernel]
+        constexprs = {**constexprs, **derived_constexprs(kernel, args, constexprs), "BLOCK_M": 64, "BLOCK_N": 32}
         kernel = kernel.fn
         constexprs["PREC"] = "tf32"
     name = kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__

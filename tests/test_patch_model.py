@@ -8,6 +8,7 @@ import torch
 import prefix_kernels as pk
 from hf_tiny import FAMILIES, padded_batch, tiny_model
 from prefix_kernels.bank import bank_to_peft_flat, peft_flat_to_bank
+from utils import requires_gpu
 
 P = 5
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -250,8 +251,9 @@ def test_gradient_checkpointing_same_gradients(reentrant, projection):
         assert_close(ckpt, plain, atol=1e-6, what="checkpointed grad")
 
 
-def test_reentrant_checkpointing_with_projection_raises():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "opt"])     # OPT keeps the checkpointing flag on its decoder
+def test_reentrant_checkpointing_with_projection_raises(family):
+    model = tiny_model(family)
     pk.patch_model(model, P, projection_hidden=16, backend="reference")
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -512,7 +514,7 @@ def test_hf_trainer_trains_only_the_prefix(tmp_path):
 # -- on a GPU: the compiled Triton kernels ------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_gpu
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
 def test_cuda_kernels_match_peft(family):
     ids, mask, labels = (t.cuda() for t in padded_batch(batch=3, seq=37))
@@ -529,7 +531,7 @@ def test_cuda_kernels_match_peft(family):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_gpu
 def test_cuda_torch_compile_and_bf16_training_step():
     """bf16 eager and inductor-compiled steps, each judged against an fp32 run: the compiled one
     errs no more than twice the eager one (+ a small floor)."""

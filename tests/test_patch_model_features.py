@@ -11,6 +11,7 @@ import torch
 import prefix_kernels as pk
 from hf_tiny import VOCAB, padded_batch, tiny_model
 from prefix_kernels.bank import peft_flat_to_bank
+from utils import requires_gpu
 
 P = 5
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -275,7 +276,7 @@ GPU_MODEL_CASES = {
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_gpu
 @pytest.mark.parametrize("case", GPU_MODEL_CASES)
 def test_models_on_the_gpu_match_the_reference_backend(case):
     family, overrides, packed = GPU_MODEL_CASES[case]
@@ -292,7 +293,7 @@ def test_models_on_the_gpu_match_the_reference_backend(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_gpu
 def test_gpt2_with_attention_dropout_trains_on_the_gpu_in_bf16():
     model = tiny_model("gpt2", attn_pdrop=0.1, dtype=torch.bfloat16).cuda()
     bank = pk.patch_model(model, P)

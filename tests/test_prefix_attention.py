@@ -8,7 +8,7 @@ import torch
 import prefix_kernels as pk
 from prefix_kernels.ops.reference import reference_prefix_attention
 from attention_utils import NAMES, make_inputs, reference_fp64, run
-from conftest import kernel_device, requires_gpu
+from utils import kernel_device, requires_gpu
 
 
 # Odd shapes on purpose: lengths that are no multiple of any block, Sq=1, P=1, P>S, Sq<Sk,

@@ -9,10 +9,10 @@ import torch
 import prefix_kernels as pk
 from hf_tiny import SEQ2SEQ_FAMILIES, seq2seq_batch, tiny_seq2seq
 from prefix_kernels.adapter import bank_to_peft_flat, peft_seq2seq_slots, read_adapter
+from utils import requires_gpu
 
 P = 3
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(autouse=True)

@@ -4,11 +4,11 @@ import warnings
 import pytest
 import torch
 
-from conftest import requires_gpu
 from hf_tiny import peft_greedy, tiny_model
 from prefix_kernels.serve import (ByteTokenizer, Engine, PromptTooLong, QueueFull, SamplingParams,
                                   UnknownPrefix)
 from prefix_kernels.serve.sampling import sample, uniform_noise
+from utils import requires_gpu
 
 P = 4
 GREEDY = SamplingParams(temperature=0, max_tokens=8)

@@ -17,7 +17,7 @@ from prefix_kernels.ops import split_attention as sa
 from prefix_kernels.ops.vendor_attention import lse_bhs
 from prefix_kernels.ops.reference import reference_prefix_attention
 import attention_utils
-from conftest import kernel_device, requires_gpu
+from utils import kernel_device, requires_gpu
 
 NAMES = attention_utils.NAMES
 

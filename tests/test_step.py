@@ -14,11 +14,11 @@ import weakref
 import pytest
 import torch
 
-from conftest import requires_gpu
 from hf_tiny import VOCAB, peft_greedy, tiny_model
 from prefix_kernels.integrations import transformers as hf
 from prefix_kernels.serve.sampling import sample
 from prefix_kernels.serve.step import DecodeStep, StepOptions, fuse_linears, unfuse_weights, unsupported_reason
+from utils import requires_gpu
 
 P, SMAX = 4, 24
 LENS, ROWS = [5, 9, 1], [2, 0, 2]         # rows at different positions, entries shared and not

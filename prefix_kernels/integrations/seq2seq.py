@@ -24,9 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 
-import torch
-
-from .transformers import _STATE_ATTR, Family, _index_on_device, _Plan, _resolve_index
+from .transformers import Family, _call_prefix_ids, _inputs_require_grad, _Plan, _set_prefix, _start_forward
 
 # model_type -> Family. All take prefixes at the three sites; their decoders number positions
 # from the cache length, through `embed_positions(x, past_length, position_ids=...)`.
@@ -120,7 +118,7 @@ def install(model, state) -> list:
     embeddings = {id(m): m for m in (model.get_input_embeddings(), getattr(encoder, "embed_tokens", None),
                                      getattr(decoder, "embed_tokens", None)) if m is not None}
     for module in embeddings.values():
-        handles.append(module.register_forward_hook(functools.partial(_inputs_require_grad, model)))
+        handles.append(module.register_forward_hook(functools.partial(_inputs_require_grad, state, model)))
     return handles
 
 
@@ -132,7 +130,9 @@ def _first(kwargs, *names):
     return None
 
 
-def _batch_and_device(kwargs, what):
+def _batch_input(kwargs, what="model"):
+    """The input tensor whose first dim is the batch (the encoder's hidden states when only
+    encoder_outputs are passed)."""
     x = _first(kwargs, "input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "labels")
     if x is None:
         encoder_outputs = kwargs.get("encoder_outputs")
@@ -140,53 +140,13 @@ def _batch_and_device(kwargs, what):
             x = encoder_outputs[0]
     if x is None:
         raise ValueError(f"the patched {what} needs input_ids, inputs_embeds, decoder_input_ids or encoder_outputs")
-    return x.shape[0], x.device
-
-
-def _checkpointing_func(model):
-    """The checkpoint function of a model training with gradient checkpointing, or None. (HF sets
-    it on the layers and the flag on the encoder and decoder, not on the top model.)"""
-    if not (torch.is_grad_enabled() and model.training):
-        return None
-    for module in model.modules():
-        func = getattr(module, "_gradient_checkpointing_func", None)
-        if func is not None and getattr(module, "gradient_checkpointing", False):
-            return func
-    return None
-
-
-def _reentrant_checkpointing(model) -> bool:
-    func = _checkpointing_func(model)
-    return func is not None and bool(getattr(func, "keywords", {}).get("use_reentrant", False))
-
-
-def _inputs_require_grad(model, module, inputs, output):
-    """With reentrant checkpointing a layer whose inputs need no grad passes no gradient back to
-    the prefix it read: make the embeddings' output require grad."""
-    if _checkpointing_func(model) is not None:
-        output.requires_grad_(True)
-
-
-def _prepare(state, model, ids, batch, device, from_generate):
-    state.index = _index_on_device(_resolve_index(state, ids, batch, from_generate), state.bank, device)
-    state.prefix = state.bank.materialize(model.get_input_embeddings().weight.dtype)
+    return x
 
 
 def _before_forward(model, args, kwargs):
-    state = model.__dict__[_STATE_ATTR]
-    for name, value in zip(state.forward_args, args):
-        kwargs[name] = value
-    ids = kwargs.pop("prefix_ids", None)
-    from_generate = ids is None and state.generate_ids is not None
-    if from_generate:
-        ids = state.generate_ids
-    batch, device = _batch_and_device(kwargs, "model")
-    _prepare(state, model, ids, batch, device, from_generate)
-    if state.prefix.grad_fn is not None and _reentrant_checkpointing(model):
-        raise ValueError("gradient checkpointing with use_reentrant=True runs each layer's backward on its "
-                         "own, which cannot share the prefix computed once per step (MLP "
-                         "reparameterization or a dtype cast of the bank); use the default "
-                         "gradient_checkpointing_enable() (use_reentrant=False)")
+    """The shared start (transformers._start_forward), then the decoder's position limit; the
+    decoder's positions are shifted by the position embedding's own hook (_shift_positions)."""
+    state, _ = _start_forward(model, args, kwargs, _batch_input)
     _check_positions(state, model, kwargs)
     state.in_forward = True
     return (), kwargs
@@ -198,15 +158,13 @@ def _after_forward(state, model, args, kwargs, output=None):
 
 def _before_encoder(state, model, encoder, args, kwargs):
     """The encoder run on its own (generate does: it encodes once, then calls the model per step)."""
-    ids = kwargs.pop("prefix_ids", None)
     if state.in_forward:
+        kwargs.pop("prefix_ids", None)
         return args, kwargs
-    from_generate = ids is None and state.generate_ids is not None
-    if from_generate:
-        ids = state.generate_ids
+    ids, from_generate = _call_prefix_ids(state, kwargs)
     inputs = dict(kwargs, input_ids=args[0]) if args else kwargs     # forward(input_ids, attention_mask, ...)
-    batch, device = _batch_and_device(inputs, "encoder")
-    _prepare(state, model, ids, batch, device, from_generate)
+    x = _batch_input(inputs, "encoder")
+    _set_prefix(state, model, ids, from_generate, x.shape[0], x.device)
     return args, kwargs
 
 

@@ -7,7 +7,6 @@ causal keys that the padding mask keeps. The prefix is read straight from the ba
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Sequence
 
@@ -16,10 +15,11 @@ import triton
 
 from . import prefix_attention_kernels as kernels
 from . import split_attention
+from .launch import TunedLauncher
 from .prefix_attention_inputs import (as_prefix_index, check_features, check_inputs, padding_mask_as_bool,
                                       triton_unsupported_reason as _triton_unsupported_reason)
 from .reference import reference_prefix_attention
-from .utils import (LOG2E, autotune_enabled, head_dim_class, interpreting as _interpreting, seq_bucket, sm_count,
+from .utils import (LOG2E, head_dim_class, interpreting as _interpreting, seq_bucket, sm_count,
                     warn_once as _warn_once)
 
 
@@ -69,57 +69,17 @@ _FEATURES = ["HEAD_DIM", "seq_bucket", "CAUSAL", "HAS_KPM", "DROPOUT", "SOFTCAP"
 _TUNE_KEY = {"fwd": _FEATURES, "dq": _FEATURES + ["DQ_GRAD"], "dkdv": _FEATURES + ["PREFIX_GRAD", "OWN_GRAD"]}
 
 
-def _head_dim_class(head_dim: int, dtype) -> object:
-    return "fp32" if dtype == torch.float32 else head_dim_class(head_dim)
+def _config_class(constexprs, dtype) -> object:
+    """fp32 calls take the small-tile candidates whatever their head dim."""
+    return "fp32" if dtype == torch.float32 else head_dim_class(constexprs["HEAD_DIM"])
 
 
 _KERNELS = {"fwd": kernels.prefix_attn_fwd, "dq": kernels.prefix_attn_bwd_dq,
             "dkdv": kernels.prefix_attn_bwd_dkdv}
-
-
-@functools.lru_cache(maxsize=None)
-def _tuned(kernel_name: str):
-    """The kernel wrapped in an autotuner over the candidates of the call's head-dim class."""
-    kernel = _KERNELS[kernel_name]
-    if _interpreting():
-        return triton.autotune(configs=[_INTERPRET_CONFIG], key=_TUNE_KEY[kernel_name])(kernel)
-    table = _CANDIDATES[kernel_name]
-    every = [c for configs in table.values() for c in configs]
-
-    def candidates(configs, named_args, **kwargs):
-        cls = _head_dim_class(kwargs["HEAD_DIM"], named_args["q_ptr"].dtype)
-        return table[cls] if autotune_enabled() else table[cls][:1]
-
-    return triton.autotune(configs=every, key=_TUNE_KEY[kernel_name],
-                           prune_configs_by={"early_config_prune": candidates})(kernel)
-
-
-_CHOSEN: dict = {}
-
-
-def _derived(kernel, args, constexprs) -> dict:
-    """The constexprs the kernel's @triton.heuristics derive, computed once per launch key."""
-    named = {**dict(zip(kernel.arg_names, args)), **constexprs}
-    for name, rule in kernel.values.items():
-        named[name] = rule(named)
-    return {name: named[name] for name in kernel.values}
-
-
-def _launch(kernel_name, grid, args, constexprs, dtype, seq_bucket):
-    """Launch with the config autotune chose for this key, skipping triton's Autotuner.run (and
-    the heuristics wrapper) on later calls: Autotuner.run cost ~70 us of host time per launch
-    (H200 host, triton 3.6), which left the GPU idle at B16 S1024 D64 (1.06 ms host vs 0.6 ms
-    GPU per forward+backward). The key holds everything the heuristics read (HEAD_DIM, dtype)."""
-    key = (kernel_name, dtype, seq_bucket, *sorted(constexprs.items()))
-    chosen = _CHOSEN.get(key)
-    if chosen is None:
-        tuner = _tuned(kernel_name)
-        tuner[grid](*args, **constexprs)
-        _CHOSEN[key] = (tuner.best_config, _derived(_KERNELS[kernel_name], args, constexprs))
-        return
-    config, derived = chosen
-    _KERNELS[kernel_name].fn[grid](*args, **constexprs, **derived, **config.kwargs,
-                                   num_warps=config.num_warps, num_stages=config.num_stages)
+_LAUNCHER = TunedLauncher(_KERNELS, _CANDIDATES, _TUNE_KEY, _INTERPRET_CONFIG, config_class=_config_class)
+# _launch(name, grid, args, constexprs, dtype, seq_bucket): a module global that the launchers
+# look up at each call, so tests/test_kernels_compile.py can record the launches instead
+_launch = _LAUNCHER.launch
 
 
 def _kpm_args(key_padding_mask, q):

@@ -34,7 +34,8 @@ import triton
 
 from .prefix_attention_kernels import reduce_prefix_grads
 from .split_kernels import _split_bwd_dprefix, _split_bwd_dq, _split_bwd_onepass, _split_fwd_merge
-from .utils import LOG2E, autotune_enabled, head_dim_class, interpreting, seq_bucket, sm_count, warn_once
+from .launch import TunedLauncher
+from .utils import LOG2E, head_dim_class, interpreting, seq_bucket, sm_count, warn_once
 from .vendor_attention import VENDOR_MAX_HEAD_DIM, in_layout_of, lse_bhs, vendor_backward, vendor_forward
 
 LN2 = 0.6931471805599453
@@ -80,32 +81,10 @@ _RESTORE = {"merge": ["o_ptr"], "dq": ["dq_ptr"], "dprefix": None, "onepass": ["
 _TUNE_KEY = ["HEAD_DIM", "BLOCK_N", "SEQ_BUCKET", "HAS_PIDX", "PREC"]
 # All P keys of a one-pass program sit in one block of its registers.
 ONEPASS_MAX_P = {64: 128, 128: 64, 256: 32}
-_CHOSEN: dict = {}
-
-
-@functools.lru_cache(maxsize=None)
-def _tuned(name: str, head_dim_class: int, tune: bool):
-    kernel = _KERNELS[name]
-    if interpreting():
-        return triton.autotune(configs=[_INTERPRET_CONFIG], key=_TUNE_KEY)(kernel)
-    configs = _CANDIDATES[name][head_dim_class]
-    return triton.autotune(configs=configs if tune else configs[:1], key=_TUNE_KEY,
-                           restore_value=_RESTORE[name])(kernel)
-
-
-def _launch(name, grid, args, constexprs, dtype):
-    """Launch with the config autotune chose for this key; later calls skip triton's
-    Autotuner.run (~70 us of host time per launch, see ops/prefix_attention.py `_launch`)."""
-    tune = autotune_enabled()
-    key = (name, dtype, tune, args[-1], *sorted(constexprs.items()))      # args[-1]: SEQ_BUCKET
-    config = _CHOSEN.get(key)
-    if config is None:
-        tuner = _tuned(name, head_dim_class(constexprs["HEAD_DIM"]), tune)
-        tuner[grid](*args, **constexprs)
-        _CHOSEN[key] = tuner.best_config
-        return
-    _KERNELS[name][grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
-                         num_stages=config.num_stages)
+# autotune once per key, then launch directly: see ops/launch.py
+_LAUNCHER = TunedLauncher(_KERNELS, _CANDIDATES, {name: _TUNE_KEY for name in _KERNELS}, _INTERPRET_CONFIG,
+                          restore=_RESTORE)
+_launch = _LAUNCHER.launch
 
 
 def _meta(q, p, one_block=False):
@@ -156,11 +135,12 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, ve
         out = in_layout_of(out, q)
     lse = torch.empty((b, h, sq), device=q.device, dtype=torch.float32)
     meta = _meta(q, p)
+    bucket = seq_bucket(sq)
     _launch("merge", lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h),
             (q, prefix_k, prefix_v, prefix_index if prefix_index is not None else q, out, lse_own, lse,
              *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *out.stride(), *lse_own.stride(),
-             h, h // hkv, sq, p, prefix_k.shape[0], scale * LOG2E, seq_bucket(sq)),
-            dict(HAS_PIDX=prefix_index is not None, **meta), q.dtype)
+             h, h // hkv, sq, p, prefix_k.shape[0], scale * LOG2E, bucket),
+            dict(HAS_PIDX=prefix_index is not None, **meta), q.dtype, bucket)
     return out, lse
 
 
@@ -203,20 +183,20 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, out, lse, sc
                 (q, prefix_k, prefix_v, pidx, out, do, lse, dq_arg, part_k, part_v,
                  *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *out.stride(), *do.stride(),
                  *dq_arg.stride(), hkv, h // hkv, sq, p, n, splits, scale * LOG2E, scale, bucket),
-                dict(DQ_GRAD=need_dq, **common), q.dtype)
+                dict(DQ_GRAD=need_dq, **common), q.dtype, bucket)
     else:
         delta = torch.empty((b, h, sq), device=q.device, dtype=torch.float32)
         _launch("dq", lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h),
                 (q, prefix_k, prefix_v, pidx, out, do, lse, delta, dq_arg,
                  *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *out.stride(), *do.stride(),
                  *dq_arg.stride(), h, h // hkv, sq, p, n, scale * LOG2E, scale, bucket),
-                dict(DQ_GRAD=need_dq, **common), q.dtype)
+                dict(DQ_GRAD=need_dq, **common), q.dtype, bucket)
         if need_prefix:
             _launch("dprefix", lambda m: (triton.cdiv(p, meta["BLOCK_N"]) * splits, b * hkv),
                     (q, prefix_k, prefix_v, pidx, do, lse, delta, part_k, part_v,
                      *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *do.stride(),
                      hkv, h // hkv, sq, p, n, splits, scale * LOG2E, scale, bucket),
-                    common, q.dtype)
+                    common, q.dtype, bucket)
     if need_prefix:
         dpk, dpv = prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)
         row = hkv * p * d
