@@ -25,9 +25,9 @@ for step in "$@"; do
     training) timeout 420 python3 benchmarks/bench_training.py --out $OUT > $OUT/bench_training.log 2>&1; tail -30 $OUT/bench_training.log ;;
     attention-train-shapes) PREFIX_KERNELS_RESULTS=$OUT/train_shapes timeout 300 python3 benchmarks/bench_attention.py --shape 8,32,4,1024,64,32,1 --shape 2,32,4,4096,64,128,1 --variants floor,prefix_kernels --no-plot > $OUT/attention_train_shapes.log 2>&1; tail -25 $OUT/attention_train_shapes.log ;;
     profile-training) timeout 300 python3 benchmarks/profile_training.py 2>&1 | tee $OUT/profile_training.log ;;
-    profile-training-short) for arch in tinyllama gpt2; do timeout 100 python3 benchmarks/profile_training.py --arch $arch 8,512,32 --cases prefix-kernels peft-prefix 2>&1 | tee -a $OUT/profile_training_short.log | grep -v "Warning\|warn"; done; timeout 50 python3 benchmarks/profile_training.py --arch gpt2-nodrop 8,512,32 --cases prefix-kernels 2>&1 | tee -a $OUT/profile_training_short.log | grep -v "Warning\|warn" ;;
+    profile-training-short) for arch in tinyllama gpt2; do timeout 45 python3 benchmarks/profile_training.py --arch $arch 8,512,32 --cases prefix-kernels peft-prefix 2>&1 | tee -a $OUT/profile_training_short.log | grep -v "Warning\|warn"; done ;;
     featuretests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-170} python3 -m pytest -q -p no:logging -m gpu tests/test_attention_features.py tests/test_patch_model_features.py tests/test_seq2seq.py --durations=6 > $OUT/featuretests.log 2>&1; grep -E "passed|failed|^FAILED|^ERROR|s call" $OUT/featuretests.log | head -24 ;;
-    probe-merge) timeout 120 python3 benchmarks/probe_split.py --variants cudnn_noprefix,fused,split_cudnn_merge,split_cudnn_fused_forward --budget-s 85 --shapes 5,6,0,3,1,2,4 > $OUT/probe_merge.log 2>&1; echo "rc=$?"; grep -v "^  aten::" $OUT/probe_merge.log | cut -c1-200 | tail -42 ;;
+    probe-merge) timeout ${PROBE_TIMEOUT:-120} python3 benchmarks/probe_split.py --variants cudnn_noprefix,fused,split_cudnn_merge,split_cudnn_fused_forward --budget-s 85 --shapes 5,6,0,3,1,2,4 > $OUT/probe_merge.log 2>&1; echo "rc=$?"; grep -v "^  aten::" $OUT/probe_merge.log | cut -c1-200 | tail -42 ;;
     profile-decode) timeout 200 python3 benchmarks/profile_decode.py 32 128 2>&1 | tee $OUT/profile_decode.log ;;
     disttests-gpu) NCCL_NVLS_ENABLE=0 timeout 300 python3 -m pytest -q -p no:logging -m gpu tests/test_distributed.py > $OUT/disttests.log 2>&1; summary $OUT/disttests.log ;;
     scaling) NCCL_NVLS_ENABLE=0 timeout 560 python3 benchmarks/bench_scaling.py > $OUT/bench_scaling.log 2>&1; grep -v "^W[0-9]" $OUT/bench_scaling.log | tail -22 ;;
@@ -50,8 +50,8 @@ for step in "$@"; do
     decode-vs-compiled) timeout 560 python3 benchmarks/bench_decode.py --cases engine engine-eager hf-compiled plain-step --out $OUT/vs_compiled > $OUT/bench_decode_vs_compiled.log 2>&1; tr '\r' '\n' < $OUT/bench_decode_vs_compiled.log | grep -v "it/s\]" | grep -v "^ *$" | tail -40 ;;
     servehttp-tests) timeout 300 python3 -m pytest -q -p no:logging tests/test_serve_http.py tests/test_serve_hardening.py tests/test_serve_load.py tests/test_bench_serve.py > $OUT/servehttp.log 2>&1; python3 -c "import aiohttp; print('aiohttp', aiohttp.__version__)"; summary $OUT/servehttp.log ;;
     serve-bench) timeout 500 python3 benchmarks/bench_serve.py --out $OUT > $OUT/bench_serve.log 2>&1; tail -16 $OUT/bench_serve.log ;;
-    curves) timeout 500 python3 -m prefix_kernels.bench.training --curves --out $OUT > $OUT/training_curves.log 2>&1; grep -v "Warning\|warn" $OUT/training_curves.log | tail -20 ;;
-    multitask) timeout 150 python3 -m prefix_kernels.bench.training --multitask --out $OUT > $OUT/multitask.log 2>&1; tail -8 $OUT/multitask.log ;;
+    curves) timeout ${CURVES_TIMEOUT:-220} python3 -m prefix_kernels.bench.training --curves --steps ${CURVES_STEPS:-40} --out $OUT > $OUT/training_curves.log 2>&1; grep -v "Warning\|warn" $OUT/training_curves.log | tail -20 ;;
+    multitask) timeout 120 python3 -m prefix_kernels.bench.training --multitask --out $OUT > $OUT/multitask.log 2>&1; tail -8 $OUT/multitask.log ;;
     benchgpu) timeout 300 python3 -m pytest -q -p no:logging -m gpu tests/test_gpu_benchmarks.py --benchmark-json=$OUT/gpu-benchmarks.json > $OUT/benchgpu.log 2>&1; summary $OUT/benchgpu.log; grep -A12 "^Name (time" $OUT/benchgpu.log ;;
     *) echo "unknown step $step" ;;
   esac

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .reference import reference_prefix_attention
-from .utils import LOG2E, interpreting as _interpreting, sm_count, warn_once as _warn_once
+from .utils import LOG2E, cdiv, interpreting as _interpreting, next_power_of_2, sm_count, warn_once as _warn_once
 
 log = logging.getLogger("prefix_kernels")
 
@@ -175,10 +175,10 @@ def _decode_combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_splits,
 def _triton_num_splits(base_programs: int, max_keys: int, block_n: int, device) -> int:
     """Enough programs for ~2 per SM, at least one key tile each, no two splits per tile."""
     if device.type != "cuda":
-        return max(1, min(3, triton.cdiv(max_keys, block_n)))   # several splits under the interpreter
+        return max(1, min(3, cdiv(max_keys, block_n)))   # several splits under the interpreter
     target = 2 * sm_count(device)
-    tiles = max(1, triton.cdiv(max_keys, block_n))
-    want = triton.cdiv(target, max(base_programs, 1))
+    tiles = max(1, cdiv(max_keys, block_n))
+    want = cdiv(target, max(base_programs, 1))
     return max(1, min(want, tiles, MAX_SPLITS))
 
 
@@ -188,14 +188,14 @@ def _launch_triton(q, k_cache, v_cache, seqlens, prefix_k, prefix_v, prefix_inde
     hkv, smax = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
     rows_per_head = group * sq
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_power_of_2(d))
     if _interpreting():
         block_m, block_n, warps, stages = 16, 16, 4, 1      # small tiles: tests span several
     else:
-        block_m = max(16, min(64, triton.next_power_of_2(rows_per_head)))
+        block_m = max(16, min(64, next_power_of_2(rows_per_head)))
         block_n = 32 if d > 128 else 64
         warps, stages = 4, 3
-    m_chunks = triton.cdiv(rows_per_head, block_m)
+    m_chunks = cdiv(rows_per_head, block_m)
     if num_splits is None:
         num_splits = _triton_num_splits(b * hkv * m_chunks, max_keys, block_n, q.device)
     rows = b * hq * sq
@@ -213,7 +213,7 @@ def _launch_triton(q, k_cache, v_cache, seqlens, prefix_k, prefix_v, prefix_inde
     out = torch.empty((b, hq, sq, d), device=q.device, dtype=q.dtype)
     _decode_combine_kernel[(rows,)](
         part_o, part_lse, out, num_splits, HEAD_DIM=d, BLOCK_D=block_d,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4 if d > 64 else 2)
+        BLOCK_S=max(2, next_power_of_2(num_splits)), num_warps=4 if d > 64 else 2)
     return out
 
 

@@ -19,7 +19,7 @@ from .launch import TunedLauncher
 from .prefix_attention_inputs import (as_prefix_index, check_features, check_inputs, padding_mask_as_bool,
                                       triton_unsupported_reason as _triton_unsupported_reason)
 from .reference import reference_prefix_attention
-from .utils import (LOG2E, head_dim_class, interpreting as _interpreting, seq_bucket, sm_count,
+from .utils import (LOG2E, cdiv, head_dim_class, interpreting as _interpreting, seq_bucket, sm_count,
                     warn_once as _warn_once)
 
 
@@ -148,7 +148,7 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
     seg, s_seg_b = _seg_args(segment_start, q)
     qk_scale, scalars, flags = _feature_args(scale, softcap, window, dropout_p, rng)
     bucket = seq_bucket(max(sq, sk))
-    _launch("fwd", lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h),
+    _launch("fwd", lambda m: (cdiv(sq, m["BLOCK_M"]), b * h),
             (q, k, v, prefix_k, prefix_v, prefix_index if prefix_index is not None else q, kpm, seg, out, lse,
              *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
              s_kpm_b, s_kpm_n, s_seg_b, *out.stride(),
@@ -169,8 +169,8 @@ def _prefix_splits(sq, rows, p, own_grad, device):
         want = 2
     else:
         sms = sm_count(device) if device.type == "cuda" else 4
-        want = triton.cdiv(2 * sms, rows * triton.cdiv(p, 64))
-    return max(1, min(want, triton.cdiv(sq, 64), 64))
+        want = cdiv(2 * sms, rows * cdiv(p, 64))
+    return max(1, min(want, cdiv(sq, 64), 64))
 
 
 def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
@@ -192,7 +192,7 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
     dk = torch.empty_like(k) if need_dkv else k.new_empty(0)
     dv = torch.empty_like(v) if need_dkv else v.new_empty(0)
     dq_arg = dq if need_dq else q
-    _launch("dq", lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h),
+    _launch("dq", lambda m: (cdiv(sq, m["BLOCK_M"]), b * h),
             (q, k, v, prefix_k, prefix_v, pidx, kpm, seg, out, do, lse, delta, dq_arg,
              *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
              s_kpm_b, s_kpm_n, s_seg_b, *out.stride(), *do.stride(), *dq_arg.stride(),
@@ -213,8 +213,8 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
             seg_last = _last_query_seeing(segment_start, sk) if need_dkv else segment_start
 
         def grid(m):
-            prefix_programs = triton.cdiv(p, m["BLOCK_N"]) * splits if need_prefix else 0
-            own_programs = triton.cdiv(sk, m["BLOCK_N"]) if need_dkv else 0
+            prefix_programs = cdiv(p, m["BLOCK_N"]) * splits if need_prefix else 0
+            own_programs = cdiv(sk, m["BLOCK_N"]) if need_dkv else 0
             return (prefix_programs + own_programs, b * hkv)
 
         _launch("dkdv", grid,
@@ -231,7 +231,7 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
             dpk, dpv = prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)
             row = hkv * p * d
             block = 1024 if not _interpreting() else 256
-            kernels.reduce_prefix_grads[(triton.cdiv(row, block), n)](
+            kernels.reduce_prefix_grads[(cdiv(row, block), n)](
                 part_k, part_v, pidx, dpk, dpv, b, row, splits,
                 HAS_PIDX=prefix_index is not None, BLOCK=block)
     return dq, dk, dv, dpk, dpv
@@ -445,7 +445,7 @@ def dropout_mask(rng, batch, heads, seqlen_q, seqlen_k, prefix_len, dropout_p, d
     threshold, _, seed, offset = _rng_args(dropout_p, rng)
     keep = torch.empty(batch, heads, seqlen_q, prefix_len + seqlen_k, dtype=torch.int8, device=device)
     block = 16
-    kernels.dropout_mask[(triton.cdiv(seqlen_q, block), batch * heads)](
+    kernels.dropout_mask[(cdiv(seqlen_q, block), batch * heads)](
         keep, seed, offset, heads, seqlen_q, seqlen_k, prefix_len, threshold,
         BLOCK_M=block, BLOCK_N=block)
     return keep.bool()

@@ -16,9 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .utils import next_power_of_2
+
 
 def _block_d(args):
-    return max(16, triton.next_power_of_2(args["HEAD_DIM"]))
+    return max(16, next_power_of_2(args["HEAD_DIM"]))
 
 
 # Constexprs every attention kernel derives from its arguments rather than taking from the host.

@@ -35,7 +35,7 @@ import triton
 from .prefix_attention_kernels import reduce_prefix_grads
 from .split_kernels import _split_bwd_dprefix, _split_bwd_dq, _split_bwd_onepass, _split_fwd_merge
 from .launch import TunedLauncher
-from .utils import LOG2E, head_dim_class, interpreting, seq_bucket, sm_count, warn_once
+from .utils import LOG2E, cdiv, head_dim_class, interpreting, next_power_of_2, seq_bucket, sm_count, warn_once
 from .vendor_attention import VENDOR_MAX_HEAD_DIM, in_layout_of, lse_bhs, vendor_backward, vendor_forward
 
 LN2 = 0.6931471805599453
@@ -89,9 +89,9 @@ _launch = _LAUNCHER.launch
 
 def _meta(q, p, one_block=False):
     d = q.shape[-1]
-    return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+    return dict(HEAD_DIM=d, BLOCK_D=max(16, next_power_of_2(d)),
                 PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
-                BLOCK_N=max(16, triton.next_power_of_2(p)) if one_block else _prefix_block(p, d))
+                BLOCK_N=max(16, next_power_of_2(p)) if one_block else _prefix_block(p, d))
 
 
 def _prefix_block(p: int, d: int) -> int:
@@ -99,7 +99,7 @@ def _prefix_block(p: int, d: int) -> int:
     the interpreter so that small test prefixes span several blocks."""
     if interpreting():
         return 16
-    return max(16, min(triton.next_power_of_2(p), 32 if d > 128 else 64))
+    return max(16, min(next_power_of_2(p), 32 if d > 128 else 64))
 
 
 def _onepass_fits(p: int, d: int) -> bool:
@@ -110,8 +110,8 @@ def _query_splits(sq: int, programs_per_split: int, device) -> int:
     """Query ranges per (row, KV head): about 4 programs per SM, so that a memory-bound grid has
     loads in flight everywhere (the fp32 partials this costs are B*SPLITS*Hkv*P*D, small)."""
     sms = sm_count(device) if device.type == "cuda" else 4
-    want = triton.cdiv(4 * sms, max(programs_per_split, 1))
-    return max(1, min(want, triton.cdiv(sq, 64), 64))
+    want = cdiv(4 * sms, max(programs_per_split, 1))
+    return max(1, min(want, cdiv(sq, 64), 64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, scale, causal, ve
     lse = torch.empty((b, h, sq), device=q.device, dtype=torch.float32)
     meta = _meta(q, p)
     bucket = seq_bucket(sq)
-    _launch("merge", lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h),
+    _launch("merge", lambda m: (cdiv(sq, m["BLOCK_M"]), b * h),
             (q, prefix_k, prefix_v, prefix_index if prefix_index is not None else q, out, lse_own, lse,
              *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *out.stride(), *lse_own.stride(),
              h, h // hkv, sq, p, prefix_k.shape[0], scale * LOG2E, bucket),
@@ -174,7 +174,7 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, out, lse, sc
     common = dict(HAS_PIDX=prefix_index is not None, **meta)
     bucket = seq_bucket(sq)
     if need_prefix:
-        prefix_programs = triton.cdiv(p, meta["BLOCK_N"]) if kind == "twopass" else 1
+        prefix_programs = cdiv(p, meta["BLOCK_N"]) if kind == "twopass" else 1
         splits = _query_splits(sq, b * hkv * prefix_programs, q.device)
         part_k = torch.empty((b, splits, hkv, p, d), device=q.device, dtype=torch.float32)
         part_v = torch.empty_like(part_k)
@@ -186,13 +186,13 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, out, lse, sc
                 dict(DQ_GRAD=need_dq, **common), q.dtype, bucket)
     else:
         delta = torch.empty((b, h, sq), device=q.device, dtype=torch.float32)
-        _launch("dq", lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h),
+        _launch("dq", lambda m: (cdiv(sq, m["BLOCK_M"]), b * h),
                 (q, prefix_k, prefix_v, pidx, out, do, lse, delta, dq_arg,
                  *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *out.stride(), *do.stride(),
                  *dq_arg.stride(), h, h // hkv, sq, p, n, scale * LOG2E, scale, bucket),
                 dict(DQ_GRAD=need_dq, **common), q.dtype, bucket)
         if need_prefix:
-            _launch("dprefix", lambda m: (triton.cdiv(p, meta["BLOCK_N"]) * splits, b * hkv),
+            _launch("dprefix", lambda m: (cdiv(p, meta["BLOCK_N"]) * splits, b * hkv),
                     (q, prefix_k, prefix_v, pidx, do, lse, delta, part_k, part_v,
                      *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *do.stride(),
                      hkv, h // hkv, sq, p, n, splits, scale * LOG2E, scale, bucket),
@@ -201,7 +201,7 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, out, lse, sc
         dpk, dpv = prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)
         row = hkv * p * d
         block = 1024 if not interpreting() else 256
-        reduce_prefix_grads[(triton.cdiv(row, block), n)](
+        reduce_prefix_grads[(cdiv(row, block), n)](
             part_k, part_v, pidx, dpk, dpv, b, row, splits,
             HAS_PIDX=prefix_index is not None, BLOCK=block)
     return dq, dk, dv, dpk, dpv
