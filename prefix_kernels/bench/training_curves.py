@@ -6,7 +6,8 @@ batches for every method; the loss falls as a method learns the chain. Prefix-ke
 prefix start from the same prefix values and take the same steps, so their loss curves should lie
 on top of each other (same math) while ours reaches each loss sooner. Per method: a warm-up of a
 few steps (compilation, autotuning), the trainable weights put back, then the timed steps, the
-device synchronized after each. Architectures (--archs):
+device synchronized after each; batch 8, prefix 32, 1024 tokens per row for llama and 512 for
+gpt2 and bart (SEQ). Architectures (--archs):
   llama   TinyLlama-1.1B shape: prefix-kernels, peft-prefix, peft-lora-r8, full-finetune
   gpt2    GPT-2 small with attention dropout 0.1: prefix-kernels vs peft-prefix (needs attention
           dropout in the fused op)
@@ -34,6 +35,11 @@ METHODS = {"llama": ["prefix-kernels", "peft-prefix", "peft-lora-r8", "full-fine
            "bart": ["prefix-kernels", "prefix-kernels-decoder", "peft-prefix"]}
 LR = {"prefix-kernels": 1e-2, "prefix-kernels-decoder": 1e-2, "peft-prefix": 1e-2, "peft-lora-r8": 1e-3, "full-finetune": 1e-5}
 CHAIN_TOKENS, SUCCESSORS = 64, 4
+# Tokens per row on the GPU. TinyLlama at bench training's first shape (B8 S1024): at S512 the
+# step of every method was host-bound on the H200 (50-51k tokens/s for ours, PEFT's prefix and
+# LoRA alike, 21fc91c), so the curves would time HF's eager launches rather than the methods.
+# GPT-2 and BART have 1024 positions and prefix tuning shifts them by P: 512.
+SEQ = {"llama": 1024, "gpt2": 512, "bart": 512}
 
 
 def config(arch: str, quick: bool):
@@ -212,13 +218,14 @@ def main(args) -> int:
     device = torch.device("cpu" if quick else "cuda")
     dtype = torch.float32 if quick else torch.bfloat16
     archs = args.archs.split(",") if args.archs else (["llama"] if quick else list(METHODS))
-    steps = args.steps or (4 if quick else 150)
+    steps = args.steps or (4 if quick else 60)
     warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
-    batch, seq, prefix_len = (2, 32, 4) if quick else (8, 512, 32)
+    batch, prefix_len = (2, 4) if quick else (8, 32)
     env = common.environment()
     rows = []
     for arch in archs:
         cfg = config(arch, quick)
+        seq = 32 if quick else SEQ[arch]
         batches = markov_batches(cfg.vocab_size, steps + warmup, batch, seq)
         for method in METHODS[arch]:
             try:
@@ -240,8 +247,8 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{stem}.json"
     path.write_text(json.dumps({
-        "benchmark": "training loss vs time", "dtype": str(dtype), "batch": batch, "seq": seq,
-        "prefix_len": prefix_len, "steps": steps, "warmup": warmup, "data": f"Markov chain over {CHAIN_TOKENS} "
+        "benchmark": "training loss vs time", "dtype": str(dtype), "batch": batch,
+        "seq": {a: 32 if quick else SEQ[a] for a in archs}, "prefix_len": prefix_len, "steps": steps, "warmup": warmup, "data": f"Markov chain over {CHAIN_TOKENS} "
         f"tokens, {SUCCESSORS} successors each", "environment": env, "results": rows, "verdicts": lines}, indent=1))
     print(f"wrote {path}")
     if plot(rows, path.with_suffix(".png")):
