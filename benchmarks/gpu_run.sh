@@ -43,15 +43,15 @@ for step in "$@"; do
     kerneltests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 540 python3 -m pytest -q -p no:logging -m gpu tests/test_attention_features.py tests/test_patch_model_features.py -k "not fp16" > $OUT/kerneltests.log 2>&1; summary $OUT/kerneltests.log ;;
     kerneltests-fp16-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 540 python3 -m pytest -q -p no:logging -m gpu tests/test_attention_features.py -k fp16 > $OUT/kerneltests_fp16.log 2>&1; summary $OUT/kerneltests_fp16.log ;;
     kerneltests-all-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 560 python3 -m pytest -q -p no:logging tests/test_attention_features.py -m "not gpu" > $OUT/kerneltests_all.log 2>&1; summary $OUT/kerneltests_all.log ;;
-    features) PREFIX_KERNELS_AUTOTUNE=0 timeout 400 python3 benchmarks/bench_features.py > $OUT/bench_features.log 2>&1; echo "rc=$?"; tail -22 $OUT/bench_features.log ;;
-    packed) PREFIX_KERNELS_AUTOTUNE=0 timeout 500 python3 benchmarks/bench_packed.py > $OUT/bench_packed.log 2>&1; echo "rc=$?"; tail -14 $OUT/bench_packed.log ;;
+    features) PREFIX_KERNELS_AUTOTUNE=0 timeout ${FEATURES_TIMEOUT:-400} python3 benchmarks/bench_features.py > $OUT/bench_features.log 2>&1; echo "rc=$?"; tail -22 $OUT/bench_features.log ;;
+    packed) PREFIX_KERNELS_AUTOTUNE=0 timeout ${PACKED_TIMEOUT:-500} python3 benchmarks/bench_packed.py > $OUT/bench_packed.log 2>&1; echo "rc=$?"; tail -14 $OUT/bench_packed.log ;;
     splittests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:logging tests/test_split_attention.py > $OUT/splittests.log 2>&1; summary $OUT/splittests.log ;;
     decode-e2e) timeout 400 python3 benchmarks/bench_decode.py --cases engine peft hf-generate > $OUT/bench_decode_e2e.log 2>&1; tr '\r' '\n' < $OUT/bench_decode_e2e.log | grep -v "it/s\]" | grep -v "^ *$" | tail -45 ;;
     decode-vs-compiled) timeout 560 python3 benchmarks/bench_decode.py --cases engine engine-eager hf-compiled plain-step --out $OUT/vs_compiled > $OUT/bench_decode_vs_compiled.log 2>&1; tr '\r' '\n' < $OUT/bench_decode_vs_compiled.log | grep -v "it/s\]" | grep -v "^ *$" | tail -40 ;;
     servehttp-tests) timeout 300 python3 -m pytest -q -p no:logging tests/test_serve_http.py tests/test_serve_hardening.py tests/test_serve_load.py tests/test_bench_serve.py > $OUT/servehttp.log 2>&1; python3 -c "import aiohttp; print('aiohttp', aiohttp.__version__)"; summary $OUT/servehttp.log ;;
     serve-bench) timeout 500 python3 benchmarks/bench_serve.py --out $OUT > $OUT/bench_serve.log 2>&1; tail -16 $OUT/bench_serve.log ;;
     curves) timeout ${CURVES_TIMEOUT:-220} python3 -m prefix_kernels.bench.training --curves --steps ${CURVES_STEPS:-40} --out $OUT > $OUT/training_curves.log 2>&1; grep -v "Warning\|warn" $OUT/training_curves.log | tail -20 ;;
-    multitask) timeout 120 python3 -m prefix_kernels.bench.training --multitask --out $OUT > $OUT/multitask.log 2>&1; tail -8 $OUT/multitask.log ;;
+    multitask) timeout ${MULTITASK_TIMEOUT:-120} python3 -m prefix_kernels.bench.training --multitask --out $OUT > $OUT/multitask.log 2>&1; tail -8 $OUT/multitask.log ;;
     benchgpu) timeout 300 python3 -m pytest -q -p no:logging -m gpu tests/test_gpu_benchmarks.py --benchmark-json=$OUT/gpu-benchmarks.json > $OUT/benchgpu.log 2>&1; summary $OUT/benchgpu.log; grep -A12 "^Name (time" $OUT/benchgpu.log ;;
     *) echo "unknown step $step" ;;
   esac
