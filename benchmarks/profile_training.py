@@ -1,4 +1,4 @@
-"""Where the training step's time goes: per-kernel GPU time of prefix-kernels vs the floor.
+"""Where the training step's time goes, on the GPU and on the host: per-kernel GPU time of prefix-kernels vs the floor.
 
 Same step as prefix_kernels/bench/training.py (TinyLlama-1.1B shape, bf16, forward with labels + backward +
 AdamW), profiled with torch.profiler after warm-up. Prints, per case, the wall time per step, the
@@ -6,11 +6,14 @@ summed GPU kernel time per step (their difference is GPU idle time: host overhea
 the heaviest kernels, so a gap to the floor can be placed in a kernel or in the host.
 It also times the host: `launch` is how long step() takes to return (the CPU's share when the
 GPU queue never fills), `sync/step` the wall time with a synchronize after every step (as a
-training loop that logs loss.item() runs), and lists the CPU-side syncs of one step.
+training loop that logs loss.item() runs), lists the CPU-side syncs of one step, and splits the
+Python host time by package (our op, Triton's launcher, transformers, torch).
 usage: python benchmarks/profile_training.py [--arch tinyllama|gpt2|gpt2-nodrop] [B,S,P ...] [--cases CASE ...]
        (default tinyllama, 2,4096,128 8,1024,32; cases prefix-kernels floor; gpt2: GPT-2 small with
        its attention dropout 0.1 as in bench training --curves, gpt2-nodrop: the same without it)
 """
+import cProfile
+import pstats
 import sys
 import time
 
@@ -18,6 +21,30 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from prefix_kernels.bench import training as bt
+
+
+def host_breakdown(step, steps):
+    """Python host time per step by package (cProfile's own time, so no double counting) and the
+    heaviest functions: whether a host-bound step spends its time in our op, Triton's launcher,
+    transformers or torch."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    stats = pstats.Stats(profiler).stats
+    by_package, rows = {}, []
+    for (path, line, name), (_, calls, own, _, _) in stats.items():
+        package = next((p for p in ("prefix_kernels", "triton", "transformers", "peft", "torch") if f"/{p}/" in path),
+                       "builtin/C" if path == "~" else "other")
+        by_package[package] = by_package.get(package, 0.0) + own
+        rows.append((own, calls, f"{path.split('site-packages/')[-1]}:{line}({name})"))
+    print("  host ms/step by package (cProfile, own time): " + ", ".join(
+        f"{k} {v * 1e3 / steps:.2f}" for k, v in sorted(by_package.items(), key=lambda kv: -kv[1])))
+    for own, calls, where in sorted(rows, reverse=True)[:10]:
+        print(f"    {own * 1e3 / steps:7.3f} ms  x{calls // steps:<5} {where[-110:]}")
 
 
 def profile_case(case, config, batch, seq, prefix_len, steps=3):
@@ -49,6 +76,7 @@ def profile_case(case, config, batch, seq, prefix_len, steps=3):
     syncs = {e.key: e.count for e in cpu_prof.key_averages()
              if e.key in ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize",
                           "cudaDeviceSynchronize", "cudaMemcpyAsync", "aten::nonzero")}
+    host_breakdown(step, steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
