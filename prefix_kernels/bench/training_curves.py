@@ -222,6 +222,19 @@ def main(args) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
     batch, prefix_len = (2, 4) if quick else (8, 32)
     env = common.environment()
+    stem = "training-curves-quick" if quick else "training-curves"
+    out = common.results_dir() if args.out is None else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}.json"
+
+    def write(rows, lines):
+        # after every row: a run cut short (a device call's time limit) keeps what it measured
+        path.write_text(json.dumps({
+            "benchmark": "training loss vs time", "dtype": str(dtype), "batch": batch,
+            "seq": {a: 32 if quick else SEQ[a] for a in archs}, "prefix_len": prefix_len, "steps": steps,
+            "warmup": warmup, "data": f"Markov chain over {CHAIN_TOKENS} tokens, {SUCCESSORS} successors each",
+            "environment": env, "results": rows, "verdicts": lines}, indent=1))
+
     rows = []
     for arch in archs:
         cfg = config(arch, quick)
@@ -239,17 +252,11 @@ def main(args) -> int:
             print(f"{arch} {method}: " + (f"loss {last['loss'][0]:.3f} -> {last['loss'][-1]:.3f} in "
                                           f"{last['seconds'][-1]:.2f} s, {last['tokens_per_s']:,.0f} tokens/s"
                                           if "error" not in last else f"failed: {last['error']}"), flush=True)
+            write(rows, verdicts(rows))
     lines = verdicts(rows)
     for line in lines:
         print(line)
-    stem = "training-curves-quick" if quick else "training-curves"
-    out = common.results_dir() if args.out is None else Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{stem}.json"
-    path.write_text(json.dumps({
-        "benchmark": "training loss vs time", "dtype": str(dtype), "batch": batch,
-        "seq": {a: 32 if quick else SEQ[a] for a in archs}, "prefix_len": prefix_len, "steps": steps, "warmup": warmup, "data": f"Markov chain over {CHAIN_TOKENS} "
-        f"tokens, {SUCCESSORS} successors each", "environment": env, "results": rows, "verdicts": lines}, indent=1))
+    write(rows, lines)
     print(f"wrote {path}")
     if plot(rows, path.with_suffix(".png")):
         print(f"wrote {path.with_suffix('.png')}")
