@@ -268,6 +268,11 @@ def test_unsupported_geometry_is_refused():
         Engine(tiny_model("mistral"), {"a": table["a"]}, max_seq_len=64)
     with pytest.raises(ValueError, match="at least one prefix"):
         Engine(tiny_model("llama"), {})
+    gpt2 = prefixes("gpt2")                                # 128 absolute positions, offset P
+    prefix_len = gpt2["a"].shape[3]
+    with pytest.raises(ValueError, match=f"need {127 + prefix_len} positions but gpt2 has 128; "
+                                         f"use max_seq_len <= {128 - prefix_len}"):
+        Engine(tiny_model("gpt2"), {"a": gpt2["a"]}, max_seq_len=127)
 
 
 # -- chunked prefill, time to first token -------------------------------------------------------

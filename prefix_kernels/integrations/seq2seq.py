@@ -24,7 +24,8 @@ from __future__ import annotations
 import functools
 import inspect
 
-from .transformers import Family, _call_prefix_ids, _inputs_require_grad, _Plan, _set_prefix, _start_forward
+from .transformers import (Family, _call_prefix_ids, _inputs_require_grad, _Plan, _set_prefix, _start_forward,
+                           check_position_limit, refuse_static_cache)
 
 # model_type -> Family. All take prefixes at the three sites; their decoders number positions
 # from the cache length, through `embed_positions(x, past_length, position_ids=...)`.
@@ -170,17 +171,12 @@ def _before_encoder(state, model, encoder, args, kwargs):
 
 def _check_positions(state, model, kwargs):
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if getattr(cache, "is_compileable", False):
-        raise NotImplementedError(f"{type(cache).__name__} (a static/preallocated cache) is not supported by the "
-                                  "patched model; use the default dynamic cache")
+    refuse_static_cache(cache)
     x = _first(kwargs, "decoder_input_ids", "decoder_inputs_embeds", "labels", "input_ids")
     if x is None or not state.family.absolute_positions:
         return
     past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-    limit = model.config.max_position_embeddings
-    if past + x.shape[1] + state.offset > limit:
-        raise ValueError(f"{past + x.shape[1]} decoder tokens at position offset {state.offset} need "
-                         f"{past + x.shape[1] + state.offset} positions but {model.config.model_type} has {limit}; "
+    check_position_limit(model.config, past + x.shape[1], state.offset, f"{past + x.shape[1]} decoder tokens",
                          "shorten the target, or patch with a smaller position_offset")
 
 

@@ -242,28 +242,38 @@ def _packed_segments(kwargs, batch, seq, past, device):
     return segments
 
 
+def refuse_static_cache(cache) -> None:
+    """A static cache holds max_cache_len slots, filled or not: the kernel's bottom-right causal
+    alignment needs the keys to end at the last query."""
+    if getattr(cache, "is_compileable", False):
+        raise NotImplementedError(f"{type(cache).__name__} (a static/preallocated cache) is not supported by the "
+                                  "patched model; use the default dynamic cache")
+
+
+def check_position_limit(config, tokens: int, offset: int, what: str, remedy: str) -> None:
+    """A model with absolute position embeddings has max_position_embeddings positions: `tokens`
+    tokens from position `offset` must fit (the patched forward, the seq2seq decoder, the engine)."""
+    limit = config.max_position_embeddings
+    if tokens + offset > limit:
+        raise ValueError(f"{what} at position offset {offset} need {tokens + offset} positions but "
+                         f"{config.model_type} has {limit}; {remedy}")
+
+
 def _positions(state, model, kwargs, batch, seq, device):
     """Position ids shifted by the prefix offset, and the segment starts of a packed batch."""
     offset = state.offset
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if getattr(cache, "is_compileable", False):
-        # a static cache holds max_cache_len slots, filled or not: the kernel's bottom-right causal
-        # alignment needs the keys to end at the last query
-        raise NotImplementedError(f"{type(cache).__name__} (a static/preallocated cache) is not supported by the "
-                                  "patched model; use the default dynamic cache")
+    refuse_static_cache(cache)
     past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
     segments = _packed_segments(kwargs, batch, seq, past, device)
     position_ids = kwargs.get("position_ids")
     if segments is not None and position_ids is None:       # cu_seq_lens only: restart per document
         position_ids = torch.arange(seq, device=device)[None] - segments
     if state.family.absolute_positions:
-        limit = model.config.max_position_embeddings
         # a packed row needs positions for its longest document only
         longest = past + seq if segments is None or torch.compiler.is_compiling() else int(position_ids.max()) + 1
-        if longest + offset > limit:
-            raise ValueError(f"{longest} tokens at position offset {offset} need {longest + offset} "
-                             f"positions but {model.config.model_type} has {limit}; shorten the input, or "
-                             "patch with a smaller position_offset")
+        check_position_limit(model.config, longest, offset, f"{longest} tokens",
+                             "shorten the input, or patch with a smaller position_offset")
     mask = kwargs.get("attention_mask")
     if position_ids is not None:
         return position_ids + offset, segments

@@ -182,11 +182,8 @@ class Engine:
                              f"{self.max_seq_len} + {self.bank.prefix_len} prefix slots exceed it (the decode "
                              f"kernel has no window): use max_seq_len <= {window - self.bank.prefix_len}")
         if hf.FAMILIES[config.model_type].absolute_positions:
-            limit = config.max_position_embeddings
-            if self.max_seq_len + self.offset > limit:
-                raise ValueError(f"{config.model_type} has {limit} positions; max_seq_len={self.max_seq_len} at "
-                                 f"position offset {self.offset} needs {self.max_seq_len + self.offset}: use "
-                                 f"max_seq_len <= {limit - self.offset}")
+            hf.check_position_limit(config, self.max_seq_len, self.offset, f"max_seq_len={self.max_seq_len} tokens",
+                                    f"use max_seq_len <= {config.max_position_embeddings - self.offset}")
 
     # -- prefixes ----------------------------------------------------------------------------
 
