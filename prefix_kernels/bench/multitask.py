@@ -144,8 +144,10 @@ def main(args) -> int:
     inits = _initial_prefixes(cfg, tasks, prefix_len)
     env = common.environment()
     rows = []
+    print(f"model and data ready ({tasks} tasks x {steps + warmup} steps)", flush=True)
     for way in (one_run, one_by_one):
         rows.append(way(model, data, inits, prefix_len, warmup, device))
+        print(f"{rows[-1]['way']}: {rows[-1]['seconds']:.2f} s timed", flush=True)     # a cut run shows how far it got
         gc.collect()
     tokens = tasks * steps * rows_per_task * seq
     for r in rows:
