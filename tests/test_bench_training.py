@@ -53,6 +53,7 @@ def test_loss_curves_quick_gpt2_bart(tmp_path):
     assert all("error" not in r for r in payload["results"]), payload["results"]
     speed = [line for line in payload["verdicts"] if "tokens/s vs PEFT prefix" in line]
     assert [line.split(":")[0] for line in speed] == ["gpt2", "bart", "bart"]
+    assert any(line.startswith("bart: the curves differ by design") for line in payload["verdicts"])
 
 
 def test_multitask_quick(tmp_path):
