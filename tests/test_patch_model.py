@@ -179,6 +179,22 @@ def test_cache_holds_only_real_tokens():
     assert step.past_key_values.get_seq_length() == ids.shape[1] + 1
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_training_forward_builds_no_cache(family):
+    """A training step never reads a KV cache: the patched model turns HF's default one off
+    (a K and V copy per layer), unless the call asks for it."""
+    model = tiny_model(family)
+    pk.patch_model(model, P, backend="reference")
+    ids, mask, _ = padded_batch()
+    model.train()
+    assert model(input_ids=ids, attention_mask=mask).past_key_values is None
+    assert model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values is not None
+    with torch.no_grad():       # evaluation under train(): still no gradient step, HF's default holds
+        assert model(input_ids=ids, attention_mask=mask).past_key_values is not None
+    model.eval()
+    assert model(input_ids=ids, attention_mask=mask).past_key_values is not None
+
+
 def _generate_positions(mask):
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 

@@ -56,8 +56,9 @@ class _PatchState:
         # by name, not the tensors: holding them would keep FSDP2's unsharded originals alive
         self.requires_grad = [(n, p.requires_grad) for n, p in model.named_parameters()]
         self.handles, self.linked = [], []
-        self.forward_args = [n for n, p in inspect.signature(model.forward).parameters.items()
-                             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        parameters = inspect.signature(model.forward).parameters
+        self.forward_args = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.takes_use_cache = "use_cache" in parameters
         # set by each forward's pre-hook and read by every layer (also when gradient
         # checkpointing recomputes a layer during backward, before the next forward)
         self.index = None
@@ -308,6 +309,11 @@ def _start_forward(model, args, kwargs, batch_input):
     for name, value in zip(state.forward_args, args):
         kwargs[name] = value
     ids, from_generate = _call_prefix_ids(state, kwargs)
+    if (state.takes_use_cache and "use_cache" not in kwargs and kwargs.get("past_key_values") is None
+            and model.training and torch.is_grad_enabled()):
+        # nothing reads a KV cache in a training step, but HF builds one by default and
+        # concatenates every layer's K and V into it (2 copies + 2 allocations per layer)
+        kwargs["use_cache"] = False
     x = batch_input(kwargs)
     _set_prefix(state, model, ids, from_generate, x.shape[0], x.device)
     if state.prefix.grad_fn is not None and _reentrant_checkpointing(state, model):

@@ -16,6 +16,7 @@ import triton
 from . import prefix_attention_kernels as kernels
 from . import split_attention
 from .launch import TunedLauncher
+from .prefix_grads import reduce_prefix_grads
 from .prefix_attention_inputs import (as_prefix_index, check_features, check_inputs, padding_mask_as_bool,
                                       triton_unsupported_reason as _triton_unsupported_reason)
 from .reference import reference_prefix_attention
@@ -232,12 +233,7 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
                      # out-of-range own keys need masking only without the causal mask
                      KEEP_MASK=key_padding_mask is not None or not causal, **flags), q.dtype, bucket)
         if need_prefix:
-            dpk, dpv = prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)
-            row = hkv * p * d
-            block = 1024 if not _interpreting() else 256
-            kernels.reduce_prefix_grads[(cdiv(row, block), n)](
-                part_k, part_v, pidx, dpk, dpv, b, row, splits,
-                HAS_PIDX=prefix_index is not None, BLOCK=block)
+            dpk, dpv = reduce_prefix_grads(part_k, part_v, prefix_index, prefix_k, prefix_v, b, splits)
     return dq, dk, dv, dpk, dpv
 
 

@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from .prefix_attention_kernels import reduce_prefix_grads
+from .prefix_grads import reduce_prefix_grads
 from .split_kernels import _split_bwd_dprefix, _split_bwd_dq, _split_bwd_onepass, _split_fwd_merge
 from .launch import TunedLauncher
 from .utils import LOG2E, cdiv, head_dim_class, interpreting, next_power_of_2, seq_bucket, sm_count, warn_once
@@ -198,12 +198,7 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, out, lse, sc
                      hkv, h // hkv, sq, p, n, splits, scale * LOG2E, scale, bucket),
                     common, q.dtype, bucket)
     if need_prefix:
-        dpk, dpv = prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)
-        row = hkv * p * d
-        block = 1024 if not interpreting() else 256
-        reduce_prefix_grads[(cdiv(row, block), n)](
-            part_k, part_v, pidx, dpk, dpv, b, row, splits,
-            HAS_PIDX=prefix_index is not None, BLOCK=block)
+        dpk, dpv = reduce_prefix_grads(part_k, part_v, prefix_index, prefix_k, prefix_v, b, splits)
     return dq, dk, dv, dpk, dpv
 
 
