@@ -170,17 +170,22 @@ class TunedLauncher:
             tuner[grid](*args, **constexprs)
             self.chosen[key] = (tuner.best_config, derived_constexprs(self.kernels[name], args, constexprs))
             return
-        config, derived = chosen
-        kwargs = dict(**constexprs, **derived, **config.kwargs, num_warps=config.num_warps,
-                      num_stages=config.num_stages)
-        if not direct_launch_enabled():
-            self._jit[name][grid](*args, **kwargs)
+        if direct_launch_enabled():
+            device = args[0].get_device()      # compiled kernels are per device
+            launches = self._compiled.get((key, device))
+            if launches is None:
+                launches = CompiledLaunches(self._jit[name], self._kwargs(chosen, constexprs))
+                self._compiled[(key, device)] = launches
+            config = chosen[0]
+            launches.launch(grid(config.kwargs) if callable(grid) else grid, args)
             return
-        device = args[0].get_device()      # compiled kernels are per device
-        launches = self._compiled.get((key, device))
-        if launches is None:
-            launches = self._compiled[(key, device)] = CompiledLaunches(self._jit[name], kwargs)
-        launches.launch(grid(config.kwargs) if callable(grid) else grid, args)
+        self._jit[name][grid](*args, **self._kwargs(chosen, constexprs))
+
+    @staticmethod
+    def _kwargs(chosen, constexprs) -> dict:
+        config, derived = chosen
+        return dict(**constexprs, **derived, **config.kwargs, num_warps=config.num_warps,
+                    num_stages=config.num_stages)
 
     def chosen_configs(self):
         """(kernel name, dtype, tuned, seq bucket, constexprs, config) per launch key so far."""
