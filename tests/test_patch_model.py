@@ -195,6 +195,27 @@ def test_training_forward_builds_no_cache(family):
     assert model(input_ids=ids, attention_mask=mask).past_key_values is not None
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_training_forward_skips_hfs_packed_sequence_scan(family, monkeypatch):
+    """Without a mask or a cache HF scans the position ids for packed documents (a device sync per
+    step); a patched training forward gives it a marked all-True mask instead, with the same loss."""
+    import transformers.masking_utils as masking
+
+    model = tiny_model(family)
+    pk.patch_model(model, P, backend="reference")
+    model.train()
+    ids = torch.randint(0, 100, (2, 9))
+    expected = model(input_ids=ids, labels=ids, use_cache=True).loss       # a cache: no scan, no mask added
+
+    def refuse(position_ids):
+        raise AssertionError("HF scanned the position ids for packed sequences")
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", refuse)
+    loss = model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    loss.backward()
+    assert model.prefix_bank.prefix.grad is not None
+
+
 def _generate_positions(mask):
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
