@@ -295,17 +295,27 @@ def test_models_on_the_gpu_match_the_reference_backend(case):
 @pytest.mark.gpu
 @requires_gpu
 def test_gpt2_with_attention_dropout_trains_on_the_gpu_in_bf16():
-    model = tiny_model("gpt2", attn_pdrop=0.1, dtype=torch.bfloat16).cuda()
-    bank = pk.patch_model(model, P)
-    model.train()
-    ids, mask, labels = (t.cuda() for t in padded_batch(batch=4, seq=40))
-    opt = torch.optim.Adam(bank.parameters(), lr=5e-2)
-    losses = []
-    for _ in range(10):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        assert torch.isfinite(bank.prefix.grad).all()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.05, losses
+    """Our kernels in bf16 with dropout 0.1 lower GPT-2's loss as the fp32 reference backend does
+    (its own dropout masks: the same data, init and steps). The reference itself lowers this tiny
+    model's loss by only ~0.045 in 10 steps (dev CPU), so the test compares against it rather
+    than against a fixed margin."""
+    def train(dtype, backend):
+        torch.manual_seed(0)
+        model = tiny_model("gpt2", attn_pdrop=0.1, dtype=dtype).cuda()
+        bank = pk.patch_model(model, P, backend=backend)
+        model.train()
+        ids, mask, labels = (t.cuda() for t in padded_batch(batch=4, seq=40))
+        opt = torch.optim.Adam(bank.parameters(), lr=5e-2)
+        losses = []
+        for _ in range(20):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            assert torch.isfinite(bank.prefix.grad).all()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    ours, reference = train(torch.bfloat16, "auto"), train(torch.float32, "reference")
+    assert reference[0] - reference[-1] > 0.05, reference
+    assert ours[0] - ours[-1] > 0.6 * (reference[0] - reference[-1]), (ours, reference)
