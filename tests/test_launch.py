@@ -21,6 +21,8 @@ def test_key_splits_what_triton_specializes():
     assert specialization_key((t, 7, 33, 1.5)) != base                          # divisibility by 16
     assert specialization_key((t, 2**40 + 7, 32, 1.5)) != base                  # i64
     assert specialization_key((t, 2**40 + 16, 32, 1.5)) != specialization_key((t, 2**40 + 7, 32, 1.5))
+    assert specialization_key((t, 2**63 + 7, 32, 1.5)) != specialization_key((t, 2**40 + 7, 32, 1.5))   # u64
+    assert specialization_key((t, None, True, 1.5)) != specialization_key((t, None, False, 1.5))
 
 
 class _Param:

@@ -7,12 +7,14 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
+import torch
 import triton
 from triton.runtime import Heuristics
 
 from .utils import autotune_enabled, head_dim_class, interpreting, warn_once
 
 _INT32 = (-2**31, 2**31 - 1)
+_TENSOR = torch.Tensor
 
 
 def specialization_key(args) -> tuple:
@@ -25,14 +27,18 @@ def specialization_key(args) -> tuple:
     for a in args:
         kind = type(a)
         if kind is int:
-            small = _INT32[0] <= a <= _INT32[1]
-            key.append(1 if a == 1 else (2 if a & 15 == 0 else 3) if small else (4 if a & 15 == 0 else 5))
-        elif kind is float:
-            key.append(0)
-        elif kind is bool:
+            if a == 1:
+                key.append(1)
+            elif _INT32[0] <= a <= _INT32[1]:
+                key.append(2 if a & 15 == 0 else 3)
+            else:       # i64, or u64 from 2**63
+                key.append((4 if a & 15 == 0 else 5) + (2 if a >= 2**63 else 0))
+        elif kind is _TENSOR or kind is float or isinstance(a, _TENSOR):
+            key.append(0 if kind is float else (a.dtype, a.data_ptr() & 15))
+        elif kind is bool or a is None:
             key.append(a)
-        else:
-            key.append((a.dtype, a.data_ptr() & 15))
+        else:           # anything else: its type and value (finer than triton, never coarser)
+            key.append((kind, a))
     return tuple(key)
 
 
