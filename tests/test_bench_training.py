@@ -56,6 +56,32 @@ def test_loss_curves_quick_gpt2_bart(tmp_path):
     assert any(line.startswith("bart: the curves differ by design") for line in payload["verdicts"])
 
 
+def test_loss_curves_rounds_interleave_ours_and_peft(tmp_path):
+    """--rounds 2: the second round reruns ours and PEFT's prefix only (not LoRA or full
+    fine-tuning), the plot keeps the first round, and the speed verdict lists both rounds."""
+    assert bench.main(["--curves", "--quick", "--rounds", "2", "--steps", "2", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "training-curves-quick.json").read_text())
+    second = [r["method"] for r in payload["results"] if r["round"] == 1]
+    assert second == ["prefix-kernels", "peft-prefix"]
+    assert all(r["median_step_ms"] > 0 for r in payload["results"])
+    speed = [line for line in payload["verdicts"] if "tokens/s vs PEFT prefix" in line]
+    assert len(speed) == 1 and "rounds " in speed[0], speed
+
+
+def test_speed_verdict_is_the_median_of_per_round_ratios():
+    from prefix_kernels.bench import training_curves as curves
+
+    def row(method, rnd, ms):
+        return {"arch": "gpt2", "method": method, "round": rnd, "median_step_ms": ms, "loss": [2.0, 1.0],
+                "seconds": [0.1, 0.2], "tokens_per_s": 1000.0 / ms, "lr": 0.01}
+    rows = [row("prefix-kernels", 0, 30.0), row("peft-prefix", 0, 27.0),      # ours 0.90x
+            row("prefix-kernels", 1, 25.0), row("peft-prefix", 1, 30.0),      # ours 1.20x
+            row("prefix-kernels", 2, 20.0), row("peft-prefix", 2, 21.0)]      # ours 1.05x
+    assert [round(x, 2) for x in curves.speed_ratios(rows, "gpt2", "prefix-kernels")] == [0.9, 1.2, 1.05]
+    speed = [line for line in curves.verdicts(rows) if "tokens/s vs PEFT prefix" in line]
+    assert "median step 1.05x PEFT's speed" in speed[0] and "(at least PEFT)" in speed[0], speed
+
+
 def test_multitask_quick(tmp_path):
     """--multitask --quick: one run of 2 tasks and the same tasks one by one take the same path."""
     assert bench.main(["--multitask", "--quick", "--out", str(tmp_path)]) == 0

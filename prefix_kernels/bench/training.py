@@ -198,6 +198,8 @@ def main(argv=None) -> int:
                         "LoRA, full fine-tuning on the same data and steps (bench/training_curves.py)")
     parser.add_argument("--archs", default=None, help="--curves: comma-separated of llama, gpt2 (attention "
                         "dropout 0.1), bart (encoder-decoder) (default: all on the GPU; quick: llama)")
+    parser.add_argument("--rounds", type=int, default=None, help="--curves: interleaved rounds of ours and PEFT's "
+                        "prefix for the speed verdict, a median over rounds (default 2; quick 1)")
     parser.add_argument("--multitask", action="store_true", help="N tasks in one run vs one after another "
                         "instead (bench/multitask.py)")
     parser.add_argument("--tasks", type=int, default=None, help="--multitask: N (default 8; quick 2)")
