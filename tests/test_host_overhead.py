@@ -110,3 +110,83 @@ def test_server_request_overhead(benchmark, demo_server):
     # wall time of another process: a loaded CI machine adds to it (8.8 ms against a 6.0 ms
     # baseline seen here under load ~8), so a wider bound than the in-process CPU-time tests
     check_against_baseline(benchmark, "server_request_1_token", tolerance=10)
+
+
+class _Param:
+    def __init__(self, name, is_constexpr):
+        self.name, self.is_constexpr = name, is_constexpr
+
+
+def _params_of(kernel):
+    """What CompiledLaunches reads of a JITFunction (`params`), from the Python function."""
+    import inspect
+
+    import triton.language as tl
+    fn = kernel
+    while not inspect.isfunction(fn):
+        fn = fn.fn
+    return [_Param(p.name, p.annotation in (tl.constexpr, "tl.constexpr"))
+            for p in inspect.signature(fn).parameters.values()]
+
+
+class _FakeCompiled:
+    def __getitem__(self, grid):
+        return lambda *args: None
+
+
+class _FakeJit:
+    """A JIT kernel whose dispatch returns a compiled kernel that launches nothing."""
+
+    def __init__(self, kernel):
+        self.params = _params_of(kernel)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: _FakeCompiled()
+
+
+class _FakeTuner:
+    def __init__(self, config):
+        self.best_config = config
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gpu_launch_path_python_per_layer(benchmark, monkeypatch, dropout):
+    """The Python of one layer's forward+backward on the GPU path (checks, autograd, allocations,
+    the tuned launcher, direct launches of compiled kernels with their specialization keys),
+    with triton's dispatch and the kernels faked so that CPU tensors can run it. The host time of
+    a host-bound training step (GPT-2 small: ~230 us per layer over PEFT's before direct
+    launches, H100 328706e) is made of this."""
+    import triton
+
+    from prefix_kernels.ops import launch, prefix_attention, prefix_attention_kernels, prefix_grads
+
+    monkeypatch.setattr(prefix_attention, "_interpreting", lambda: True)     # CPU tensors take the triton path
+    monkeypatch.setattr(launch, "interpreting", lambda: False)               # ... and the GPU launch path
+    monkeypatch.setattr(prefix_grads, "interpreting", lambda: False)
+    monkeypatch.delenv("PREFIX_KERNELS_DIRECT_LAUNCH", raising=False)
+    launcher = prefix_attention._LAUNCHER
+    config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)
+    monkeypatch.setattr(launcher, "_jit", {name: _FakeJit(k) for name, k in launcher._jit.items()})
+    monkeypatch.setattr(launcher, "_tuner", lambda *args, **kwargs: _FakeTuner(config))
+    monkeypatch.setattr(launcher, "chosen", {})
+    monkeypatch.setattr(launcher, "_compiled", {})
+    fake_kernels = type("Kernels", (), {"reduce_prefix_grads": _FakeJit(prefix_attention_kernels.reduce_prefix_grads)})
+    monkeypatch.setattr(prefix_grads, "kernels", fake_kernels)
+    monkeypatch.setattr(prefix_grads, "_LAUNCHES", {})
+
+    q, k, v = (torch.randn(2, 4, 16, 64, requires_grad=True) for _ in range(3))
+    bank_k, bank_v = (torch.randn(1, 4, 8, 64, requires_grad=True) for _ in range(2))
+    grad = torch.randn(2, 4, 16, 64)
+
+    def layer():
+        out = pk.prefix_attention(q, k, v, bank_k, bank_v, backend="triton", path="fused", dropout_p=dropout)
+        out.backward(grad)
+
+    use_cpu_time(benchmark)
+    benchmark.pedantic(layer, rounds=20, iterations=20, warmup_rounds=2)
+    direct = [launches for launches in launcher._compiled.values() if launches.by_key]
+    assert len(direct) == 3, "the fwd, dQ and dK/dV launches should go straight to the compiled kernels"
+    check_against_baseline(benchmark, "gpu_launch_path_layer_dropout" if dropout else "gpu_launch_path_layer")
