@@ -54,7 +54,9 @@ class CompiledLaunches:
     Triton's JITFunction.run binds and specializes every argument on each launch (~23 us of
     Python per launch at 51 arguments, dev CPU, triton 3.9); the fused op launches 4 kernels
     per layer forward+backward, which left GPT-2 small's training step host-bound: 29.9 ms of
-    host time per step against PEFT's 27.1 (H100, 328706e). The first launch of a
+    host time per step against PEFT's 27.1 (H100, 328706e); with direct launches that step runs
+    1.09x PEFT's speed, 0.95-0.97x without (interleaved, results/probe_host_ab.json, 9346a32).
+    The first launch of a
     specialization goes through triton (compiling or finding the kernel) and keeps what it
     returns; later ones call the compiled kernel's launcher with every argument in signature
     order (constexprs included: the launcher skips them), as JITFunction.run does.
