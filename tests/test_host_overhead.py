@@ -11,6 +11,7 @@ import pytest
 import torch
 from bench_baseline import check_against_baseline, use_cpu_time
 from hf_tiny import tiny_model
+from utils import FakeJit, kernel_params
 
 import prefix_kernels as pk
 
@@ -112,38 +113,6 @@ def test_server_request_overhead(benchmark, demo_server):
     check_against_baseline(benchmark, "server_request_1_token", tolerance=10)
 
 
-class _Param:
-    def __init__(self, name, is_constexpr):
-        self.name, self.is_constexpr = name, is_constexpr
-
-
-def _params_of(kernel):
-    """What CompiledLaunches reads of a JITFunction (`params`), from the Python function."""
-    import inspect
-
-    import triton.language as tl
-    fn = kernel
-    while not inspect.isfunction(fn):
-        fn = fn.fn
-    return [_Param(p.name, p.annotation in (tl.constexpr, "tl.constexpr"))
-            for p in inspect.signature(fn).parameters.values()]
-
-
-class _FakeCompiled:
-    def __getitem__(self, grid):
-        return lambda *args: None
-
-
-class _FakeJit:
-    """A JIT kernel whose dispatch returns a compiled kernel that launches nothing."""
-
-    def __init__(self, kernel):
-        self.params = _params_of(kernel)
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: _FakeCompiled()
-
-
 class _FakeTuner:
     def __init__(self, config):
         self.best_config = config
@@ -169,11 +138,12 @@ def test_gpu_launch_path_python_per_layer(benchmark, monkeypatch, dropout):
     monkeypatch.delenv("PREFIX_KERNELS_DIRECT_LAUNCH", raising=False)
     launcher = prefix_attention._LAUNCHER
     config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)
-    monkeypatch.setattr(launcher, "_jit", {name: _FakeJit(k) for name, k in launcher._jit.items()})
+    monkeypatch.setattr(launcher, "_jit", {name: FakeJit(kernel_params(k)) for name, k in launcher._jit.items()})
     monkeypatch.setattr(launcher, "_tuner", lambda *args, **kwargs: _FakeTuner(config))
     monkeypatch.setattr(launcher, "chosen", {})
     monkeypatch.setattr(launcher, "_compiled", {})
-    fake_kernels = type("Kernels", (), {"reduce_prefix_grads": _FakeJit(prefix_attention_kernels.reduce_prefix_grads)})
+    reduce = FakeJit(kernel_params(prefix_attention_kernels.reduce_prefix_grads))
+    fake_kernels = type("Kernels", (), {"reduce_prefix_grads": reduce})
     monkeypatch.setattr(prefix_grads, "kernels", fake_kernels)
     monkeypatch.setattr(prefix_grads, "_LAUNCHES", {})
 

@@ -8,7 +8,7 @@ import torch
 
 from prefix_kernels.ops import launch
 from prefix_kernels.ops.launch import CompiledLaunches, specialization_key
-from utils import requires_gpu
+from utils import FakeJit, FakeParam, kernel_params, python_function, requires_gpu
 
 
 def test_key_splits_what_triton_specializes():
@@ -25,35 +25,10 @@ def test_key_splits_what_triton_specializes():
     assert specialization_key((t, None, True, 1.5)) != specialization_key((t, None, False, 1.5))
 
 
-class _Param:
-    def __init__(self, name, constexpr):
-        self.name, self.is_constexpr = name, constexpr
-
-
-class _FakeCompiled:
-    def __init__(self, log, accepts=None):
-        self.log, self.accepts = log, accepts
-
-    def __getitem__(self, grid):
-        def run(*args):
-            if self.accepts is not None and len(args) != self.accepts:
-                raise TypeError(f"function takes exactly {self.accepts} arguments ({len(args)} given)")
-            self.log.append(("direct", grid, args))
-        return run
-
-
-class _FakeJit:
-    """params x, n (runtime) and BLOCK (constexpr); [grid](...) records a dispatch."""
-
-    def __init__(self, accepts=None):
-        self.params = [_Param("x", False), _Param("n", False), _Param("BLOCK", True)]
-        self.log, self.accepts = [], accepts
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.log.append(("jit", grid, args, kwargs))
-            return _FakeCompiled(self.log, self.accepts)
-        return run
+def _fake_jit(accepts=None):
+    """params x, n (runtime) and BLOCK (constexpr); dispatches and direct launches go to .log."""
+    return FakeJit([FakeParam("x", False), FakeParam("n", False), FakeParam("BLOCK", True)], log=[],
+                   accepts=accepts)
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +39,7 @@ def _reset():
 
 
 def test_second_launch_skips_the_dispatch_with_constexprs_appended():
-    jit = _FakeJit()
+    jit = _fake_jit()
     launches = CompiledLaunches(jit, dict(BLOCK=64, num_warps=4))
     x = torch.zeros(32)
     launches.launch((2,), (x, 5))
@@ -74,7 +49,7 @@ def test_second_launch_skips_the_dispatch_with_constexprs_appended():
 
 
 def test_new_specialization_goes_through_triton_again():
-    jit = _FakeJit()
+    jit = _fake_jit()
     launches = CompiledLaunches(jit, dict(BLOCK=64))
     x = torch.zeros(32)
     launches.launch((1,), (x, 5))
@@ -85,7 +60,7 @@ def test_new_specialization_goes_through_triton_again():
 
 
 def test_a_launcher_that_disagrees_turns_direct_launches_off_with_a_warning():
-    jit = _FakeJit(accepts=2)               # a launcher that takes the runtime arguments only
+    jit = _fake_jit(accepts=2)               # a launcher that takes the runtime arguments only
     launches = CompiledLaunches(jit, dict(BLOCK=64))
     x = torch.zeros(32)
     launches.launch((1,), (x, 5))
@@ -97,7 +72,7 @@ def test_a_launcher_that_disagrees_turns_direct_launches_off_with_a_warning():
 
 
 def test_missing_constexpr_keeps_the_dispatch():
-    jit = _FakeJit()
+    jit = _fake_jit()
     launches = CompiledLaunches(jit, dict(num_warps=4))     # BLOCK comes from elsewhere (a default)
     x = torch.zeros(32)
     for _ in range(2):
@@ -118,21 +93,17 @@ def test_off_under_the_interpreter_and_by_env(monkeypatch):
 def test_real_kernels_put_constexprs_last():
     """CompiledLaunches appends the constexprs after the runtime arguments: true of every kernel
     the package launches through it (the launchers' tables and the bank-gradient reduce)."""
-    import triton.language as tl
-
     from prefix_kernels.ops import prefix_attention, prefix_attention_kernels, split_attention
 
     kernels = [*prefix_attention._KERNELS.values(), *split_attention._KERNELS.values(),
                prefix_attention_kernels.reduce_prefix_grads]
     assert len(kernels) == 8
     for kernel in kernels:
-        fn = kernel
-        while not inspect.isfunction(fn):       # Heuristics / JITFunction / InterpretedFunction
-            fn = fn.fn
-        params = list(inspect.signature(fn).parameters.values())
-        flags = [p.annotation in (tl.constexpr, "tl.constexpr") for p in params]
-        assert True in flags and all(flags[flags.index(True):]), fn.__name__
-        assert all(p.default is inspect.Parameter.empty for p, c in zip(params, flags) if c), fn.__name__
+        name = python_function(kernel).__name__
+        flags = [p.is_constexpr for p in kernel_params(kernel)]
+        assert True in flags and all(flags[flags.index(True):]), name
+        defaults = [p.default for p in inspect.signature(python_function(kernel)).parameters.values()]
+        assert all(d is inspect.Parameter.empty for d, c in zip(defaults, flags) if c), name
 
 
 # -- on the GPU: the real launcher -------------------------------------------------------------
