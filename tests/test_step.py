@@ -126,6 +126,20 @@ def test_compiled_step_matches_patched_model(family, per_layer, dynamic, batches
             torch.testing.assert_close(got, case.oracle([[7], [8], [9]])[:batch], atol=2e-5, rtol=1e-5)
 
 
+def test_inductor_compiles_the_step_on_the_cpu():
+    """Inductor itself (not only aot_eager) compiles the step with top-k/top-p sampling: the decode
+    attention's custom op gets an empty workspace rather than None, which inductor (torch 2.13)
+    refused ("getitem is not an OpOverload"); tokens and logits as the uncompiled step's."""
+    torch._dynamo.reset()
+    case = Case("llama")
+    sampling = (torch.tensor([0.0, 0.7, 1.3]), torch.tensor([0, 5, 0]), torch.tensor([1.0, 1.0, 0.8]),
+                torch.tensor([1, 2, 3]), torch.tensor([0, 4, 9]))
+    with torch.no_grad():
+        want = case.step(compiler=None)(*case.inputs([7, 8, 9], 0), *sampling, sampling="filtered")
+        got = case.step(compiler="inductor")(*case.inputs([7, 8, 9], 0), *sampling, sampling="filtered")
+    assert got.tolist() == want.tolist()
+
+
 # -- weights: fused as views, no second copy, the model unchanged --------------------------------
 
 def test_fused_weights_are_views_of_one_storage():

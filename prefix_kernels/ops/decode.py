@@ -547,10 +547,13 @@ def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         ) -> torch.Tensor:
     """`decode_attention` as one opaque node of a `torch.compile` graph: the same arguments, all
     positional (prefix_k/prefix_v [N, Hkv, P, D]), the workspace as its counter tensor
-    (`DecodeWorkspace.counters`, or None), which the CUDA kernel uses and leaves zero. The kernel
+    (`DecodeWorkspace.counters`; None or an empty tensor: none), which the CUDA kernel uses and
+    leaves zero. Compiled callers pass an empty tensor rather than None: inductor (torch 2.13)
+    fails on a mutable argument given None ("getitem is not an OpOverload"). The kernel
     choice and the input checks run when the graph runs (once, at capture, under a CUDA graph);
     the result is a new tensor [B, Hq, Sq, D], contiguous, never a view of an input."""
-    workspace = None if workspace_counters is None else DecodeWorkspace.over(workspace_counters)
+    no_workspace = workspace_counters is None or workspace_counters.numel() == 0
+    workspace = None if no_workspace else DecodeWorkspace.over(workspace_counters)
     return decode_attention(q, k_cache, v_cache, cache_seqlens, prefix_k, prefix_v,
                             prefix_index=prefix_index, scale=scale, backend=backend,
                             max_seqlen=max_seqlen, workspace=workspace)

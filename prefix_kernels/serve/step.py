@@ -364,7 +364,9 @@ class DecodeStep:
         self.geometry = g = Geometry.of(model, offset, k_cache.shape[3], backend)
         if workspace is None and k_cache.is_cuda:
             workspace = DecodeWorkspace(k_cache.device, k_cache.shape[1], g.num_heads, g.num_kv_heads)
-        self.counters = None if workspace is None else workspace.counters
+        # no workspace (the CPU): an empty tensor, not None, for the custom op (see decode_attention_op)
+        self.counters = (torch.empty(0, dtype=torch.int32, device=k_cache.device) if workspace is None
+                         else workspace.counters)
         base = model.model
         self.layers = [layer_weights(layer, options.fuse) for layer in base.layers]
         self.embed_weight = model.get_input_embeddings().weight
