@@ -179,7 +179,7 @@ def test_cache_holds_only_real_tokens():
     assert step.past_key_values.get_seq_length() == ids.shape[1] + 1
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_training_forward_builds_no_cache(family):
     """A training step never reads a KV cache: the patched model turns HF's default one off
     (a K and V copy per layer), unless the call asks for it."""
@@ -195,7 +195,7 @@ def test_training_forward_builds_no_cache(family):
     assert model(input_ids=ids, attention_mask=mask).past_key_values is not None
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_training_forward_skips_hfs_packed_sequence_scan(family, monkeypatch):
     """Without a mask or a cache HF scans the position ids for packed documents (a device sync per
     step); a patched training forward gives it a marked all-True mask instead, with the same loss."""
