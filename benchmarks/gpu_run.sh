@@ -18,7 +18,7 @@ for step in "$@"; do
     optests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:logging tests/test_prefix_attention.py -k "gpu or low_precision or compile or determin or only_requested or unused" > $OUT/optests.log 2>&1; summary $OUT/optests.log ;;
     hftests-gpu) timeout 300 python3 -m pytest -q -p no:logging -m gpu tests/test_patch_model.py > $OUT/hftests.log 2>&1; summary $OUT/hftests.log ;;
     encdectests-gpu) timeout 420 python3 -m pytest -q -p no:logging -m gpu tests/test_seq2seq.py > $OUT/encdectests.log 2>&1; summary $OUT/encdectests.log ;;
-    decodetests-gpu) timeout 540 python3 -m pytest -q -p no:logging -m gpu tests/test_decode.py > $OUT/decodetests.log 2>&1; summary $OUT/decodetests.log ;;
+    decodetests-gpu) timeout ${DECODETESTS_TIMEOUT:-540} python3 -m pytest -q -p no:logging -m gpu tests/test_decode.py --durations=5 > $OUT/decodetests.log 2>&1; summary $OUT/decodetests.log ;;
     profile) timeout 200 python3 benchmarks/profile_attention.py 2>&1 | tee $OUT/profile.log ;;
     host) timeout 200 python3 benchmarks/profile_host.py 2>&1 | tee $OUT/host.log | cut -c1-160 ;;
     attention) timeout 420 python3 benchmarks/bench_attention.py > $OUT/bench_attention.log 2>&1; grep -v "^shapes\|it/s\]" $OUT/bench_attention.log | tail -45 ;;
@@ -39,7 +39,8 @@ for step in "$@"; do
     decode) timeout 300 python3 benchmarks/bench_decode_kernel.py > $OUT/bench_decode.log 2>&1; tail -30 $OUT/bench_decode.log ;;
     decode-splits) timeout 200 python3 benchmarks/bench_decode_kernel.py --sweep-splits 2>&1 | tee $OUT/decode_splits.log ;;
     servetests-gpu) timeout 540 python3 -m pytest -q -p no:logging tests/test_serve_engine.py tests/test_serve_http.py > $OUT/servetests.log 2>&1; summary $OUT/servetests.log ;;
-    steptests-gpu) timeout 400 python3 -m pytest -q -p no:logging -m gpu tests/test_step.py tests/test_decode.py -k "step or custom_op" > $OUT/steptests.log 2>&1; summary $OUT/steptests.log ;;
+    servetests-gpuonly) timeout ${SERVETESTS_TIMEOUT:-150} python3 -m pytest -q -p no:logging -m gpu tests/test_serve_engine.py --durations=5 > $OUT/servetests_gpu.log 2>&1; summary $OUT/servetests_gpu.log ;;
+    steptests-gpu) timeout ${STEPTESTS_TIMEOUT:-400} python3 -m pytest -q -p no:logging -m gpu tests/test_step.py tests/test_decode.py -k "step or custom_op" --durations=8 > $OUT/steptests.log 2>&1; summary $OUT/steptests.log ;;
     decode-step) timeout 295 python3 benchmarks/profile_decode_step.py 2>&1 | tee $OUT/decode_step.log | grep -v "^\s*$" ;;
     decode-step-extra) PREFIX_KERNELS_RESULTS=$OUT/extra timeout 295 python3 benchmarks/profile_decode_step.py --batches 32 128 --variants eager-graph compiled+fused --extra static whole --no-fp32-check 2>&1 | tee $OUT/decode_step_extra.log ;;
     decode-step-autotune) PREFIX_KERNELS_RESULTS=$OUT/autotune timeout 295 python3 benchmarks/profile_decode_step.py --batches 32 128 --variants compiled+fused --extra autotune --no-fp32-check 2>&1 | tee $OUT/decode_step_autotune.log ;;
