@@ -48,7 +48,7 @@ def test_greedy_matches_peft(family):
     table = prefixes(family)
     eng = Engine(tiny_model(family), {"a": table["a"], "b": table["b"]}, max_batch=2, max_seq_len=32)
     prompts = [[5, 17, 99, 3, 42], [7, 8]]
-    outs = eng.generate(prompts, ["a", "b"], SamplingParams(temperature=0, max_tokens=6))
+    outs = eng.generate(prompts, ["a", "b"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     for out, prompt, name in zip(outs, prompts, "ab"):
         assert out.token_ids == peft_greedy(family, table[name], prompt, 6), name
         assert out.finish_reason == "length" and out.prompt_tokens == len(prompt)
@@ -516,16 +516,18 @@ def test_cuda_graph_replay_equals_eager(head_dim):
         # prefill in chunks of 5: prompts arrive over several steps between graph replays
         eng = Engine(model, table, max_batch=8, max_seq_len=64, cuda_graphs=graphs, prefill_chunk=5)
         eng.warmup()
-        params = SamplingParams(temperature=0.8, top_p=0.95, seed=5, max_tokens=20)
+        # ignore_eos: a random model samples its end token (2) often enough to end a row early
+        params = SamplingParams(temperature=0.8, top_p=0.95, seed=5, max_tokens=20, ignore_eos=True)
+        greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         first = eng.submit([5, 6, 7, 8], "a", params)
         for _ in range(3):
             eng.step()
-        rest = [eng.submit(list(range(3 + i, 20 + 3 * i)), name, GREEDY if i % 2 else params)
+        rest = [eng.submit(list(range(3 + i, 20 + 3 * i)), name, greedy if i % 2 else params)
                 for i, name in enumerate("bcdab")]
         while not all(r.done for r in [first] + rest):
             eng.step()
         outs[graphs] = [r.result().token_ids for r in [first] + rest]
-        assert all(len(t) == 20 if i % 2 == 0 else 8 for i, t in enumerate(outs[graphs][1:]))
+        assert [len(t) for t in outs[graphs]] == [20, 20, 8, 20, 8, 20]
     assert outs[True] == outs[False]
 
 
@@ -540,7 +542,7 @@ def test_gpu_engine_matches_peft(prefill_chunk):
                  prefill_chunk=prefill_chunk)
     assert eng.cuda_graphs
     prompts = [[5, 17, 99, 3, 42, 11, 12, 13], [7, 8]]
-    outs = eng.generate(prompts, ["a", "b"], SamplingParams(temperature=0, max_tokens=6))
+    outs = eng.generate(prompts, ["a", "b"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     for out, prompt, name in zip(outs, prompts, "ab"):
         assert out.token_ids == peft_greedy("llama", table[name], prompt, 6), name
 
