@@ -35,7 +35,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from prefix_kernels.bench.common import environment, format_table, write_json  # noqa: E402
 
-HBM_BYTES_PER_S = 4.3e12         # measured copy bandwidth of the H200 (ANCHORS.md section 3)
 PREFIX_LEN, NUM_PREFIXES, CHECK_STEPS = 32, 8, 16
 BASE_VARIANTS = ["eager-graph", "compiled", "compiled+fused", "compiled+fused/sampled", "compiled+fused/filtered"]
 
@@ -155,9 +154,11 @@ def time_replays(run, device, n=50) -> float:
     return start.elapsed_time(end) / n
 
 
-def count_kernels(run, device, n=5) -> float:
+def count_kernels(run, device, n=5) -> tuple[float, list]:
+    """(kernels per step, the step's GPU time by kernel: [name, launches/step, us/step], the
+    largest first), from the profiler over n steps."""
     if device.type != "cuda":
-        return float("nan")
+        return float("nan"), []
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize(device)
@@ -167,19 +168,24 @@ def count_kernels(run, device, n=5) -> float:
         torch.cuda.synchronize(device)
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and "memcpy" not in e.key.lower()
               and "memset" not in e.key.lower()]
-    return sum(e.count for e in events) / n
+    by_time = sorted(events, key=lambda e: -getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)))
+    top = [[e.key[:90], e.count / n, getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / n]
+           for e in by_time[:12]]
+    return sum(e.count for e in events) / n, top
 
 
 def memory_limit_ms(model, bank, batch, mean_len) -> float:
     """Bytes one step must read (weights but the embedding table, the rows' keys/values, the
-    distinct prefixes) at the H200's copy bandwidth."""
+    distinct prefixes) at the GPU's copy bandwidth."""
     emb = model.get_input_embeddings().weight
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p is not emb and p.dim() > 0)
     if model.get_output_embeddings().weight is emb:
         weights += emb.numel() * emb.element_size()
     per_token = bank.num_layers * 2 * bank.num_kv_heads * bank.head_dim * emb.element_size()
     kv = batch * mean_len * per_token + min(batch, NUM_PREFIXES) * PREFIX_LEN * per_token
-    return (weights + kv) / HBM_BYTES_PER_S * 1e3
+    from prefix_kernels.bench.decode_baselines import copy_bytes_per_s
+
+    return (weights + kv) / copy_bytes_per_s() * 1e3
 
 
 def variant_options(name, compiler):
@@ -261,9 +267,10 @@ def main(argv=None) -> int:
                     run, setup_s = runner(name, batch)
                     reset(buf, first_tokens, max_seq_len)
                     ms = time_replays(run, device)
-                    kernels = count_kernels(run, device)
+                    kernels, top = count_kernels(run, device)
                 row.update(replay_ms=ms, tokens_per_s=batch / ms * 1e3, setup_s=setup_s, kernels_per_step=kernels,
-                           kernels_per_layer=kernels / bank.num_layers, limit_ms=limit, limit_ratio=ms / limit)
+                           kernels_per_layer=kernels / bank.num_layers, limit_ms=limit, limit_ratio=ms / limit,
+                           top_kernels=top)
                 if name in ("eager-graph", "compiled+fused"):
                     with torch.no_grad():
                         row["tokens"] = run_tokens(run, buf, batch, first_tokens, max_seq_len)
@@ -271,6 +278,8 @@ def main(argv=None) -> int:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             rows.append(row)
             print(_line(row), flush=True)
+            for name_, launches, us in row.get("top_kernels", []):
+                print(f"    {us:8.1f} us/step {launches:6.1f}x  {name_}", flush=True)
         # -- correctness at this batch: compiled+fused against eager-graph --------------------
         ref = next((r for r in rows if r["B"] == batch and r["variant"] == "eager-graph" and "tokens" in r), None)
         got = next((r for r in rows if r["B"] == batch and r["variant"] == "compiled+fused" and "tokens" in r), None)

@@ -24,7 +24,7 @@ model built from the config (random weights, bf16, SDPA), side by side in one pr
                 in a hand-captured CUDA graph: what a compiled step reaches without prefixes
                 (both: prefix_kernels/bench/decode_baselines.py; decode steps only, no prefill)
 A second table puts the decode steps side by side: ms per step, tokens/s = B / step, the
-memory limit (weights + KV bytes at 4.3 TB/s) and each case's ratio to the engine's step.
+memory limit (weights + KV bytes at the GPU's measured copy bandwidth) and each case's ratio to the engine's step.
 Results: a table on stdout, JSON and a PNG under benchmarks/results/ (or $PREFIX_KERNELS_RESULTS)
 with the GPU name, versions and git commit. Note: PEFT 0.21's generate drops the prefix on
 transformers >= 5.24 (it works on 5.17, the GPU machine's): the quick run's peft rows time a
@@ -316,7 +316,8 @@ def main(argv=None) -> int:
              for r in rows]
     print("\n" + format_table(table, ["B", "N", "case", "tok/s", "seconds", "step ms", "note"]))
     steps_table = step_rows(rows, model, prompt_len, new_tokens, prefix_len)
-    print("\ndecode steps (tok/s = B / step; limit: weights + KV bytes at 4.3 TB/s):\n"
+    print(f"\ndecode steps (tok/s = B / step; limit: weights + KV bytes at the copy bandwidth, "
+          f"{baselines.copy_bytes_per_s() / 1e12:.2f} TB/s):\n"
           + format_table(steps_table, ["B", "case", "ms/step", "tok/s", "limit ms", "x limit", "vs engine"]))
     b_target = 32 if 32 in batches else max(batches)
     lines = verdicts(rows, b_target)
@@ -325,7 +326,8 @@ def main(argv=None) -> int:
     payload = {"benchmark": "bench_decode", "model": "tiny llama (quick)" if args.quick else
                "TinyLlama-1.1B shape (random weights)", "dtype": str(dtype), "prompt_len": prompt_len,
                "new_tokens": new_tokens, "prefix_len": prefix_len, "environment": env, "results": rows,
-               "decode_steps": steps_table, "verdicts": lines}
+               "decode_steps": steps_table, "copy_bandwidth_tb_s": baselines.copy_bytes_per_s() / 1e12,
+               "verdicts": lines}
     json_path = write_json(f"{stem}.json", payload)
     png_path = results_dir() / f"{stem}.png"
     plot(rows, batches, png_path)

@@ -15,16 +15,42 @@ must read at least (`memory_limit_ms`).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-HBM_BYTES_PER_S = 4.3e12         # measured copy bandwidth of the H200 (ANCHORS.md section 3)
+H200_COPY_BYTES_PER_S = 4.3e12   # measured copy bandwidth of the H200 (ANCHORS.md section 3)
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bytes_per_s() -> float:
+    """The GPU's device-to-device copy bandwidth (bytes read + written per second), measured
+    once per process; without a GPU, the H200's (the limit is then only a label). Measured, not
+    a constant: an H100 copies ~3.0 TB/s where the H200 copies 4.3, and the limit must be the
+    machine's own."""
+    if not torch.cuda.is_available():
+        return H200_COPY_BYTES_PER_S
+    n = 1 << 30
+    src = torch.ones(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 10 / 1e3
+    del src, dst
+    return 2 * n / seconds
 
 
 def memory_limit_ms(model, batch: int, context: int, prefix_tokens: int = 0) -> float:
     """Milliseconds to read what one decode step must: every weight but the embedding table
     (B rows of it; all of it when tied to the output layer), the rows' cached keys/values and
-    `prefix_tokens` prefix slots (per distinct prefix in the batch), at HBM_BYTES_PER_S."""
+    `prefix_tokens` prefix slots (per distinct prefix in the batch), at the GPU's copy bandwidth."""
     emb = model.get_input_embeddings().weight
     out = model.get_output_embeddings()
     tied = out is not None and out.weight.data_ptr() == emb.data_ptr()
@@ -35,7 +61,7 @@ def memory_limit_ms(model, batch: int, context: int, prefix_tokens: int = 0) -> 
     hkv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_token = config.num_hidden_layers * 2 * hkv * head_dim * emb.element_size()
-    return (weights + (batch * context + prefix_tokens) * per_token) / HBM_BYTES_PER_S * 1e3
+    return (weights + (batch * context + prefix_tokens) * per_token) / copy_bytes_per_s() * 1e3
 
 
 def _cache_len(context: int, steps: int) -> int:
