@@ -82,6 +82,20 @@ def test_speed_verdict_is_the_median_of_per_round_ratios():
     assert "median step 1.05x PEFT's speed" in speed[0] and "(at least PEFT)" in speed[0], speed
 
 
+def test_time_to_loss_when_ours_ends_a_rounding_error_above_peft():
+    """Same math, bf16: ours may end 5e-4 above PEFT's final loss and never reach it exactly;
+    both runs reach the higher of the two final losses, and the verdict times that."""
+    from prefix_kernels.bench import training_curves as curves
+
+    def row(method, loss, seconds):
+        return {"arch": "llama", "method": method, "round": 0, "median_step_ms": 10.0, "loss": loss,
+                "seconds": seconds, "tokens_per_s": 100.0, "lr": 0.01}
+    rows = [row("prefix-kernels", [3.0, 2.0, 1.0005], [0.1, 0.2, 0.3]),
+            row("peft-prefix", [3.0, 2.0, 1.0], [0.2, 0.4, 0.6])]
+    line = next(v for v in curves.verdicts(rows) if "reached after" in v)
+    assert "the higher final loss 1.0005 reached after 0.30 s (ours) vs 0.60 s (PEFT): 2.00x sooner" in line, line
+
+
 def test_multitask_quick(tmp_path):
     """--multitask --quick: one run of 2 tasks and the same tasks one by one take the same path."""
     assert bench.main(["--multitask", "--quick", "--out", str(tmp_path)]) == 0
