@@ -115,7 +115,7 @@ def bytes_moved(batch: int, context: int) -> int:
 
 def variant_calls(name: str, x: dict, context: int, ext, splits: int | None = None):
     """A zero-argument callable computing the decode output for inputs x, and what it runs.
-    splits: force the key-split count of the CUDA/Triton kernels (None = their heuristic)."""
+    splits: force the key-split count of the CUDA/Triton kernels (None or 0 = their heuristic)."""
     scale = 1.0 / math.sqrt(D)
     if name == "cuda":
         counters = dec.DecodeWorkspace("cuda", x["q"].shape[0], HQ, HKV, SQ).counters
@@ -123,7 +123,7 @@ def variant_calls(name: str, x: dict, context: int, ext, splits: int | None = No
                                                 x["pidx"], scale, splits or 0, context, counters)
     if name == "triton":
         return lambda: dec._launch_triton(x["q"], x["k"], x["v"], x["lens"], x["pk"], x["pv"],
-                                          x["pidx"], scale, P + context, splits)
+                                          x["pidx"], scale, P + context, splits or None)
     if name == "sdpa_concat":
         # PEFT's layout: the row's prefix sits in front of its cache; the copy is not timed
         pidx = x["pidx"].long()
@@ -160,12 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.parser("prefix-kernels bench decode-kernel", __doc__)
     parser.add_argument("--sweep-splits", action="store_true",
                         help="%% of copy bandwidth against a forced split count (B=32, 4k and 16k)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384],
+                        help="--sweep-splits: cached keys per row (default: 4096 16384; the decode step of "
+                             "the serving benchmark sees ~260)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench decode-kernel: needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.sweep_splits:
-        return sweep_splits()
+        return sweep_splits(args.contexts)
     env = environment()
     ext, how = dec._extension()
     print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['git_commit']}")
@@ -256,18 +259,20 @@ def plot(rows: list[dict], copy_gbs: float, env: dict, path: Path) -> None:
     print(f"# wrote {path}")
 
 
-def sweep_splits() -> int:
-    """--sweep-splits: % of copy bandwidth against the forced split count (B=32, 4k and 16k),
-    to see whether the split heuristics leave bandwidth unused."""
+def sweep_splits(contexts=(4096, 16384)) -> int:
+    """--sweep-splits: % of copy bandwidth against the forced split count (B=32, each context;
+    splits 0 = the kernel's own choice), to see whether the split heuristics leave bandwidth
+    unused. At B=32 and ~260 keys (the serving benchmark's decode step) the CUDA kernel took
+    9.9 us per layer on an H100 for 8.6 MB, ~3x its copy time (results/decode_step_variants-h100.json)."""
     ext, how = dec._extension()
     env = environment()
     copy_gbs = copy_bandwidth_gbs()
     rows = []
-    for context in (4096, 16384):
+    for context in contexts:
         moved = bytes_moved(32, context)
         inputs = [make_inputs(32, context, seed) for seed in range(max(1, math.ceil(L2_BUSTING_BYTES / moved)))]
         for name in (["cuda"] if ext is not None else []) + ["triton"]:
-            for splits in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
+            for splits in (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
                 ms = graph_ms_per_call([variant_calls(name, x, context, ext, splits) for x in inputs])
                 rows.append(dict(variant=name, batch=32, context=context, splits=splits, ms=ms,
                                  frac_copy=moved / ms / 1e6 / copy_gbs))
