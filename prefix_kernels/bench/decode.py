@@ -12,6 +12,9 @@ model built from the config (random weights, bf16, SDPA), side by side in one pr
                 serve/step.py's compiled one on CUDA (decode_step="auto")
   engine-eager  the same with decode_step="eager": the model's own modules replayed in the
                 graph (the engine before the compiled step), at the most mixed N <= 8
+  engine-compiled-prefill  the engine with compiled_prefill=True (experimental: the prefill
+                through serve/prefill.py's compiled layers instead of the HF modules), at the
+                most mixed N <= 8; each engine row reports prefill_ms, its first step's time
   peft          PEFT PrefixTuningConfig(num_virtual_tokens=P): one `generate` per group of rows
                 sharing a prefix (its prefix copied into the prompt encoder between groups), the
                 groups one after another. Groups are identical in size, so when N groups would
@@ -43,7 +46,8 @@ from prefix_kernels.bench import common
 from prefix_kernels.bench import decode_baselines as baselines
 from prefix_kernels.bench.common import environment, format_table, results_dir, write_json
 
-CASES = ["engine", "engine-eager", "peft", "hf-generate", "hf-compiled", "plain-step"]
+CASES = ["engine", "engine-eager", "engine-compiled-prefill", "peft", "hf-generate", "hf-compiled", "plain-step"]
+MIXED_AT_MOST_8 = ("engine-eager", "engine-compiled-prefill")     # run at one N, the most mixed <= 8
 STEP_CASES = ("hf-compiled", "plain-step")        # decode steps only: N does not apply
 E2E_BATCHES = (1, 32, 128)                        # peft / hf-generate by default (slow at every B)
 PEFT_MIXED_ANCHOR = 234.0          # ANCHORS.md section 3: PEFT, B=32, 8 prefixes, H200
@@ -100,12 +104,13 @@ def run_engine(engine, prompts, n_prefixes, new_tokens, repeats, device) -> dict
         _sync(device)
         end = time.perf_counter()
         assert all(len(r.output_ids) == new_tokens for r in reqs)
-        return end - start, (end - first) / max(1, new_tokens - 2)
+        return end - start, (end - first) / max(1, new_tokens - 2), first - start
 
     once()                                          # compiles the prefill shapes, first graph replays
     runs = sorted(once() for _ in range(repeats))
-    seconds, step_s = runs[len(runs) // 2]
-    return {"seconds": seconds, "tokens_per_s": len(rows) * new_tokens / seconds, "decode_step_ms": step_s * 1e3}
+    seconds, step_s, prefill_s = runs[len(runs) // 2]
+    return {"seconds": seconds, "tokens_per_s": len(rows) * new_tokens / seconds, "decode_step_ms": step_s * 1e3,
+            "prefill_ms": prefill_s * 1e3}
 
 
 def _generate(model, ids, new_tokens):
@@ -270,7 +275,7 @@ def main(argv=None) -> int:
     compiler = None if args.quick else "inductor"          # quick: the baselines' code, not the compiler
     plan = [(b, n, case) for b in batches for case in args.cases
             for n in ([None] if case in ("hf-generate", *STEP_CASES)
-                      else [max(n for n in counts(b) if n <= 8)] if case == "engine-eager" else counts(b))
+                      else [max(n for n in counts(b) if n <= 8)] if case in MIXED_AT_MOST_8 else counts(b))
             if args.batches or case not in ("peft", "hf-generate") or b in E2E_BATCHES or args.quick]
     rows = []
     bar = common.progress(plan, desc="bench_decode", file=sys.stderr, mininterval=1)
@@ -282,10 +287,15 @@ def main(argv=None) -> int:
         try:
             if case.startswith("engine"):
                 decode_step = "eager" if case == "engine-eager" else "auto"
-                if engine is None or engine_kind != (b, decode_step):
+                compiled_prefill = case == "engine-compiled-prefill"
+                if compiled_prefill and device.type == "cpu":     # quick: the step aot_eager-compiled
+                    from prefix_kernels.serve import StepOptions
+                    decode_step = StepOptions(compiler="aot_eager")
+                if engine is None or engine_kind != (b, case):
                     engine = _new_engine(engine, model, prefixes, b, prompt_len + new_tokens, device,
-                                         graphs=not args.eager, decode_step=decode_step)
-                    engine_kind = (b, decode_step)
+                                         graphs=not args.eager, decode_step=decode_step,
+                                         compiled_prefill=compiled_prefill)
+                    engine_kind = (b, case)
                 row.update(run_engine(engine, prompts, n, new_tokens, args.repeats, device))
             else:
                 engine = _drop_engine(engine, model, device)
@@ -312,9 +322,10 @@ def main(argv=None) -> int:
               "tok/s": f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "failed",
               "seconds": f"{r['seconds']:.3f}" if "seconds" in r else "",
               "step ms": f"{r['decode_step_ms']:.2f}" if "decode_step_ms" in r else "",
+              "prefill ms": f"{r['prefill_ms']:.1f}" if "prefill_ms" in r else "",
               "note": r.get("groups_run", "") and f"groups {r['groups_run']}" or r.get("error", "")[:70]}
              for r in rows]
-    print("\n" + format_table(table, ["B", "N", "case", "tok/s", "seconds", "step ms", "note"]))
+    print("\n" + format_table(table, ["B", "N", "case", "tok/s", "seconds", "step ms", "prefill ms", "note"]))
     steps_table = step_rows(rows, model, prompt_len, new_tokens, prefix_len)
     print(f"\ndecode steps (tok/s = B / step; limit: weights + KV bytes at the copy bandwidth, "
           f"{baselines.copy_bytes_per_s() / 1e12:.2f} TB/s):\n"
@@ -343,7 +354,8 @@ def _row_line(row):
     return f"B={row['B']} N={row['N']} {row['case']}: {row['tokens_per_s']:,.0f} tok/s ({row['seconds']:.3f} s)"
 
 
-def _new_engine(old, model, prefixes, batch, max_seq_len, device, graphs=True, decode_step="auto"):
+def _new_engine(old, model, prefixes, batch, max_seq_len, device, graphs=True, decode_step="auto",
+                compiled_prefill=False):
     from prefix_kernels.serve import Engine
 
     _drop_engine(old, model, device)
@@ -351,7 +363,7 @@ def _new_engine(old, model, prefixes, batch, max_seq_len, device, graphs=True, d
     # times the decode steps after it)
     engine = Engine(model, prefixes, max_batch=batch, max_seq_len=max_seq_len, max_prefixes=len(prefixes),
                     prefill_chunk=batch * max_seq_len, cuda_graphs=graphs and device.type == "cuda",
-                    decode_step=decode_step)
+                    decode_step=decode_step, compiled_prefill=compiled_prefill)
     engine.warmup(sampling=("greedy",))          # the benchmark's requests are greedy
     return engine
 

@@ -42,6 +42,7 @@ from .graphs import GraphCache
 from .prefixes import PrefixSource, read_prefix, read_prefixes
 from .request import Completion, EngineClosed, PromptTooLong, QueueFull, Request
 from .rows import BankRows, free_names
+from .prefill import PrefillStep
 from .sampling import SamplingParams, sample
 from .step import SAMPLING, StepOptions, engine_step, sampling_variant
 from .text import Detokenizer, Tokenizer
@@ -75,12 +76,15 @@ class Engine:
             covers, else the model's own modules, said once), "compiled", "eager" (the model's
             modules), or a step.StepOptions. Either way one CUDA graph per batch bucket and
             sampling variant holds the whole step, sampling and the token feedback included.
+        compiled_prefill: experimental, off by default: prefill through serve/prefill.py's
+            PrefillStep (the decode step's layers over a chunk, compiled with dynamic shapes)
+            instead of the model's own modules; needs the hand-fused decode step.
     """
 
     def __init__(self, model, prefixes=None, *, tokenizer=None, max_batch: int = 32, max_seq_len: int = 1024,
                  max_prefixes: int = 64, queue_size: int = 256, prefill_chunk: int = 2048,
                  cuda_graphs: bool | None = None, backend: str = "auto",
-                 decode_step: "str | StepOptions" = "auto"):
+                 decode_step: "str | StepOptions" = "auto", compiled_prefill: bool = False):
         for name, value, low in (("max_batch", max_batch, 1), ("max_seq_len", max_seq_len, 2),
                                  ("max_prefixes", max_prefixes, 1), ("queue_size", queue_size, 1),
                                  ("prefill_chunk", prefill_chunk, 1)):
@@ -127,6 +131,14 @@ class Engine:
         hf.set_attention_hook(model, CacheAttention(self.cache, backend))
         self.decode_step = engine_step(decode_step, model, self.cache, self.bank, offset=self.offset,
                                        backend=backend)
+        self.prefill_step = None
+        if compiled_prefill:
+            if self.decode_step is None:
+                hf.unpatch_model(model)
+                raise ValueError("Engine: compiled_prefill=True needs the hand-fused decode step "
+                                 f"(decode_step={decode_step!r} gives the model's own modules here); "
+                                 "pass decode_step='compiled' on CUDA or a StepOptions")
+            self.prefill_step = PrefillStep(self.decode_step)
         self._model_eos = frozenset(_eos_ids(getattr(model, "generation_config", None)))
         self.tokenizer = None if tokenizer is None else Tokenizer(tokenizer, self._model_eos)
         self.vocab_size = model.config.vocab_size
@@ -423,11 +435,17 @@ class Engine:
             ends = [keep.index(e) for e in ends]
         dev = self.device
         with self.cache.prefilling([c.req.slot for c in group], starts.tolist(), [c.length for c in group]):
-            # the mask (all ones: the cache attention owns the masking) also spares the patched
-            # model's packed-sequence check and its host sync
-            out = self.model(input_ids=ids.to(dev), position_ids=positions.to(dev),
-                             attention_mask=torch.ones(n, width, dtype=torch.long, device=dev), use_cache=False,
-                             prefix_ids=rows.to(dev), **kwargs)
+            if self.prefill_step is not None:
+                logits = self.prefill_step(ids.to(dev), positions.to(dev), rows.to(dev), self.cache.mode,
+                                           torch.tensor(finals, dtype=torch.long, device=dev),
+                                           torch.tensor([group[i].length - 1 for i in finals], device=dev))
+            else:
+                # the mask (all ones: the cache attention owns the masking) also spares the patched
+                # model's packed-sequence check and its host sync
+                out = self.model(input_ids=ids.to(dev), position_ids=positions.to(dev),
+                                 attention_mask=torch.ones(n, width, dtype=torch.long, device=dev), use_cache=False,
+                                 prefix_ids=rows.to(dev), **kwargs)
+                logits = out.logits[torch.tensor(finals, device=dev), torch.tensor(ends, device=dev)] if finals else None
         if not finals:
             return []
         reqs = [group[i].req for i in finals]
@@ -436,7 +454,6 @@ class Engine:
         self._top_p[slots] = torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=dev)
         self._top_k[slots] = torch.tensor([r.params.top_k for r in reqs], dtype=torch.long, device=dev)
         self._seeds[slots] = torch.tensor([r.params.seed for r in reqs], dtype=torch.long, device=dev)
-        logits = out.logits[torch.tensor(finals, device=dev), torch.tensor(ends, device=dev)]
         tokens = self._sample(logits, slots, torch.zeros(len(reqs), dtype=torch.long, device=dev), reqs)
         self._tokens[slots, 0] = tokens
         return list(zip([group[i] for i in finals], tokens.tolist()))
