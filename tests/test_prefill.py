@@ -16,6 +16,7 @@ import torch
 from hf_tiny import tiny_config, tiny_model
 from prefix_kernels.integrations import transformers as hf
 from prefix_kernels.serve import Engine, SamplingParams
+from prefix_kernels.serve.prefill import PrefillStep
 from prefix_kernels.serve.step import StepOptions
 from utils import requires_gpu
 
@@ -122,3 +123,19 @@ def test_gpu_inductor_prefill_equals_the_model_prefill(prefill_chunk):
         caches.append(eng.cache.k[:, :, :, :6].clone())
     assert outs[1] == outs[0]
     torch.testing.assert_close(caches[1], caches[0], atol=1e-4, rtol=1e-4)
+
+
+def test_inductor_compiles_the_prefill_on_the_cpu():
+    """Inductor itself (dynamic shapes, not only aot_eager) compiles the prefill layers, the fused
+    prefix-attention op's reference inside on the CPU: a chunked prefill equals the HF one."""
+    torch._dynamo.reset()
+    table = _table("llama")
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    outs = []
+    for compiled in (False, True):
+        eng = Engine(tiny_model("llama"), table, max_batch=4, max_seq_len=40, prefill_chunk=5,
+                     decode_step=StepOptions(compiler="aot_eager"), compiled_prefill=compiled)
+        if compiled:
+            eng.prefill_step = PrefillStep(eng.decode_step, compiler="inductor")
+        outs.append([o.token_ids for o in eng.generate(PROMPTS[:3], NAMES[:3], params)])
+    assert outs[1] == outs[0]

@@ -100,7 +100,8 @@ class PrefillStep:
     `logits = prefill(ids, positions, rows, cache.mode, final_rows, final_cols)`.
     """
 
-    def __init__(self, step: DecodeStep):
+    def __init__(self, step: DecodeStep, compiler: Optional[str] = None):
+        """compiler: a torch.compile backend overriding the step's (None: the step's own)."""
         self.step = step
         g = step.geometry
         attention_backend = "auto" if g.backend in ("auto", "cuda") else g.backend
@@ -108,8 +109,10 @@ class PrefillStep:
         fns = (make_prefill_embed(g), make_prefill_layer(g, _act(base.layers[0].mlp), attention_backend),
                make_prefill_head(g))
         o = step.options
-        if o.compiler is not None:
-            fns = tuple(torch.compile(fn, fullgraph=True, dynamic=True, backend=o.compiler, mode=o.mode) for fn in fns)
+        self.compiler = compiler or o.compiler
+        if self.compiler is not None:
+            fns = tuple(torch.compile(fn, fullgraph=True, dynamic=True, backend=self.compiler, mode=o.mode)
+                        for fn in fns)
         self._embed, self._layer, self._head = fns
 
     @torch.no_grad()
@@ -124,7 +127,7 @@ class PrefillStep:
         if ids.shape != positions.shape or ids.dim() != 2 or rows.shape != ids.shape[:1]:
             raise ValueError(f"PrefillStep: ids and positions [n, W] and rows [n], got {tuple(ids.shape)}, "
                              f"{tuple(positions.shape)}, {tuple(rows.shape)}")
-        with compile_limits(step.options.compiler is not None):
+        with compile_limits(self.compiler is not None):
             h, cos, sin = self._embed(ids, positions, step.embed_weight, step.inv_freq)
             delta = None
             for i, w in enumerate(step.layers):
