@@ -139,3 +139,21 @@ def test_inductor_compiles_the_prefill_on_the_cpu():
             eng.prefill_step = PrefillStep(eng.decode_step, compiler="inductor")
         outs.append([o.token_ids for o in eng.generate(PROMPTS[:3], NAMES[:3], params)])
     assert outs[1] == outs[0]
+
+
+def test_warmup_compiles_the_prefill_before_any_request(monkeypatch):
+    """warmup() runs the prefill on free slots (starts and continuations, one and two rows), so
+    the first request does not compile; what it leaves in the cache changes no answer."""
+    torch._dynamo.reset()
+    _, compiled = _engines("llama", 64)
+    calls = []
+    real = compiled.prefill_step.__call__
+    monkeypatch.setattr(type(compiled.prefill_step), "__call__",
+                        lambda self, ids, *a: calls.append(tuple(ids.shape)) or real(ids, *a))
+    compiled.warmup(sampling=("greedy",))
+    assert sorted(set(calls)) == [(1, 16), (2, 16)] and len(calls) == 4
+    fresh = Engine(tiny_model("llama"), _table("llama"), max_batch=4, max_seq_len=40, prefill_chunk=64,
+                   decode_step=StepOptions(compiler="aot_eager"))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    want = [o.token_ids for o in fresh.generate(PROMPTS, NAMES, params)]
+    assert [o.token_ids for o in compiled.generate(PROMPTS, NAMES, params)] == want

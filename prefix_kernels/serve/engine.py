@@ -552,8 +552,23 @@ class Engine:
             for batch in sorted(batch_sizes or self.buckets, reverse=True):
                 for variant in sampling:
                     self._decode(batch, variant)
+            if self.prefill_step is not None:
+                self._warm_prefill()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
+
+    def _warm_prefill(self) -> None:
+        """Compile the prefill's graphs (dynamic shapes: one or two rows, prompt starts and
+        continuations) on free slots, whose cache contents nobody reads."""
+        width = min(16, self.max_seq_len // 2)
+        dev = self.device
+        for rows in sorted({1, min(2, self.max_batch)}):
+            for start in (0, width):
+                with self.cache.prefilling(list(range(rows)), [start] * rows, [width] * rows):
+                    positions = (start + torch.arange(width, device=dev))[None].expand(rows, width)
+                    self.prefill_step(torch.zeros(rows, width, dtype=torch.long, device=dev), positions,
+                                      torch.zeros(rows, dtype=torch.long, device=dev), self.cache.mode,
+                                      torch.arange(rows, device=dev), torch.full((rows,), width - 1, device=dev))
 
     # -- per-token bookkeeping -----------------------------------------------------------------
 
