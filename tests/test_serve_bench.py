@@ -30,3 +30,14 @@ def test_quick_run_writes_every_case(tmp_path):
     assert {r["case"] for r in payload["decode_steps"]} >= {"engine N=4", "engine-eager N=4", "hf-compiled",
                                                            "plain-step"}
     assert (tmp_path / "decode_e2e_quick.png").stat().st_size > 1000
+
+
+def test_quick_run_of_the_experimental_compiled_prefill(tmp_path):
+    """Named in --cases (not in the default run): the engine with compiled_prefill=True runs beside
+    the engine, both rows report their prefill time."""
+    assert bench.main(["--quick", "--repeats", "1", "--batches", "4", "--cases", "engine",
+                       "engine-compiled-prefill", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "decode_e2e_quick.json").read_text())["results"]
+    assert {(r["N"], r["case"]) for r in rows} == {(1, "engine"), (2, "engine"), (4, "engine"),
+                                                   (4, "engine-compiled-prefill")}
+    assert all("error" not in r and r["prefill_ms"] > 0 and r["tokens_per_s"] > 0 for r in rows), rows

@@ -12,9 +12,10 @@ model built from the config (random weights, bf16, SDPA), side by side in one pr
                 serve/step.py's compiled one on CUDA (decode_step="auto")
   engine-eager  the same with decode_step="eager": the model's own modules replayed in the
                 graph (the engine before the compiled step), at the most mixed N <= 8
-  engine-compiled-prefill  the engine with compiled_prefill=True (experimental: the prefill
-                through serve/prefill.py's compiled layers instead of the HF modules), at the
-                most mixed N <= 8; each engine row reports prefill_ms, its first step's time
+  engine-compiled-prefill  (experimental, only when named in --cases) the engine with
+                compiled_prefill=True: the prefill through serve/prefill.py's compiled layers
+                instead of the HF modules, at the most mixed N <= 8
+Each engine row also reports prefill_ms, its first step's time (admission, prefill, first step).
   peft          PEFT PrefixTuningConfig(num_virtual_tokens=P): one `generate` per group of rows
                 sharing a prefix (its prefix copied into the prompt encoder between groups), the
                 groups one after another. Groups are identical in size, so when N groups would
@@ -46,7 +47,8 @@ from prefix_kernels.bench import common
 from prefix_kernels.bench import decode_baselines as baselines
 from prefix_kernels.bench.common import environment, format_table, results_dir, write_json
 
-CASES = ["engine", "engine-eager", "engine-compiled-prefill", "peft", "hf-generate", "hf-compiled", "plain-step"]
+CASES = ["engine", "engine-eager", "peft", "hf-generate", "hf-compiled", "plain-step"]     # the default run
+EXPERIMENTAL_CASES = ["engine-compiled-prefill"]                                         # asked for by name
 MIXED_AT_MOST_8 = ("engine-eager", "engine-compiled-prefill")     # run at one N, the most mixed <= 8
 STEP_CASES = ("hf-compiled", "plain-step")        # decode steps only: N does not apply
 E2E_BATCHES = (1, 32, 128)                        # peft / hf-generate by default (slow at every B)
@@ -241,7 +243,7 @@ def plot(rows, batches, path):
 def main(argv=None) -> int:
     parser = common.parser("prefix-kernels bench decode", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny model on the CPU: a smoke run")
-    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES + EXPERIMENTAL_CASES)
     parser.add_argument("--batches", type=int, nargs="+", help="default 1 8 32 128, peft and hf-generate at "
                         "1 32 128 (quick: 1 4)")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps of hf-compiled / plain-step "
