@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..ops.prefix_attention import prefix_attention
 from .cache import Prefill
-from .step import DecodeStep, Geometry, _act, _linear, _rms_norm, _rotate, compile_limits
+from .step import DecodeStep, Geometry, _act, _linear, _mlp, _qkv, _rms_norm, _rotate, compile_limits
 
 
 def make_prefill_embed(g: Geometry):
@@ -42,7 +42,7 @@ def make_prefill_embed(g: Geometry):
 
 
 def make_prefill_layer(g: Geometry, act, attention_backend: str):
-    hq, hkv, d = g.num_heads, g.num_kv_heads, g.head_dim
+    hq, d = g.num_heads, g.head_dim
 
     def layer(h, delta, w, k_cache, v_cache, prefix_k, prefix_v, rows, cos, sin, token_slots, token_pos,
               token_rows, token_cols, slot_index, window, key_mask):
@@ -53,15 +53,7 @@ def make_prefill_layer(g: Geometry, act, attention_backend: str):
         if delta is not None:
             h = h + delta
         n, width = h.shape[0], h.shape[1]
-        x = _rms_norm(h, w["input_norm"], g.eps, g.gemma_norm)
-        if "qkv" in w:
-            q, k, v = _linear(x, w, "qkv").split([hq * d, hkv * d, hkv * d], dim=-1)
-        else:
-            q, k, v = _linear(x, w, "q"), _linear(x, w, "k"), _linear(x, w, "v")
-        q, k, v = q.view(n, width, hq, d), k.view(n, width, hkv, d), v.view(n, width, hkv, d)
-        if "q_norm" in w:
-            q = _rms_norm(q, w["q_norm"], g.qk_eps, g.gemma_norm)
-            k = _rms_norm(k, w["k_norm"], g.qk_eps, g.gemma_norm)
+        q, k, v = _qkv(g, _rms_norm(h, w["input_norm"], g.eps, g.gemma_norm), w)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)     # [n, H, W, D]
         q, k = _rotate(q, cos, sin, g.rotary_dim), _rotate(k, cos, sin, g.rotary_dim)
         # the padding of short rows is never stored
@@ -75,12 +67,7 @@ def make_prefill_layer(g: Geometry, act, attention_backend: str):
         o = prefix_attention(q, keys, values, prefix_k, prefix_v, prefix_index=rows, key_padding_mask=key_mask,
                              scale=g.scale, causal=True, backend=attention_backend)
         h = h + _linear(o.transpose(1, 2).reshape(n, width, hq * d), w, "o")
-        x = _rms_norm(h, w["post_norm"], g.eps, g.gemma_norm)
-        if "gate_up" in w:
-            gate, up = _linear(x, w, "gate_up").chunk(2, dim=-1)
-        else:
-            gate, up = _linear(x, w, "gate"), _linear(x, w, "up")
-        return h, _linear(act(gate) * up, w, "down")
+        return h, _mlp(g, act, h, w)
     return layer
 
 

@@ -236,6 +236,32 @@ def _linear(x, w, name):
     return F.linear(x, w[name], w.get(name + "_bias"))
 
 
+def _qkv(g: "Geometry", x, w):
+    """q [..., Hq, D], k and v [..., Hkv, D] of the normed hidden states x [..., H] (q/k norms
+    applied where the family has them, no rotary yet)."""
+    hq, hkv, d = g.num_heads, g.num_kv_heads, g.head_dim
+    if "qkv" in w:
+        q, k, v = _linear(x, w, "qkv").split([hq * d, hkv * d, hkv * d], dim=-1)
+    else:
+        q, k, v = _linear(x, w, "q"), _linear(x, w, "k"), _linear(x, w, "v")
+    lead = x.shape[:-1]
+    q, k, v = q.view(*lead, hq, d), k.view(*lead, hkv, d), v.view(*lead, hkv, d)
+    if "q_norm" in w:
+        q = _rms_norm(q, w["q_norm"], g.qk_eps, g.gemma_norm)
+        k = _rms_norm(k, w["k_norm"], g.qk_eps, g.gemma_norm)
+    return q, k, v
+
+
+def _mlp(g: "Geometry", act, h, w):
+    """The MLP's output (the next residual delta) for the residual stream h [..., H]."""
+    x = _rms_norm(h, w["post_norm"], g.eps, g.gemma_norm)
+    if "gate_up" in w:
+        gate, up = _linear(x, w, "gate_up").chunk(2, dim=-1)
+    else:
+        gate, up = _linear(x, w, "gate"), _linear(x, w, "up")
+    return _linear(act(gate) * up, w, "down")
+
+
 def make_embed(g: Geometry):
     def embed(tokens, positions, seqlens, rows, weight, inv_freq):
         """-> hidden [B, H], cos, sin [B, 1, rotary_dim], seqlens and rows as int32."""
@@ -251,7 +277,7 @@ def make_embed(g: Geometry):
 
 
 def make_layer(g: Geometry, act):
-    hq, hkv, d = g.num_heads, g.num_kv_heads, g.head_dim
+    hq, d = g.num_heads, g.head_dim
 
     def layer(h, delta, w, k_cache, v_cache, prefix_k, prefix_v, positions, seqlens, rows, cos, sin, counters,
               index=None):
@@ -267,15 +293,7 @@ def make_layer(g: Geometry, act):
         if delta is not None:
             h = h + delta
         b = h.shape[0]
-        x = _rms_norm(h, w["input_norm"], g.eps, g.gemma_norm)
-        if "qkv" in w:
-            q, k, v = _linear(x, w, "qkv").split([hq * d, hkv * d, hkv * d], dim=-1)
-        else:
-            q, k, v = _linear(x, w, "q"), _linear(x, w, "k"), _linear(x, w, "v")
-        q, k, v = q.view(b, hq, d), k.view(b, hkv, d), v.view(b, hkv, d)
-        if "q_norm" in w:
-            q = _rms_norm(q, w["q_norm"], g.qk_eps, g.gemma_norm)
-            k = _rms_norm(k, w["k_norm"], g.qk_eps, g.gemma_norm)
+        q, k, v = _qkv(g, _rms_norm(h, w["input_norm"], g.eps, g.gemma_norm), w)
         q, k = _rotate(q, cos, sin, g.rotary_dim), _rotate(k, cos, sin, g.rotary_dim)
         slots = torch.arange(b, device=h.device)
         if index is None:
@@ -289,12 +307,7 @@ def make_layer(g: Geometry, act):
         o = decode_attention_op(q[:, :, None], k_cache, v_cache, seqlens, prefix_k, prefix_v, rows,
                                 g.scale, g.backend, g.max_seqlen, counters)
         h = h + _linear(o.view(b, hq * d), w, "o")
-        x = _rms_norm(h, w["post_norm"], g.eps, g.gemma_norm)
-        if "gate_up" in w:
-            gate, up = _linear(x, w, "gate_up").chunk(2, dim=-1)
-        else:
-            gate, up = _linear(x, w, "gate"), _linear(x, w, "up")
-        return h, _linear(act(gate) * up, w, "down")
+        return h, _mlp(g, act, h, w)
     return layer
 
 
