@@ -191,6 +191,16 @@ def test_features_match_fp64_reference(case):
     assert_close_fp64(ours, ref)
 
 
+@pytest.mark.parametrize("case", ["window18_gqa4", "window_sq_lt_sk", "softcap_full_p_gt_s", "packed_padded_mqa",
+                                  "packed_window_softcap_dropout"])
+def test_features_with_atomic_dq_match_fp64_reference(case, monkeypatch):
+    """The experimental atomic dQ (PREFIX_KERNELS_BWD_DQ=atomic) with windows, softcap, packed
+    documents and dropout: the dK/dV programs visit exactly the pairs the dQ kernel would."""
+    monkeypatch.setenv("PREFIX_KERNELS_BWD_DQ", "atomic")
+    ours, ref = _feature_case(case)
+    assert_close_fp64(ours, ref)
+
+
 @pytest.mark.parametrize("case", ["window18_gqa4", "softcap_causal", "packed_window_softcap_dropout"])
 def test_features_prefix_only_backward(case):
     # A frozen model's first layer asks only for the bank's gradients: another grid, another

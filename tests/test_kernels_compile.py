@@ -34,7 +34,7 @@ op.kernels.dropout_mask = _Recorded(op.kernels.dropout_mask)
 
 TYPES = {torch.float32: "bf16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8",
          torch.bool: "i1"}
-FP32 = ("lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr", "dpk_ptr", "dpv_ptr")
+FP32 = ("lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr", "dpk_ptr", "dpv_ptr", "dq_acc_ptr")
 
 
 def lower(kernel, args, constexprs):
@@ -58,6 +58,9 @@ for features, causal in ((every, True), ({}, True), (encoder, False)):
     out, lse = op._launch_forward(q, k, v, bk, bv, idx, kpm, 0.1, causal, **features)
     for need in ((True, True, True), (False, False, True)):
         op._launch_backward(out, q, k, v, bk, bv, idx, kpm, out, lse, 0.1, causal, *need, **features)
+op.atomic_dq_requested = lambda: True            # the experimental atomic dQ's dK/dV kernel too
+out, lse = op._launch_forward(q, k, v, bk, bv, idx, kpm, 0.1, True, **every)
+op._launch_backward(out, q, k, v, bk, bv, idx, kpm, out, lse, 0.1, True, True, True, True, **every)
 op.dropout_mask(every["rng"], 2, 4, 20, 20, 5, 0.1, "cpu")
 failed = 0
 for kernel, args, constexprs in launches:
@@ -87,6 +90,6 @@ def test_kernels_pass_the_gpu_compiler_frontend():
     if res.returncode == 77 or "make_ir() takes" in res.stdout:   # not an import error of ours
         pytest.skip(f"this triton's compiler internals differ: {res.stderr.strip().splitlines()[-1:]}")
     assert res.returncode == 0, res.stdout + res.stderr[-2000:]
-    # fwd, 2 dq, 2 dkdv, 2 reduces per feature set; dropout_mask
-    assert res.stdout.count("OK") == 22, res.stdout
-    assert "OK prefix_attn_bwd_dkdv" in res.stdout, res.stdout
+    # fwd, 2 dq, 2 dkdv, 2 reduces per feature set; fwd, dq, dkdv, reduce with atomic dQ; dropout_mask
+    assert res.stdout.count("OK") == 26, res.stdout
+    assert "OK prefix_attn_bwd_dkdv" in res.stdout and "DQ_ATOMIC" in res.stdout, res.stdout

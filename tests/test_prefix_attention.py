@@ -51,6 +51,41 @@ def test_kernels_match_fp64_reference(case, causal):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=3e-5, msg=lambda m: f"{name}: {m}")
 
 
+ATOMIC_CASES = ["base_gqa2", "sq_lt_sk_chunk", "p_gt_s", "gqa4", "mqa", "left_pad_full_row", "head_dim_80",
+                "sq_gt_sk", "long_splits"]
+
+
+@pytest.mark.parametrize("case", ATOMIC_CASES)
+def test_atomic_dq_backward_matches_fp64_reference(case, monkeypatch):
+    """PREFIX_KERNELS_BWD_DQ=atomic (experimental): dQ accumulated in the dK/dV kernel by atomics,
+    from prefix and own key blocks alike: every output and gradient as the reference's."""
+    from prefix_kernels.ops import prefix_attention as op
+
+    monkeypatch.setenv("PREFIX_KERNELS_BWD_DQ", "atomic")
+    assert op.atomic_dq_requested()
+    device = kernel_device()
+    tensors, index, mask = make_inputs(device=device, **CASES[case])
+    grad_out = torch.randn_like(tensors[0])
+    out, grads = run(tensors, index, mask, grad_out, "triton")
+    ref_out, ref_grads = reference_fp64(tensors, index, mask, grad_out)
+    for name, got, want in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=3e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_atomic_dq_is_refused_when_determinism_is_requested(monkeypatch):
+    from prefix_kernels.ops import prefix_attention as op
+
+    monkeypatch.setenv("PREFIX_KERNELS_BWD_DQ", "atomic")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not op.atomic_dq_requested()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    monkeypatch.delenv("PREFIX_KERNELS_BWD_DQ")
+    assert not op.atomic_dq_requested()         # off by default
+
+
 def test_unused_bank_entries_get_zero_gradient():
     device = kernel_device()
     tensors, _, mask = make_inputs(B=3, N=4, SQ=17, device=device, padding="right")

@@ -8,6 +8,7 @@ causal keys that the padding mask keeps. The prefix is read straight from the ba
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -72,7 +73,7 @@ for _name, _table in _HOPPER_CANDIDATES.items():
 _INTERPRET_CONFIG = _config(16, 16, 4, 1)
 _FEATURES = ["HEAD_DIM", "seq_bucket", "CAUSAL", "HAS_KPM", "DROPOUT", "SOFTCAP", "HAS_WINDOW", "HAS_SEGMENTS"]
 _TUNE_KEY = {"fwd": _FEATURES, "dq": _FEATURES + ["DQ_GRAD"],
-             "dkdv": _FEATURES + ["PREFIX_GRAD", "OWN_GRAD"]}
+             "dkdv": _FEATURES + ["PREFIX_GRAD", "OWN_GRAD", "DQ_ATOMIC"]}
 
 
 def _config_class(constexprs, dtype) -> object:
@@ -194,16 +195,19 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
                  HAS_SEGMENTS=segment_start is not None, HEAD_DIM=d, **feature_flags)
 
     delta = torch.empty_like(lse)
-    dq = torch.empty_like(q) if need_dq else q.new_empty(0)
+    # dQ by atomics in the dK/dV kernel needs every key block's program, so all three gradients
+    atomic = need_dq and need_dkv and need_prefix and atomic_dq_requested()
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else q
+    dq = torch.empty_like(q) if need_dq and not atomic else q.new_empty(0)
     dk = torch.empty_like(k) if need_dkv else k.new_empty(0)
     dv = torch.empty_like(v) if need_dkv else v.new_empty(0)
-    dq_arg = dq if need_dq else q
+    dq_arg = dq if need_dq and not atomic else q
     _launch("dq", lambda m: (cdiv(sq, m["BLOCK_M"]), b * h),
             (q, k, v, prefix_k, prefix_v, pidx, kpm, seg, out, do, lse, delta, dq_arg,
              *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
              s_kpm_b, s_kpm_n, s_seg_b, *out.stride(), *do.stride(), *dq_arg.stride(),
              h, h // hkv, sq, sk, p, n, qk_scale, scale, *scalars, bucket),
-            dict(DQ_GRAD=need_dq, **flags), q.dtype, bucket)
+            dict(DQ_GRAD=need_dq and not atomic, **flags), q.dtype, bucket)
 
     dpk, dpv = prefix_k.new_empty(0), prefix_v.new_empty(0)
     if need_dkv or need_prefix:
@@ -225,17 +229,29 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
 
         _launch("dkdv", grid,
                 (q, k, v, prefix_k, prefix_v, pidx, kpm, seg, seg_last, do, lse, delta, dk_arg, dv_arg,
-                 part_k, part_v,
+                 part_k, part_v, dq_acc,
                  *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
                  s_kpm_b, s_kpm_n, s_seg_b, seg_last.stride(0), *do.stride(), *dk_arg.stride(),
-                 *dv_arg.stride(),
+                 *dv_arg.stride(), *dq_acc.stride(),
                  hkv, h // hkv, sq, sk, p, n, qk_scale, scale, *scalars, bucket),
-                dict(SPLITS=splits, PREFIX_GRAD=need_prefix, OWN_GRAD=need_dkv,
+                dict(SPLITS=splits, PREFIX_GRAD=need_prefix, OWN_GRAD=need_dkv, DQ_ATOMIC=atomic,
                      # out-of-range own keys need masking only without the causal mask
                      KEEP_MASK=key_padding_mask is not None or not causal, **flags), q.dtype, bucket)
         if need_prefix:
             dpk, dpv = reduce_prefix_grads(part_k, part_v, prefix_index, prefix_k, prefix_v, b, splits)
+    if atomic:
+        dq = dq_acc.to(q.dtype)
     return dq, dk, dv, dpk, dpv
+
+
+def atomic_dq_requested() -> bool:
+    """PREFIX_KERNELS_BWD_DQ=atomic (experimental, off by default): dQ accumulated by fp32 atomics
+    in the dK/dV kernel, 5 matmuls per (query, key) tile pair instead of 7. Measured on an H100
+    (benchmarks/NOTES.md, issue 10): 1.3-1.6x slower than the dQ kernel (atomic contention, more
+    registers): kept only until the training figures taken with this code are re-measured, then
+    removed. Refused while torch's deterministic algorithms are on: the atomics' order is not fixed."""
+    return (os.environ.get("PREFIX_KERNELS_BWD_DQ", "separate") == "atomic"
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 # --------------------------------------------------------------------------------------------

@@ -431,15 +431,16 @@ def prefix_attn_bwd_dq(
 
 
 @triton.jit
-def _bwd_kv_inner(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr, seg_row_ptr,
-                  stride_q_s, stride_q_d, stride_do_s, stride_do_d, lo, hi,
-                  seqlen_q, k_start, k_pos, q_shift, offs_d, qk_scale, softcap, window,
+def _bwd_kv_inner(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr, seg_row_ptr, dq_acc_ptr,
+                  stride_q_s, stride_q_d, stride_do_s, stride_do_d, stride_dqa_s, stride_dqa_d, lo, hi,
+                  seqlen_q, k_start, k_pos, q_shift, offs_d, qk_scale, sm_scale, softcap, window,
                   dropout_threshold, keep_scale, seed, rng_offset, stream,
                   CAUSAL_MASK: tl.constexpr, KEEP_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
                   HAS_SEGMENTS: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, EVEN_HEADDIM: tl.constexpr,
+                  DQ_ATOMIC: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_HEADDIM: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """Accumulate dK, dV of one key block over the query blocks [lo, hi) of one query head.
+    """Accumulate dK, dV of one key block over the query blocks [lo, hi) of one query head; with
+    DQ_ATOMIC also add this key block's share of dQ (dS K, scaled) to the fp32 dq_acc by atomics.
 
     Out-of-range query rows load as zeros (q = dO = lse = delta = 0) and contribute nothing.
     """
@@ -478,6 +479,10 @@ def _bwd_kv_inner(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr, seg_row
         if SOFTCAP:
             dst = dst * (1.0 - tt * tt)
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+        if DQ_ATOMIC:
+            dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PREC) * sm_scale    # [BLOCK_M, BLOCK_D]
+            tl.atomic_add(dq_acc_ptr + offs_m[:, None] * stride_dqa_s + offs_d[None, :] * stride_dqa_d, dq,
+                          mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -485,7 +490,7 @@ def _bwd_kv_inner(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr, seg_row
 @triton.jit(do_not_specialize=["seed", "rng_offset"])
 def prefix_attn_bwd_dkdv(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, seg_ptr, seg_last_ptr, do_ptr, lse_ptr,
-    delta_ptr, dk_ptr, dv_ptr, part_k_ptr, part_v_ptr,
+    delta_ptr, dk_ptr, dv_ptr, part_k_ptr, part_v_ptr, dq_acc_ptr,
     stride_q_b, stride_q_h, stride_q_s, stride_q_d,
     stride_k_b, stride_k_h, stride_k_n, stride_k_d,
     stride_v_b, stride_v_h, stride_v_n, stride_v_d,
@@ -495,9 +500,10 @@ def prefix_attn_bwd_dkdv(
     stride_do_b, stride_do_h, stride_do_s, stride_do_d,
     stride_dk_b, stride_dk_h, stride_dk_n, stride_dk_d,
     stride_dv_b, stride_dv_h, stride_dv_n, stride_dv_d,
+    stride_dqa_b, stride_dqa_h, stride_dqa_s, stride_dqa_d,
     num_kv_heads, group, seqlen_q, seqlen_k, prefix_len, num_entries, qk_scale, sm_scale, softcap,
     window, dropout_threshold, keep_scale, seed, rng_offset, seq_bucket,
-    SPLITS: tl.constexpr, PREFIX_GRAD: tl.constexpr, OWN_GRAD: tl.constexpr,
+    SPLITS: tl.constexpr, PREFIX_GRAD: tl.constexpr, OWN_GRAD: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     KEEP_MASK: tl.constexpr, HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -509,8 +515,10 @@ def prefix_attn_bwd_dkdv(
     dPrefixK/V to part_k/part_v [B, SPLITS, Hkv, P, D]; reduce_prefix_grads then sums them over
     splits and over the rows sharing a bank entry in a fixed order (deterministic: no atomics).
     The GQA group's query heads are looped over inside the program, so nothing is shared
-    between programs. dQ is the dQ kernel's: accumulating it here by fp32 atomics (5 matmuls per
-    tile pair instead of 7) ran 1.3-1.6x slower on an H100 (benchmarks/NOTES.md, issue 10).
+    between programs. DQ_ATOMIC (needs PREFIX_GRAD and OWN_GRAD: every key block must run): dQ
+    is accumulated here by fp32 atomics into dq_acc [B, H, Sq, D] (5 matmuls per tile pair
+    instead of 7 with the dQ kernel; not bitwise deterministic), and the dQ kernel only writes
+    delta.
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -545,12 +553,13 @@ def prefix_attn_bwd_dkdv(
             bh = b * num_heads + h
             dk, dv = _bwd_kv_inner(dk, dv, k, v, n_ok, q_ptr + b * stride_q_b + h * stride_q_h,
                                    do_ptr + b * stride_do_b + h * stride_do_h, lse_ptr + bh * seqlen_q,
-                                   delta_ptr + bh * seqlen_q, seg_row_ptr, stride_q_s, stride_q_d,
-                                   stride_do_s, stride_do_d, lo, hi, seqlen_q,
-                                   start_n, offs_n, 0, offs_d, qk_scale, softcap, window,
+                                   delta_ptr + bh * seqlen_q, seg_row_ptr,
+                                   dq_acc_ptr + b * stride_dqa_b + h * stride_dqa_h, stride_q_s, stride_q_d,
+                                   stride_do_s, stride_do_d, stride_dqa_s, stride_dqa_d, lo, hi, seqlen_q,
+                                   start_n, offs_n, 0, offs_d, qk_scale, sm_scale, softcap, window,
                                    dropout_threshold, keep_scale, seed, rng_offset, 2 * bh,
                                    CAUSAL_MASK=False, KEEP_MASK=True, HAS_WINDOW=False, HAS_SEGMENTS=False,
-                                   SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, HEAD_DIM=HEAD_DIM,
+                                   SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, DQ_ATOMIC=DQ_ATOMIC, HEAD_DIM=HEAD_DIM,
                                    EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PREC=PREC)
         part = (((b * SPLITS + split) * num_kv_heads + hk) * prefix_len + offs_n[:, None]) * HEAD_DIM \
             + offs_d[None, :]
@@ -596,25 +605,26 @@ def prefix_attn_bwd_dkdv(
             bh = b * num_heads + h
             q_head_ptr = q_ptr + b * stride_q_b + h * stride_q_h
             do_head_ptr = do_ptr + b * stride_do_b + h * stride_do_h
+            dqa_head_ptr = dq_acc_ptr + b * stride_dqa_b + h * stride_dqa_h
             dk, dv = _bwd_kv_inner(dk, dv, k, v, keep, q_head_ptr, do_head_ptr, lse_ptr + bh * seqlen_q,
-                                   delta_ptr + bh * seqlen_q, seg_row_ptr, stride_q_s,
-                                   stride_q_d, stride_do_s, stride_do_d,
+                                   delta_ptr + bh * seqlen_q, seg_row_ptr, dqa_head_ptr, stride_q_s,
+                                   stride_q_d, stride_do_s, stride_do_d, stride_dqa_s, stride_dqa_d,
                                    lo, causal_hi, seqlen_q, start_n, offs_n, q_shift, offs_d, qk_scale,
-                                   softcap, window, dropout_threshold, keep_scale, seed,
+                                   sm_scale, softcap, window, dropout_threshold, keep_scale, seed,
                                    rng_offset, 2 * bh + 1,
                                    CAUSAL_MASK=CAUSAL, KEEP_MASK=KEEP_MASK, HAS_WINDOW=HAS_WINDOW,
                                    HAS_SEGMENTS=HAS_SEGMENTS, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
-                                   HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M,
+                                   DQ_ATOMIC=DQ_ATOMIC, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M,
                                    BLOCK_N=BLOCK_N, PREC=PREC)
             dk, dv = _bwd_kv_inner(dk, dv, k, v, keep, q_head_ptr, do_head_ptr, lse_ptr + bh * seqlen_q,
-                                   delta_ptr + bh * seqlen_q, seg_row_ptr, stride_q_s,
-                                   stride_q_d, stride_do_s, stride_do_d,
+                                   delta_ptr + bh * seqlen_q, seg_row_ptr, dqa_head_ptr, stride_q_s,
+                                   stride_q_d, stride_do_s, stride_do_d, stride_dqa_s, stride_dqa_d,
                                    full_lo, q_hi, seqlen_q, start_n, offs_n, q_shift, offs_d, qk_scale,
-                                   softcap, window, dropout_threshold, keep_scale, seed,
+                                   sm_scale, softcap, window, dropout_threshold, keep_scale, seed,
                                    rng_offset, 2 * bh + 1,
                                    CAUSAL_MASK=False, KEEP_MASK=KEEP_MASK, HAS_WINDOW=HAS_WINDOW,
                                    HAS_SEGMENTS=HAS_SEGMENTS, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
-                                   HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M,
+                                   DQ_ATOMIC=DQ_ATOMIC, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M,
                                    BLOCK_N=BLOCK_N, PREC=PREC)
         tile_ok = n_ok[:, None] & d_ok[None, :]
         tl.store(dk_ptr + b * stride_dk_b + hk * stride_dk_h + offs_n[:, None] * stride_dk_n
