@@ -36,7 +36,7 @@ for step in "$@"; do
     disttests-gpu) NCCL_NVLS_ENABLE=0 timeout 300 python3 -m pytest -q -p no:logging -m gpu tests/test_distributed.py > $OUT/disttests.log 2>&1; summary $OUT/disttests.log ;;
     scaling) NCCL_NVLS_ENABLE=0 timeout 560 python3 benchmarks/bench_scaling.py > $OUT/bench_scaling.log 2>&1; grep -v "^W[0-9]" $OUT/bench_scaling.log | tail -22 ;;
     decode) timeout 300 python3 benchmarks/bench_decode_kernel.py > $OUT/bench_decode.log 2>&1; tail -30 $OUT/bench_decode.log ;;
-    decode-splits) timeout 200 python3 benchmarks/bench_decode_kernel.py --sweep-splits --contexts ${SPLIT_CONTEXTS:-4096 16384} 2>&1 | tee $OUT/decode_splits.log ;;
+    decode-splits) timeout 200 python3 benchmarks/bench_decode_kernel.py --sweep-splits --contexts ${SPLIT_CONTEXTS:-4096 16384} --batches ${SPLIT_BATCHES:-32} 2>&1 | tee $OUT/decode_splits.log ;;
     servetests-gpu) timeout 540 python3 -m pytest -q -p no:logging tests/test_serve_engine.py tests/test_serve_http.py > $OUT/servetests.log 2>&1; summary $OUT/servetests.log ;;
     servetests-gpuonly) timeout ${SERVETESTS_TIMEOUT:-150} python3 -m pytest -q -p no:logging -m gpu tests/test_serve_engine.py --durations=5 > $OUT/servetests_gpu.log 2>&1; summary $OUT/servetests_gpu.log ;;
     steptests-gpu) timeout ${STEPTESTS_TIMEOUT:-400} python3 -m pytest -q -p no:logging -m gpu tests/test_step.py tests/test_decode.py -k "step or custom_op" --durations=8 > $OUT/steptests.log 2>&1; summary $OUT/steptests.log ;;

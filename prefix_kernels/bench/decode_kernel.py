@@ -22,6 +22,7 @@ Writes benchmarks/results/decode-kernel-<gpu>.json (or $PREFIX_KERNELS_RESULTS/.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.parser("prefix-kernels bench decode-kernel", __doc__)
     parser.add_argument("--sweep-splits", action="store_true",
                         help="%% of copy bandwidth against a forced split count (B=32, 4k and 16k)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[32],
+                        help="--sweep-splits: batch sizes (default: 32)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384],
                         help="--sweep-splits: cached keys per row (default: 4096 16384; the decode step of "
                              "the serving benchmark sees ~260)")
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench decode-kernel: needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.sweep_splits:
-        return sweep_splits(args.contexts)
+        return sweep_splits(args.contexts, args.batches)
     env = environment()
     ext, how = dec._extension()
     print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['git_commit']}")
@@ -259,8 +262,8 @@ def plot(rows: list[dict], copy_gbs: float, env: dict, path: Path) -> None:
     print(f"# wrote {path}")
 
 
-def sweep_splits(contexts=(4096, 16384)) -> int:
-    """--sweep-splits: % of copy bandwidth against the forced split count (B=32, each context;
+def sweep_splits(contexts=(4096, 16384), batches=(32,)) -> int:
+    """--sweep-splits: % of copy bandwidth against the forced split count (each batch and context;
     splits 0 = the kernel's own choice), to see whether the split heuristics leave bandwidth
     unused. At B=32 and ~260 keys (the serving benchmark's decode step) the CUDA kernel took
     9.9 us per layer on an H100 for 8.6 MB, ~3x its copy time (results/decode_step_variants-h100.json)."""
@@ -268,15 +271,15 @@ def sweep_splits(contexts=(4096, 16384)) -> int:
     env = environment()
     copy_gbs = copy_bandwidth_gbs()
     rows = []
-    for context in contexts:
-        moved = bytes_moved(32, context)
-        inputs = [make_inputs(32, context, seed) for seed in range(max(1, math.ceil(L2_BUSTING_BYTES / moved)))]
+    for batch, context in itertools.product(batches, contexts):
+        moved = bytes_moved(batch, context)
+        inputs = [make_inputs(batch, context, seed) for seed in range(max(1, math.ceil(L2_BUSTING_BYTES / moved)))]
         for name in (["cuda"] if ext is not None else []) + ["triton"]:
             for splits in (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
                 ms = graph_ms_per_call([variant_calls(name, x, context, ext, splits) for x in inputs])
-                rows.append(dict(variant=name, batch=32, context=context, splits=splits, ms=ms,
+                rows.append(dict(variant=name, batch=batch, context=context, splits=splits, ms=ms,
                                  frac_copy=moved / ms / 1e6 / copy_gbs))
-                print(f"{name:>7} ctx {context:>6} splits {splits:>3}: {ms * 1e3:7.1f} us "
+                print(f"{name:>7} B {batch:>3} ctx {context:>6} splits {splits:>3}: {ms * 1e3:7.1f} us "
                       f"{100 * rows[-1]['frac_copy']:5.1f}% of copy")
         del inputs
         torch.cuda.empty_cache()
