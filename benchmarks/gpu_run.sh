@@ -56,7 +56,7 @@ for step in "$@"; do
     prefilltests-gpu) timeout ${PREFILLTESTS_TIMEOUT:-200} python3 -m pytest -q -p no:logging -m gpu tests/test_prefill.py --durations=4 > $OUT/prefilltests.log 2>&1; summary $OUT/prefilltests.log ;;
     decode-vs-compiled) timeout 560 python3 benchmarks/bench_decode.py --cases engine engine-eager hf-compiled plain-step --out $OUT/vs_compiled > $OUT/bench_decode_vs_compiled.log 2>&1; tr '\r' '\n' < $OUT/bench_decode_vs_compiled.log | grep -v "it/s\]" | grep -v "^ *$" | tail -40 ;;
     servehttp-tests) timeout 300 python3 -m pytest -q -p no:logging tests/test_serve_http.py tests/test_serve_hardening.py tests/test_serve_load.py tests/test_bench_serve.py > $OUT/servehttp.log 2>&1; python3 -c "import aiohttp; print('aiohttp', aiohttp.__version__)"; summary $OUT/servehttp.log ;;
-    serve-bench) timeout 500 python3 benchmarks/bench_serve.py --out $OUT > $OUT/bench_serve.log 2>&1; tail -16 $OUT/bench_serve.log ;;
+    serve-bench) timeout 500 python3 benchmarks/bench_serve.py ${SERVE_ARGS:-} --out $OUT > $OUT/bench_serve.log 2>&1; tail -16 $OUT/bench_serve.log ;;
     curves) timeout ${CURVES_TIMEOUT:-480} python3 -m prefix_kernels.bench.training --curves --steps ${CURVES_STEPS:-60} ${CURVES_ARCHS:+--archs $CURVES_ARCHS} --out $OUT > $OUT/training_curves.log 2>&1; grep -v "Warning\|warn" $OUT/training_curves.log | tail -20 ;;
     multitask) timeout ${MULTITASK_TIMEOUT:-120} python3 -m prefix_kernels.bench.training --multitask --out $OUT > $OUT/multitask.log 2>&1; tail -8 $OUT/multitask.log ;;
     benchgpu) timeout 300 python3 -m pytest -q -p no:logging -m gpu tests/test_gpu_benchmarks.py --benchmark-json=$OUT/gpu-benchmarks.json > $OUT/benchgpu.log 2>&1; summary $OUT/benchgpu.log; grep -A12 "^Name (time" $OUT/benchgpu.log ;;

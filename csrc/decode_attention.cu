@@ -72,20 +72,20 @@ DeviceInfo device_info(int device) {
 }
 
 // flash-attention's num_splits_heuristic: fill whole waves of resident blocks, no more splits
-// than needed, and never two split counts giving the same work per split. Work comes in units
-// of 256 keys (flash-attention's split granularity at D=64): thinner splits pay more in fixed
-// cost (prologue latency, the partials, the combine) than they gain in parallelism.
+// than needed, and never two split counts giving the same work per split. Every split keeps at
+// least SPLIT_UNIT keys (flash-attention's split granularity at D=64): thinner splits pay more in
+// fixed cost (prologue latency, the partials, the combine) than they gain in parallelism (H100,
+// B=8, 4 KV heads, 288 keys: one split 5.5 us, two 6.8 us; 1056 keys: four 9.3 us, one 12.7 us).
 constexpr int SPLIT_UNIT = 4 * BLOCK_N;
 // Once the unsplit blocks cover half the SMs, a split mostly puts a second block on a busy SM and
 // adds the partials and the combine: on an H100 at B=32 with 4 KV heads (128 blocks, D=64) one
-// split took 6.8 us at 288 keys and 16.2 us at 1056 where the old choice, two, took 9.6 and 19.4;
-// at 4128 keys two splits won (42.8 vs 45.6 us on an H200). So with the SMs that busy, a split
-// must keep at least this many keys.
-constexpr int MIN_KEYS_PER_SPLIT_BUSY = 2048;
+// split took 6.8 / 16.1 / 53.8 us at 288 / 1056 / 4128 keys, two splits 9.6 / 19.4 / 57.4 us (on
+// an H200 two won at 4128 keys, 42.8 vs 45.6 us). With the SMs that busy a split keeps 4096+ keys.
+constexpr int MIN_KEYS_PER_SPLIT_BUSY = 4096;
 int choose_num_splits(int64_t base_blocks, int max_keys, const DeviceInfo& info) {
   const int64_t slots = static_cast<int64_t>(info.sms) * info.blocks_per_sm;
   if (base_blocks >= slots * 4 / 5) return 1;
-  const int n_units = std::max(1, (max_keys + SPLIT_UNIT - 1) / SPLIT_UNIT);
+  const int n_units = std::max(1, max_keys / SPLIT_UNIT);
   int max_splits = std::min(MAX_SPLITS, n_units);
   if (2 * base_blocks >= info.sms)
     max_splits = std::min(max_splits, std::max(1, max_keys / MIN_KEYS_PER_SPLIT_BUSY));
