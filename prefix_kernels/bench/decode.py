@@ -217,26 +217,30 @@ def verdicts(rows, b_target) -> list[str]:
 
 
 def plot(rows, batches, path):
+    """One panel per batch size: every case's decode step as tokens/s (B / step time: the one
+    measure all cases have; the engine rows' end-to-end tokens/s, prefill included, in their
+    labels), side by side on a linear axis from 0 so that the ratios read off the bars."""
     plt = common.pyplot()
     if plt is None:
         return
 
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
-    colors = {"engine": "tab:green", "peft": "tab:gray", "hf-generate": "tab:blue"}
+    colors = {"engine": "tab:green", "engine-compiled-prefill": "tab:olive", "engine-eager": "tab:cyan",
+              "peft": "tab:gray", "hf-generate": "tab:blue", "hf-compiled": "tab:purple", "plain-step": "tab:orange"}
     for ax, b in zip(axes[0], batches):
-        mine = [r for r in rows if r["B"] == b and "error" not in r]
-        ns = sorted({r["N"] for r in mine if r["case"] in ("engine", "peft")})
-        width = 0.4
-        for k, case in enumerate(["engine", "peft"]):
-            vals = [next((r["tokens_per_s"] for r in mine if r["N"] == n and r["case"] == case), 0) for n in ns]
-            ax.bar([i + (k - 0.5) * width for i in range(len(ns))], vals, width, label=case, color=colors[case])
-        bare = next((r["tokens_per_s"] for r in mine if r["case"] == "hf-generate"), None)
-        if bare:
-            ax.axhline(bare, color=colors["hf-generate"], ls="--", lw=1, label="hf-generate (no prefix)")
-        ax.set_xticks(range(len(ns)), [f"N={n}" for n in ns])
-        ax.set_yscale("log")
-        ax.set_title(f"B={b}: tokens/s (higher is better)")
-        ax.legend(fontsize=8)
+        mine = [r for r in rows if r["B"] == b and "error" not in r and r.get("decode_step_ms")]
+        labels = [r["case"] + (f" N={r['N']}" if isinstance(r.get("N"), int) else "")
+                  + (f"\n(end to end {r['tokens_per_s']:,.0f})" if "seconds" in r else "") for r in mine]
+        values = [b / r["decode_step_ms"] * 1e3 for r in mine]
+        bars = ax.barh(range(len(mine)), values, color=[colors.get(r["case"], "tab:red") for r in mine])
+        ax.bar_label(bars, [f"{v:,.0f}" for v in values], fontsize=7, padding=2)
+        ax.set_yticks(range(len(mine)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1.2 * max(values, default=1))
+        ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e3:g}k")
+        ax.set_xlabel("decode step, tokens/s (higher is better)")
+        ax.set_title(f"B={b}")
+    fig.tight_layout()
     common.save_figure(fig, path)
 
 
