@@ -1,4 +1,5 @@
 """The serving engine on tiny random models (CPU, reference kernels; the CUDA graph test needs a GPU)."""
+import time
 import warnings
 
 import pytest
@@ -260,6 +261,24 @@ def test_background_thread_serves_concurrent_submissions():
         eng.close()
     for out, prompt, name in zip(outs, PROMPTS, "cbac"):
         assert out.token_ids == alone(prompt, name).token_ids
+
+
+def test_generate_on_a_running_scheduler_admits_its_prompts_together(monkeypatch):
+    """Queued one by one, the scheduler thread prefilled the first prompts alone while the rest
+    were still being tokenized (a wave of 32 in `bench serve` ran at half the engine's speed)."""
+    eng = engine()
+    groups = []
+    prefill = eng._prefill
+    monkeypatch.setattr(eng, "_prefill", lambda group: (groups.append(len(group)), prefill(group))[1])
+    encode = eng.tokenizer.encode
+    monkeypatch.setattr(eng.tokenizer, "encode", lambda text: (time.sleep(0.05), encode(text))[1])   # a long prompt
+    eng.start()
+    try:
+        outs = eng.generate(PROMPTS, ["c", "b", "a", "c"], GREEDY)
+    finally:
+        eng.close()
+    assert groups == [len(PROMPTS)], groups
+    assert all(o.finish_reason in ("length", "stop") for o in outs)
 
 
 def test_unsupported_geometry_is_refused():

@@ -269,10 +269,20 @@ class Engine:
 
     def generate(self, prompts: list, prefixes: str | list[str],
                  params: SamplingParams | None = None) -> list[Completion]:
-        """Submit every prompt (one prefix name, or one per prompt) and wait for all of them."""
+        """Submit every prompt (one prefix name, or one per prompt) and wait for all of them.
+
+        The prompts are tokenized first and queued under the scheduler's lock, so a running
+        scheduler admits them together: queued one by one, its thread would prefill the first
+        few alone while the rest are still being tokenized, and every later group would stall
+        the rows already decoding."""
         if isinstance(prefixes, str):
             prefixes = [prefixes] * len(prompts)
-        reqs = [self.submit(p, prefix, params) for p, prefix in zip(prompts, prefixes, strict=True)]
+        pairs = list(zip(prompts, prefixes, strict=True))
+        if any(isinstance(p, str) for p, _ in pairs) and self.tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer: pass tokenizer=... or token ids")
+        pairs = [(self.tokenizer.encode(p) if isinstance(p, str) else p, prefix) for p, prefix in pairs]
+        with self._lock:
+            reqs = [self.submit(p, prefix, params) for p, prefix in pairs]
         if self._thread is None:
             while not all(r.done for r in reqs):
                 self.step()
