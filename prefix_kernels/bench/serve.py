@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", choices=["process", "thread"], default="process",
                         help="the load generator in a process of its own, or a thread of this one")
     parser.add_argument("--switch-interval", type=float, help="sys.setswitchinterval for this process (GIL)")
-    parser.add_argument("--poll-interval", type=float, default=0.001, help="the server's EventPump period (s)")
+    parser.add_argument("--poll-interval", type=float, default=0.004, help="the server's EventPump period (s)")
     parser.add_argument("--eager", action="store_true", help="engine without CUDA graphs")
     parser.add_argument("--compiled-prefill", action="store_true",
                         help="experimental: the engine's compiled prefill (Engine(compiled_prefill=True), GPU)")

@@ -65,7 +65,7 @@ def _parser():
                    help="requests in flight per client (API key, else address); 0: no limit")
     g.add_argument("--client-max-tokens", type=int, default=0,
                    help="max_tokens in flight per client; 0: no limit")
-    g.add_argument("--poll-interval", type=float, default=0.001,
+    g.add_argument("--poll-interval", type=float, default=0.004,
                    help="seconds between the server's looks at the engine's new tokens (one write per stream each)")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds the requests in flight get to finish")
