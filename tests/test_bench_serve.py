@@ -17,7 +17,7 @@ def _quiet():
 
 def test_quick_run_writes_every_concurrency(tmp_path):
     assert serve.main(["--quick", "--requests-per-client", "2", "--rates", "50", "--rate-requests", "4",
-                       "--out", str(tmp_path)]) == 0
+                       "--rounds", "2", "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "serve_quick.json").read_text())
     assert set(payload["environment"]) >= {"device", "torch", "transformers", "git_commit"}
     assert payload["aiohttp"] and payload["clients"] == "process"
@@ -30,6 +30,10 @@ def test_quick_run_writes_every_concurrency(tmp_path):
     for row in rows[:2]:
         assert row["engine_tokens_per_s"] > 0 and row["ratio"] == pytest.approx(
             row["tokens_per_s"] / row["engine_tokens_per_s"])
+        # the median of the interleaved rounds (the lower middle of two)
+        assert len(row["engine_rounds_tokens_per_s"]) == len(row["http_rounds_tokens_per_s"]) == 2
+        assert row["engine_tokens_per_s"] == pytest.approx(min(row["engine_rounds_tokens_per_s"]), abs=0.1)
+        assert row["tokens_per_s"] == pytest.approx(min(row["http_rounds_tokens_per_s"]), abs=0.1)
     assert [v.split(":")[0] for v in payload["verdicts"]] == ["required C=1", "required C=4"]
     assert (tmp_path / "serve_quick.png").stat().st_size > 1000
 
