@@ -5,8 +5,8 @@ prompts, max_batch 64) run four ways, one wave of 32 prompts x 128 tokens each, 
   main-ids   the same with token-id prompts (the detokenizer still runs: the engine has a tokenizer)
   thread     the engine's own scheduler thread (engine.start())
   server     the HTTP server started too (its event loop idle: no HTTP request)
-then a cProfile of one `main` wave (host time by function: what the step's Python costs and how
-long it blocks on the device).
+and, between the caller's-thread and the thread runs, a cProfile of one `main` wave (host time by
+function: what the step's Python costs and how long it blocks on the device).
 usage: python3 benchmarks/probe_serve_host.py [--quick]
 """
 import cProfile
@@ -42,30 +42,28 @@ def main():
     prompts = bs.make_prompts(rows, prompt_len, config.vocab_size, seed=1)
     ids = [engine.tokenizer.encode(p) for p in prompts]
     wave(engine, prompts, params)
-    for name in ("main", "main-ids", "thread", "server"):
+    for name in ("main", "main-ids", "profiled", "thread", "server"):
         if name == "thread":
             engine.start()
         server = None
         if name == "server":
             from prefix_kernels.serve.server import Server
             server = Server(engine, port=0).start()
+        prof = cProfile.Profile() if name == "profiled" else None
+        if prof is not None:
+            prof.enable()
         tps, seconds, ttft50, ttft_max = wave(engine, ids if name == "main-ids" else prompts, params)
+        if prof is not None:
+            prof.disable()
         print(f"{name:>9}: {tps:9,.0f} tok/s  wave {seconds * 1e3:7.1f} ms  TTFT p50 {ttft50 * 1e3:6.1f} ms, "
               f"max {ttft_max * 1e3:6.1f} ms", flush=True)
+        if prof is not None:
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(22)
+            print("\n".join(line[:150] for line in text.getvalue().splitlines()[6:]))
         if server is not None:
             server.close()
     engine.close()
-    engine._thread = None
-    engine._closed = False
-    prof = cProfile.Profile()
-    prof.enable()
-    tps, seconds, _, _ = wave(engine, prompts, params)
-    prof.disable()
-    print(f"\nprofiled wave: {tps:,.0f} tok/s, {seconds * 1e3:.1f} ms")
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(22)
-    print("\n".join(line[:150] for line in text.getvalue().splitlines()[6:]))
-
 
 if __name__ == "__main__":
     main()

@@ -39,10 +39,10 @@ from ..integrations import transformers as hf
 from .attention import CacheAttention
 from .cache import KVCache
 from .graphs import GraphCache
+from .prefill import PrefillStep
 from .prefixes import PrefixSource, read_prefix, read_prefixes
 from .request import Completion, EngineClosed, PromptTooLong, QueueFull, Request
 from .rows import BankRows, free_names
-from .prefill import PrefillStep
 from .sampling import SamplingParams, sample
 from .step import SAMPLING, StepOptions, engine_step, sampling_variant
 from .text import Detokenizer, Tokenizer
@@ -229,12 +229,14 @@ class Engine:
 
         Raises UnknownPrefix, PromptTooLong, QueueFull, EngineClosed or ValueError; never blocks.
         """
-        params = params or SamplingParams()
+        return self._submit_ids(self._token_ids(prompt), prefix, params or SamplingParams(), stream)
+
+    def _token_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer: pass tokenizer=... or token ids")
-            prompt = self.tokenizer.encode(prompt)
-        return self._submit_ids(list(prompt), prefix, params, stream)
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
 
     def submit_chat(self, messages: list[dict], prefix: str, params: SamplingParams | None = None, *,
                     stream: bool = False) -> Request:
@@ -277,12 +279,9 @@ class Engine:
         the rows already decoding."""
         if isinstance(prefixes, str):
             prefixes = [prefixes] * len(prompts)
-        pairs = list(zip(prompts, prefixes, strict=True))
-        if any(isinstance(p, str) for p, _ in pairs) and self.tokenizer is None:
-            raise ValueError("a text prompt needs a tokenizer: pass tokenizer=... or token ids")
-        pairs = [(self.tokenizer.encode(p) if isinstance(p, str) else p, prefix) for p, prefix in pairs]
+        ids = [self._token_ids(p) for p in prompts]
         with self._lock:
-            reqs = [self.submit(p, prefix, params) for p, prefix in pairs]
+            reqs = [self.submit(i, prefix, params) for i, prefix in zip(ids, prefixes, strict=True)]
         if self._thread is None:
             while not all(r.done for r in reqs):
                 self.step()
