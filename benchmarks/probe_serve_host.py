@@ -21,6 +21,40 @@ from prefix_kernels.bench import serve as bs
 from prefix_kernels.serve import SamplingParams
 
 
+class StepClock:
+    """Host time of each engine.step() and of the device wait inside it (_collect), per wave."""
+
+    def __init__(self, engine):
+        self.steps, self.waits, self.prefills = [], [], []
+        step, collect, prefill = engine.step, engine._collect, engine._prefill_forward
+
+        def timed_step():
+            t = time.perf_counter()
+            step()
+            self.steps.append(time.perf_counter() - t)
+
+        def timed_collect(*a):
+            t = time.perf_counter()
+            collect(*a)
+            self.waits.append(time.perf_counter() - t)
+
+        def timed_prefill(group):
+            t = time.perf_counter()
+            out = prefill(group)
+            self.prefills.append((len(group), max(c.length for c in group), time.perf_counter() - t))
+            return out
+        engine.step, engine._collect, engine._prefill_forward = timed_step, timed_collect, timed_prefill
+
+    def report(self):
+        def ms(xs):
+            xs = sorted(xs)
+            return f"n={len(xs)} sum {sum(xs) * 1e3:.1f} p50 {xs[len(xs) // 2] * 1e3:.3f} max {xs[-1] * 1e3:.2f} ms" if xs else "-"
+        print(f"           steps: {ms(self.steps)}\n           collect: {ms(self.waits)}\n"
+              f"           prefill groups (n, width, host ms): "
+              f"{[(n, w, round(t * 1e3, 1)) for n, w, t in self.prefills]}", flush=True)
+        self.steps.clear(), self.waits.clear(), self.prefills.clear()
+
+
 def wave(engine, prompts, params):
     names = [f"p{i % 8}" for i in range(len(prompts))]
     start = time.perf_counter()
@@ -42,6 +76,7 @@ def main():
     prompts = bs.make_prompts(rows, prompt_len, config.vocab_size, seed=1)
     ids = [engine.tokenizer.encode(p) for p in prompts]
     wave(engine, prompts, params)
+    clock = StepClock(engine)
     for name in ("main", "main-ids", "profiled", "thread", "server"):
         if name == "thread":
             engine.start()
@@ -57,6 +92,7 @@ def main():
             prof.disable()
         print(f"{name:>9}: {tps:9,.0f} tok/s  wave {seconds * 1e3:7.1f} ms  TTFT p50 {ttft50 * 1e3:6.1f} ms, "
               f"max {ttft_max * 1e3:6.1f} ms", flush=True)
+        clock.report()
         if prof is not None:
             text = io.StringIO()
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(22)
