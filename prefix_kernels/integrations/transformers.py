@@ -90,7 +90,7 @@ def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     Causality, the prefix and the bottom-right alignment are the kernel's; sliding windows are
     checked in the attention function.
     """
-    if attention_mask is None or getattr(attention_mask, _NO_PADDING_ATTR, False):
+    if attention_mask is None or _marked_no_padding(attention_mask):
         return None
     mask = attention_mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
     if mask.shape[-1] < kv_length:
@@ -104,14 +104,26 @@ def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
 _NO_PADDING_ATTR = "_prefix_kernels_no_padding"
 
 
+def _marked_no_padding(mask) -> bool:
+    """The mask is one of no_padding_mask's, or a view of one (GPT-2 reshapes the mask it gets)."""
+    return getattr(mask, _NO_PADDING_ATTR, False) or getattr(mask._base, _NO_PADDING_ATTR, False)
+
+
+def no_padding_mask(batch: int, seq: int, device) -> torch.Tensor:
+    """An all-True [batch, seq] attention mask marked as holding no padding, for a caller whose
+    attention masks by other means (the serving KV cache): the patched layers then skip the
+    check that would read the mask on the host, a device sync per forward."""
+    mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
+    setattr(mask, _NO_PADDING_ATTR, True)
+    return mask
+
+
 def _no_padding_mask(x) -> torch.Tensor:
     """An all-True [B, S] mask marked as such, for a training forward called without one: with no
     mask and no cache, HF scans the position ids for packed sequences on every forward (~0.9 ms
     of host time and a device sync per GPT-2 step, H100), which the kernels never need (packed
     batches are found by the pre-hook); the mark lets _padding_mask skip its own check."""
-    mask = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
-    setattr(mask, _NO_PADDING_ATTR, True)
-    return mask
+    return no_padding_mask(x.shape[0], x.shape[1], x.device)
 
 
 def _capturing(t) -> bool:

@@ -161,7 +161,7 @@ class Engine:
         self._pending = None                                 # the decode step in flight
         self._ints = torch.tensor(self._h, device=self.device)   # a copy: the device inputs
         self._tokens = torch.zeros(n, 1, dtype=torch.long, device=self.device)
-        self._ones = torch.ones(n, 1, dtype=torch.long, device=self.device)
+        self._decode_masks: dict[int, torch.Tensor] = {}     # batch -> its all-True mask, kept for capture
         self._temperature = torch.zeros(n, device=self.device)
         self._top_p = torch.ones(n, device=self.device)
         self._top_k = torch.zeros(n, dtype=torch.long, device=self.device)
@@ -452,7 +452,7 @@ class Engine:
                 # the mask (all ones: the cache attention owns the masking) also spares the patched
                 # model's packed-sequence check and its host sync
                 out = self.model(input_ids=ids.to(dev), position_ids=positions.to(dev),
-                                 attention_mask=torch.ones(n, width, dtype=torch.long, device=dev), use_cache=False,
+                                 attention_mask=hf.no_padding_mask(n, width, dev), use_cache=False,
                                  prefix_ids=rows.to(dev), **kwargs)
                 logits = out.logits[torch.tensor(finals, device=dev), torch.tensor(ends, device=dev)] if finals else None
         if not finals:
@@ -514,9 +514,14 @@ class Engine:
     def _forward_decode(self, batch: int) -> torch.Tensor:
         with self.cache.decoding(batch, self._ints[POS], self._ints[SEQLEN]):
             out = self.model(input_ids=self._tokens[:batch], position_ids=self._ints[POS, :batch, None],
-                             attention_mask=self._ones[:batch], use_cache=False,
+                             attention_mask=self._decode_mask(batch), use_cache=False,
                              prefix_ids=self._ints[ROW, :batch])
         return out.logits[:, -1]
+
+    def _decode_mask(self, batch: int) -> torch.Tensor:
+        if batch not in self._decode_masks:
+            self._decode_masks[batch] = hf.no_padding_mask(batch, 1, self.device)
+        return self._decode_masks[batch]
 
     def _decode_fn(self, batch: int, sampling: str):
         """One decode step of slots 0..batch-1 as a function of the engine's input buffers: the
