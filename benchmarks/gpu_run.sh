@@ -32,6 +32,9 @@ for step in "$@"; do
     host-ab) timeout ${HOSTAB_TIMEOUT:-300} python3 benchmarks/probe_host_ab.py --out $OUT 2>&1 | grep -v "Warning\|warn\|loss_type" | tee $OUT/probe_host_ab.log ;;
     featuretests-gpu) PREFIX_KERNELS_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-400} python3 -m pytest -q -p no:logging -m gpu tests/test_attention_features.py tests/test_patch_model_features.py tests/test_seq2seq.py --durations=6 > $OUT/featuretests.log 2>&1; grep -E "passed|failed|^FAILED|^ERROR|s call" $OUT/featuretests.log | head -24 ;;
     probe-merge) timeout ${PROBE_TIMEOUT:-120} python3 benchmarks/probe_split.py --variants cudnn_noprefix,fused,split_cudnn_merge,split_cudnn_fused_forward --budget-s ${PROBE_BUDGET:-85} --shapes 5,6,0,3,1,2,4 > $OUT/probe_merge.log 2>&1; echo "rc=$?"; grep -v "^  aten::" $OUT/probe_merge.log | cut -c1-200 | tail -42 ;;
+    serve-hf-gpu) timeout ${SERVETESTS_TIMEOUT:-200} python3 -m pytest -q -p no:logging -m gpu tests/test_serve_engine.py tests/test_patch_model.py --durations=4 > $OUT/servetests_gpu.log 2>&1; summary $OUT/servetests_gpu.log ;;
+    decode-b32) timeout ${DECODE_B32_TIMEOUT:-200} python3 benchmarks/bench_decode.py --batches 32 --cases engine hf-compiled plain-step --out $OUT/b32 > $OUT/bench_decode_b32.log 2>&1; tr '\r' '\n' < $OUT/bench_decode_b32.log | grep -v "it/s\]" | grep -v "^ *$" | tail -16 ;;
+    probe-prefill) timeout 200 python3 benchmarks/probe_prefill_host.py > $OUT/probe_prefill_host.log 2>&1; grep "^group" $OUT/probe_prefill_host.log ;;
     probe-serve) timeout ${PROBE_SERVE_TIMEOUT:-240} python3 benchmarks/probe_serve_host.py 2>&1 | tee $OUT/probe_serve_host.log | cut -c1-160 ;;
     profile-decode) timeout 200 python3 benchmarks/profile_decode.py ${PROFILE_DECODE_BATCHES:-32 128} 2>&1 | tee $OUT/profile_decode.log ;;
     disttests-gpu) NCCL_NVLS_ENABLE=0 timeout 300 python3 -m pytest -q -p no:logging -m gpu tests/test_distributed.py > $OUT/disttests.log 2>&1; summary $OUT/disttests.log ;;
