@@ -48,8 +48,11 @@ from prefix_kernels.bench import decode_baselines as baselines
 from prefix_kernels.bench.common import environment, format_table, results_dir, write_json
 
 CASES = ["engine", "engine-eager", "peft", "hf-generate", "hf-compiled", "plain-step"]     # the default run
-EXPERIMENTAL_CASES = ["engine-compiled-prefill"]                                         # asked for by name
-MIXED_AT_MOST_8 = ("engine-eager", "engine-compiled-prefill")     # run at one N, the most mixed <= 8
+# engine-rebuilt: the engine case again, on an engine built after the ones before it in this
+# process (an engine built second measured 1.54 ms per step at B=32 against the first's 1.44, H100,
+# 55e333b: whether dropping dynamo's state between engines makes them alike)
+EXPERIMENTAL_CASES = ["engine-compiled-prefill", "engine-rebuilt"]                       # asked for by name
+MIXED_AT_MOST_8 = ("engine-eager", "engine-compiled-prefill", "engine-rebuilt")   # one N: the most mixed <= 8
 STEP_CASES = ("hf-compiled", "plain-step")        # decode steps only: N does not apply
 E2E_BATCHES = (1, 32, 128)                        # peft / hf-generate by default (slow at every B)
 PEFT_MIXED_ANCHOR = 234.0          # ANCHORS.md section 3: PEFT, B=32, 8 prefixes, H200
@@ -225,7 +228,7 @@ def plot(rows, batches, path):
         return
 
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
-    colors = {"engine": "tab:green", "engine-compiled-prefill": "tab:olive", "engine-eager": "tab:cyan",
+    colors = {"engine": "tab:green", "engine-rebuilt": "yellowgreen", "engine-compiled-prefill": "tab:olive", "engine-eager": "tab:cyan",
               "peft": "tab:gray", "hf-generate": "tab:blue", "hf-compiled": "tab:purple", "plain-step": "tab:orange"}
     for ax, b in zip(axes[0], batches):
         mine = [r for r in rows if r["B"] == b and "error" not in r and r.get("decode_step_ms")]
@@ -382,6 +385,9 @@ def _drop_engine(engine, model, device):
         engine.close()
     if is_patched(model):
         unpatch_model(model)
+    # the next engine compiles as in a fresh process, not as a recompile of this one's code (whose
+    # guards and automatic-dynamic state would carry over)
+    torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
