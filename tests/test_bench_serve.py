@@ -46,3 +46,13 @@ def test_serve_without_aiohttp_says_how_to_install_it():
     assert proc.returncode == 1
     assert proc.stderr.strip() == "prefix-kernels serve needs aiohttp: pip install 'prefix-kernels[serve]' " \
                                   "(or: pip install aiohttp)"
+
+
+def test_quick_run_with_the_experimental_prefill_wait(tmp_path):
+    """Engine(prefill_wait=...) behind the real server: requests held for others still all finish."""
+    assert serve.main(["--quick", "--concurrency", "4", "--requests-per-client", "2", "--prefill-wait", "0.02",
+                       "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "serve_quick.json").read_text())
+    assert payload["prefill_wait"] == 0.02
+    (row,) = payload["results"]
+    assert row["errors"] == 0 and row["tokens"] == row["requests"] * payload["new_tokens"]

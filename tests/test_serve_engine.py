@@ -391,6 +391,45 @@ def test_a_step_prefills_its_chunks_in_as_few_forwards_as_padding_allows():
     assert len(eng._prefill_groups(mixed)) == 1
 
 
+def test_prefill_wait_holds_new_prompts_while_rows_decode():
+    """prefill_wait: while rows decode, new prompts wait until they hold prefill_chunk / 2 tokens
+    or the oldest has waited prefill_wait; then they share one forward. Rows keep decoding."""
+    eng = engine(max_seq_len=64, prefill_chunk=16, prefill_wait=3600.0)
+    params = SamplingParams(temperature=0, max_tokens=30)
+    running = eng.submit(PROMPTS[1], "a", params)
+    eng.step()                                   # nothing decodes yet: prefilled at once
+    assert running.output_ids
+    forwards = []
+    prefill = eng._prefill_forward
+    eng._prefill_forward = lambda group: forwards.append([c.req for c in group]) or prefill(group)
+    short = eng.submit("abc", "b", GREEDY)       # 3 tokens < 16 / 2: held
+    for _ in range(3):
+        before = len(running.output_ids)
+        eng.step()
+        assert len(running.output_ids) == before + 1 and not short.output_ids and forwards == []
+    other = eng.submit("defgh", "c", GREEDY)     # 3 + 5 = 8 tokens: both go, in one forward
+    eng.step()
+    assert forwards == [[other, short]] or forwards == [[short, other]]
+    while not (short.done and other.done):
+        eng.step()
+    assert short.result().token_ids == alone("abc", "b").token_ids
+    assert other.result().token_ids == alone("defgh", "c").token_ids
+
+
+def test_prefill_wait_ends_after_the_wait():
+    eng = engine(max_seq_len=64, prefill_chunk=16, prefill_wait=0.05)
+    running = eng.submit(PROMPTS[1], "a", SamplingParams(temperature=0, max_tokens=40))
+    eng.step()
+    short = eng.submit("abc", "b", GREEDY)
+    eng.step()
+    assert not short.output_ids                  # held: rows decode, 3 tokens, not waited yet
+    time.sleep(0.06)
+    eng.step()
+    assert short.output_ids                      # waited 50 ms: prefilled
+    with pytest.raises(ValueError, match="prefill_wait"):
+        engine(prefill_wait=-1)
+
+
 def test_time_to_first_token_is_recorded():
     eng = engine(prefill_chunk=5)
     req = eng.submit(LONG, "a", GREEDY)

@@ -67,7 +67,7 @@ def model_config(quick: bool):
 
 
 def build_engine(config, device, dtype, n_prefixes, prefix_len, max_batch, max_seq_len, graphs,
-                 compiled_prefill=False):
+                 compiled_prefill=False, prefill_wait=0.0):
     from transformers import AutoModelForCausalLM
 
     from ..serve import Engine
@@ -81,7 +81,8 @@ def build_engine(config, device, dtype, n_prefixes, prefix_len, max_batch, max_s
                 for i in range(n_prefixes)}
     engine = Engine(model, prefixes, tokenizer=word_tokenizer(config.vocab_size), max_batch=max_batch,
                     max_seq_len=max_seq_len, max_prefixes=n_prefixes, queue_size=4 * max_batch,
-                    cuda_graphs=graphs and device.type == "cuda", compiled_prefill=compiled_prefill)
+                    cuda_graphs=graphs and device.type == "cuda", compiled_prefill=compiled_prefill,
+                    prefill_wait=prefill_wait)
     engine.warmup()
     return engine
 
@@ -205,6 +206,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eager", action="store_true", help="engine without CUDA graphs")
     parser.add_argument("--compiled-prefill", action="store_true",
                         help="experimental: the engine's compiled prefill (Engine(compiled_prefill=True), GPU)")
+    parser.add_argument("--prefill-wait", type=float, default=0.0,
+                        help="experimental: Engine(prefill_wait=...), seconds new prompts may wait for others "
+                             "while rows decode (0: off)")
     parser.add_argument("--out", help="folder for the JSON and PNG (default: the results dir)")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
@@ -235,7 +239,7 @@ def main(argv=None) -> int:
     max_batch = max(conc)
     engine = build_engine(config, device, dtype, args.prefixes, prefix_len, max_batch,
                           prompt_len + new_tokens + 8, graphs=not args.eager,
-                          compiled_prefill=args.compiled_prefill)
+                          compiled_prefill=args.compiled_prefill, prefill_wait=args.prefill_wait)
     server = Server(engine, port=0, poll_interval=args.poll_interval, max_tokens_cap=new_tokens,
                     max_connections=4 * max_batch + 64).start()
     rows = []
@@ -283,7 +287,7 @@ def main(argv=None) -> int:
                "new_tokens": new_tokens, "prefix_len": prefix_len, "prefixes": args.prefixes,
                "requests_per_client": args.requests_per_client, "clients": args.clients,
                "switch_interval": sys.getswitchinterval(), "poll_interval": args.poll_interval,
-               "compiled_prefill": args.compiled_prefill,
+               "compiled_prefill": args.compiled_prefill, "prefill_wait": args.prefill_wait,
                "prefill_chunk": getattr(engine, "prefill_chunk", None), "max_batch": max_batch,
                "aiohttp": _version("aiohttp"), "environment": env, "results": rows, "verdicts": lines}
     json_path = write_json(f"{stem}.json", payload)

@@ -28,6 +28,7 @@ import heapq
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -83,17 +84,26 @@ class Engine:
         compiled_prefill: experimental, off by default: prefill through serve/prefill.py's
             PrefillStep (the decode step's layers over a chunk, compiled with dynamic shapes)
             instead of the model's own modules; needs the hand-fused decode step.
+        prefill_wait: experimental, 0 (off) by default: seconds a new prompt may wait for others
+            while rows are decoding. A prefill forward through the model's eager modules costs
+            ~20 ms of host time on an H100 whatever its size, and stalls every decoding row that
+            long; requests arriving one by one (a server's) would each pay it. With a wait, a
+            step starts new prompts only once they hold prefill_chunk / 2 tokens or the oldest has
+            waited this long (or no row is decoding); prompts already begun always go on.
     """
 
     def __init__(self, model, prefixes=None, *, tokenizer=None, max_batch: int = 32, max_seq_len: int = 1024,
                  max_prefixes: int = 64, queue_size: int = 256, prefill_chunk: int = 2048,
                  cuda_graphs: bool | None = None, backend: str = "auto",
-                 decode_step: "str | StepOptions" = "auto", compiled_prefill: bool = False):
+                 decode_step: "str | StepOptions" = "auto", compiled_prefill: bool = False,
+                 prefill_wait: float = 0.0):
         for name, value, low in (("max_batch", max_batch, 1), ("max_seq_len", max_seq_len, 2),
                                  ("max_prefixes", max_prefixes, 1), ("queue_size", queue_size, 1),
                                  ("prefill_chunk", prefill_chunk, 1)):
             if int(value) < low:
                 raise ValueError(f"Engine: {name} must be >= {low}, got {value}")
+        if not 0.0 <= float(prefill_wait) < float("inf"):
+            raise ValueError(f"Engine: prefill_wait must be a finite number of seconds >= 0, got {prefill_wait}")
         _check_servable(model.config)
         self.model = model.eval()
         offset, source = None, prefixes
@@ -108,6 +118,7 @@ class Engine:
         prefix_len = next(iter(entries.values())).prefix_len
         self.max_batch, self.max_seq_len, self.queue_size = int(max_batch), int(max_seq_len), int(queue_size)
         self.prefill_chunk = int(prefill_chunk)
+        self.prefill_wait = float(prefill_wait)
         capacity = max(int(max_prefixes), len(entries))
         hf.patch_model(model, prefix_len, init="zeros", names=free_names(capacity), position_offset=offset,
                        backend=backend)
@@ -381,15 +392,29 @@ class Engine:
     # -- prefill: chunks of prompts, several per forward ---------------------------------------
 
     def _plan_prefill(self) -> list["_Chunk"]:
-        """This step's chunks: prompts in admission order, `prefill_chunk` tokens in all."""
+        """This step's chunks: prompts in admission order, `prefill_chunk` tokens in all (new
+        prompts held back while `_hold_new_prompts`)."""
         budget, chunks = self.prefill_chunk, []
+        hold = self._hold_new_prompts()
         for req in self._prefilling:
             if budget == 0:
                 break
+            if hold and req.prefilled == 0:
+                continue
             n = min(len(req.prompt_ids) - req.prefilled, budget)
             chunks.append(_Chunk(req, req.prefilled, n))
             budget -= n
         return chunks
+
+    def _hold_new_prompts(self) -> bool:
+        """Whether new prompts wait for more (prefill_wait): rows are decoding, the new prompts
+        hold under prefill_chunk / 2 tokens and the oldest has waited less than prefill_wait."""
+        if self.prefill_wait <= 0 or not self._live.any():
+            return False
+        new = [r for r in self._prefilling if r.prefilled == 0]
+        if not new or sum(len(r.prompt_ids) for r in new) >= self.prefill_chunk // 2:
+            return False
+        return time.monotonic() - min(r.submitted_at for r in new) < self.prefill_wait
 
     def _prefill_groups(self, chunks: list["_Chunk"]) -> list[list["_Chunk"]]:
         """Chunks batched per forward, longest first, right-padded to the longest of each forward:

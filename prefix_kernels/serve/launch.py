@@ -33,6 +33,9 @@ def _parser():
     g.add_argument("--queue-size", type=int, default=256, help="waiting requests before 429")
     g.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prompt tokens prefilled per engine step (between decode steps)")
+    g.add_argument("--prefill-wait", type=float, default=0.0,
+                   help="experimental: seconds a new prompt may wait for others while rows decode, so "
+                        "that arrivals share one prefill forward (Engine(prefill_wait=...)); 0: off")
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32")
     g.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly")
@@ -127,7 +130,7 @@ def build(args):
     model = model.to(device, dtype)
     engine = Engine(model, prefixes, tokenizer=tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                     max_prefixes=args.max_prefixes, queue_size=args.queue_size, prefill_chunk=args.prefill_chunk,
-                    cuda_graphs=False if args.no_cuda_graphs else None, decode_step=args.decode_step)
+                    prefill_wait=args.prefill_wait, cuda_graphs=False if args.no_cuda_graphs else None, decode_step=args.decode_step)
     return engine, name
 
 
