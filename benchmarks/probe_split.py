@@ -233,7 +233,24 @@ def time_ms(fn, grad_to_none=None):
     return common.time_ms(fn, warmup_ms=25, rep_ms=100 if DEVICE == "cuda" else 1, grad_to_none=grad_to_none)
 
 
-def time_shape(shape, names, out_of_time):
+def profile_backward(fn, grad_out, tensors, label, rows=10):
+    """The GPU kernels of one backward (after one warm call): where a variant's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    out = fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        out.backward(grad_out)
+        torch.cuda.synchronize()
+    for t in tensors:
+        t.grad = None
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) / 1e3
+    log(f"    backward of {label}: {total:.3f} ms of GPU kernels")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
+        log(f"      {e.self_device_time_total / 1e3:7.3f} ms  x{e.count:<3} {e.key[:110]}")
+
+
+def time_shape(shape, names, out_of_time, profile=False):
     """Rows of fwd and fwd+bwd ms per variant on one issue shape, with ratios vs cuDNN."""
     b, hq, hkv, s, d, p = shape
     tensors, index = make_inputs(b, hq, hkv, s, d, p, 1, DTYPE)
@@ -253,6 +270,8 @@ def time_shape(shape, names, out_of_time):
             with torch.no_grad():
                 row["fwd"] = round(time_ms(fn), 4)
             row["fwd+bwd"] = round(time_ms(lambda: fn().backward(grad_out), grad_to_none=list(tensors)), 4)
+            if profile and DEVICE == "cuda":
+                profile_backward(fn, grad_out, tensors, f"{name} at {row['shape']}")
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             if os.environ.get("PROBE_TRACEBACK"):
@@ -288,6 +307,7 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=270)
     parser.add_argument("--shapes", default=None, help="indices into the issue's 7 shapes")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--profile", action="store_true", help="print the GPU kernels of one backward per variant")
     parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     global DEVICE, DTYPE
@@ -352,7 +372,7 @@ def main(argv=None):
     shapes = [issue_shapes[int(i)] for i in args.shapes.split(",")] if args.shapes else issue_shapes
     rows = payload["timings"] = []
     for shape in shapes:
-        rows += time_shape(shape, names, lambda: time.time() - start > args.budget_s)
+        rows += time_shape(shape, names, lambda: time.time() - start > args.budget_s, args.profile)
         torch.cuda.empty_cache()
         common.write_json("probe_split.json", payload)
         log(f"  {shape} done, {time.time() - start:.0f} s")
