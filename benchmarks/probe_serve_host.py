@@ -47,8 +47,10 @@ class StepClock:
 
     def report(self):
         def ms(xs):
+            if not xs:
+                return "-"
             xs = sorted(xs)
-            return f"n={len(xs)} sum {sum(xs) * 1e3:.1f} p50 {xs[len(xs) // 2] * 1e3:.3f} max {xs[-1] * 1e3:.2f} ms" if xs else "-"
+            return f"n={len(xs)} sum {sum(xs) * 1e3:.1f} p50 {xs[len(xs) // 2] * 1e3:.3f} max {xs[-1] * 1e3:.2f} ms"
         print(f"           steps: {ms(self.steps)}\n           collect: {ms(self.waits)}\n"
               f"           prefill groups (n, width, host ms): "
               f"{[(n, w, round(t * 1e3, 1)) for n, w, t in self.prefills]}", flush=True)

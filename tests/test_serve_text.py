@@ -51,7 +51,8 @@ def test_streamed_deltas_add_up_to_the_final_text(stop):
             streamed += detok.delta(False)
         streamed += detok.delta(True)
         assert streamed == detok.text
-        full = hf.decode(prompt[-4:] + out, skip_special_tokens=True)[len(hf.decode(prompt[-4:], skip_special_tokens=True)):]
+        context = hf.decode(prompt[-4:], skip_special_tokens=True)
+        full = hf.decode(prompt[-4:] + out, skip_special_tokens=True)[len(context):]
         if not stop:
             assert detok.text == full
         else:

@@ -49,8 +49,8 @@ from prefix_kernels.bench.common import environment, format_table, results_dir, 
 
 CASES = ["engine", "engine-eager", "peft", "hf-generate", "hf-compiled", "plain-step"]     # the default run
 # engine-rebuilt: the engine case again, on an engine built after the ones before it in this
-# process (an engine built second measured 1.54 ms per step at B=32 against the first's 1.44, H100,
-# 55e333b: whether dropping dynamo's state between engines makes them alike)
+# process: an engine built second steps at 1.53 ms at B=32 against the first's 1.43 (H100, cb140ab,
+# dynamo's state dropped in between: not recompilation; the cause is still open, NOTES.md)
 EXPERIMENTAL_CASES = ["engine-compiled-prefill", "engine-rebuilt"]                       # asked for by name
 MIXED_AT_MOST_8 = ("engine-eager", "engine-compiled-prefill", "engine-rebuilt")   # one N: the most mixed <= 8
 STEP_CASES = ("hf-compiled", "plain-step")        # decode steps only: N does not apply
@@ -228,7 +228,8 @@ def plot(rows, batches, path):
         return
 
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
-    colors = {"engine": "tab:green", "engine-rebuilt": "yellowgreen", "engine-compiled-prefill": "tab:olive", "engine-eager": "tab:cyan",
+    colors = {"engine": "tab:green", "engine-rebuilt": "yellowgreen", "engine-compiled-prefill": "tab:olive",
+              "engine-eager": "tab:cyan",
               "peft": "tab:gray", "hf-generate": "tab:blue", "hf-compiled": "tab:purple", "plain-step": "tab:orange"}
     for ax, b in zip(axes[0], batches):
         mine = [r for r in rows if r["B"] == b and "error" not in r and r.get("decode_step_ms")]
@@ -385,8 +386,8 @@ def _drop_engine(engine, model, device):
         engine.close()
     if is_patched(model):
         unpatch_model(model)
-    # the next engine compiles as in a fresh process, not as a recompile of this one's code (whose
-    # guards and automatic-dynamic state would carry over)
+    # the next engine compiles as in a fresh process, not as a recompile of this one's code (its
+    # guards and automatic-dynamic state would carry over; measured: not what slows a second engine)
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":

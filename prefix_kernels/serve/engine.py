@@ -418,8 +418,8 @@ class Engine:
 
     def _prefill_groups(self, chunks: list["_Chunk"]) -> list[list["_Chunk"]]:
         """Chunks batched per forward, longest first, right-padded to the longest of each forward:
-        a chunk joins a forward while its padded tokens stay within PREFILL_PADDING x the
-        prefill_chunk (and x its real tokens). Prompt starts and continuations share a forward (the
+        a chunk joins a forward while its padded tokens stay within the prefill_chunk, or within
+        PREFILL_PADDING x its real tokens (at most PREFILL_PADDING x the prefill_chunk). Prompt starts and continuations share a forward (the
         cache then gives every row a window over its cached keys): each forward through the model's
         eager modules costs ~20-35 ms of host time on an H100 whatever its size (probe_serve_host at
         55e333b: 10 forwards per wave of 32 x 230 tokens, by kind and by width, took 350 of its 550 ms)."""
@@ -429,7 +429,8 @@ class Engine:
             if group is not None:
                 width, n = group[0].length, len(group) + 1
                 real = sum(c.length for c in group) + chunk.length
-                if n * width <= PREFILL_PADDING * min(self.prefill_chunk, real) or n * width <= self.prefill_chunk:
+                limit = max(self.prefill_chunk, PREFILL_PADDING * min(self.prefill_chunk, real))
+                if n * width <= limit:
                     group.append(chunk)
                     continue
             groups.append([chunk])

@@ -52,7 +52,8 @@ class Tokenizer:
         # tokenizer, this dev machine), and the engine's thread detokenizes each row twice a step
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend_decode = None
-        if backend is not None and hasattr(backend, "decode") and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        cleans_up = getattr(tokenizer, "clean_up_tokenization_spaces", True)
+        if backend is not None and hasattr(backend, "decode") and not cleans_up:
             self._backend_decode = backend.decode
 
     @property
