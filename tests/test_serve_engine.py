@@ -398,7 +398,7 @@ def test_prefill_wait_holds_new_prompts_while_rows_decode():
     params = SamplingParams(temperature=0, max_tokens=30)
     running = eng.submit(PROMPTS[1], "a", params)
     eng.step()                                   # nothing decodes yet: prefilled at once
-    assert running.output_ids
+    assert running.output_ids and eng.prefill_forwards == 1 and eng.prefill_seconds > 0
     forwards = []
     prefill = eng._prefill_forward
     eng._prefill_forward = lambda group: forwards.append([c.req for c in group]) or prefill(group)
@@ -410,6 +410,7 @@ def test_prefill_wait_holds_new_prompts_while_rows_decode():
     other = eng.submit("defgh", "c", GREEDY)     # 3 + 5 = 8 tokens: both go, in one forward
     eng.step()
     assert forwards == [[other, short]] or forwards == [[short, other]]
+    assert eng.prefill_forwards == 2             # the engine's own count, which bench serve reports
     while not (short.done and other.done):
         eng.step()
     assert short.result().token_ids == alone("abc", "b").token_ids

@@ -204,6 +204,7 @@ def test_metrics_in_prometheus_text(server):
     assert values["prefix_kernels_queue_depth"] == 0 and values["prefix_kernels_running_rows"] == 0
     assert values["prefix_kernels_completion_tokens_total"] == 5
     assert values["prefix_kernels_prompt_tokens_total"] == 8
+    assert values["prefix_kernels_prefill_forwards_total"] >= 1
     assert values["prefix_kernels_tokens_per_second"] > 0
     assert values["prefix_kernels_time_to_first_token_seconds_count"] == 1
     assert values['prefix_kernels_time_to_first_token_seconds_bucket{le="+Inf"}'] == 1

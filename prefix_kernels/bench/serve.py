@@ -110,7 +110,7 @@ def run_engine(engine, prompts, n_prefixes, new_tokens, concurrency) -> dict:
         out = engine.generate(prompts[i:i + concurrency], names[i:i + concurrency], params)
         tokens += sum(len(c.token_ids) for c in out)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "requests": len(prompts)}
 
 
 def http_jobs(prompts, n_prefixes, new_tokens):
@@ -137,6 +137,19 @@ def run_http(url, jobs, clients: str, **kwargs) -> dict:
             "itl_p50_ms": _ms(_pct(itl, 0.5)), "itl_p99_ms": _ms(_pct(itl, 0.99)),
             "tokens_per_chunk": round(tokens / chunks, 3) if chunks else None,
             "mean_latency_s": statistics.fmean(r.latency for r in ok) if ok else None}
+
+
+def counted(engine, run, *args, **kwargs) -> dict:
+    """run(*args, **kwargs) with the engine's prefill forwards, their host ms and its steps
+    during it, per request: a server whose requests arrive one by one can run a prefill forward
+    per request where engine.generate runs one per prefill_chunk of prompt tokens."""
+    before = engine.prefill_forwards, engine.prefill_seconds, engine.steps
+    out = run(*args, **kwargs)
+    requests = max(out.get("requests", 0), 1)
+    out["prefill_forwards_per_request"] = round((engine.prefill_forwards - before[0]) / requests, 3)
+    out["prefill_ms_per_request"] = round(1e3 * (engine.prefill_seconds - before[1]) / requests, 3)
+    out["steps"] = engine.steps - before[2]
+    return out
 
 
 def _median_run(runs: list) -> dict:
@@ -250,14 +263,16 @@ def main(argv=None) -> int:
             run_engine(engine, prompts[:c], args.prefixes, new_tokens, c)             # warm-up at this batch
             engines, https = [], []
             for _ in range(rounds):          # interleaved: a drift of the machine hits both sides
-                engines.append(run_engine(engine, prompts, args.prefixes, new_tokens, c))
-                https.append(run_http(server.url, http_jobs(prompts, args.prefixes, new_tokens), args.clients,
-                                      concurrency=c))
+                engines.append(counted(engine, run_engine, engine, prompts, args.prefixes, new_tokens, c))
+                https.append(counted(engine, run_http, server.url, http_jobs(prompts, args.prefixes, new_tokens),
+                                     args.clients, concurrency=c))
             row = {"mode": "concurrency", "C": c, "requests": n, "rounds": rounds}
             row.update(_median_run(https))
             eng = _median_run(engines)
             row["engine_tokens_per_s"] = eng["tokens_per_s"]
             row["engine_seconds"] = eng["seconds"]
+            for key in ("prefill_forwards_per_request", "prefill_ms_per_request", "steps"):
+                row[f"engine_{key}"] = eng[key]
             row["engine_rounds_tokens_per_s"] = [round(e["tokens_per_s"], 1) for e in engines]
             row["http_rounds_tokens_per_s"] = [round(h["tokens_per_s"], 1) for h in https]
             row["ratio"] = row["tokens_per_s"] / row["engine_tokens_per_s"]
@@ -266,7 +281,8 @@ def main(argv=None) -> int:
         for rate in args.rates:
             prompts = make_prompts(args.rate_requests, prompt_len, config.vocab_size, seed=int(rate * 1000))
             row = {"mode": "rate", "rate": rate, "C": "-", "requests": len(prompts)}
-            row.update(run_http(server.url, http_jobs(prompts, args.prefixes, new_tokens), args.clients, rate=rate))
+            row.update(counted(engine, run_http, server.url, http_jobs(prompts, args.prefixes, new_tokens),
+                               args.clients, rate=rate))
             rows.append(row)
             print(_line(row), file=sys.stderr, flush=True)
     finally:
@@ -277,7 +293,10 @@ def main(argv=None) -> int:
               "HTTP tok/s": f"{r['tokens_per_s']:,.0f}", "HTTP/engine": f"{r['ratio']:.3f}" if "ratio" in r else "",
               "TTFT p50/p99 ms": f"{r['ttft_p50_ms']}/{r['ttft_p99_ms']}",
               "ITL p50/p99 ms": f"{r['itl_p50_ms']}/{r['itl_p99_ms']}",
-              "tok/chunk": r["tokens_per_chunk"], "errors": r["errors"]} for r in rows]
+              "tok/chunk": r["tokens_per_chunk"],
+              "prefill fwd/req (engine)": f"{r['prefill_forwards_per_request']:.2f}" + (
+                  f" ({r['engine_prefill_forwards_per_request']:.2f})" if "engine_prefill_forwards_per_request" in r else ""),
+              "errors": r["errors"]} for r in rows]
     print("\n" + format_table(table, list(table[0])))
     lines = verdicts(rows)
     print("\n".join(lines))
@@ -308,8 +327,10 @@ def _line(row):
     where = f"C={row['C']}" if row["mode"] == "concurrency" else f"rate={row['rate']:g}/s"
     engine = f"engine {row['engine_tokens_per_s']:,.0f} tok/s, " if "engine_tokens_per_s" in row else ""
     ratio = f" ({row['ratio']:.3f}x)" if "ratio" in row else ""
+    forwards = f" ({row['engine_prefill_forwards_per_request']:.2f} engine)" if "engine_tokens_per_s" in row else ""
     return (f"{where}: {engine}HTTP {row['tokens_per_s']:,.0f} tok/s{ratio}, TTFT p50 {row['ttft_p50_ms']} ms, "
-            f"ITL p50 {row['itl_p50_ms']} ms, errors {row['errors']}")
+            f"ITL p50 {row['itl_p50_ms']} ms, prefill forwards per request {row['prefill_forwards_per_request']:.2f}"
+            f"{forwards}, errors {row['errors']}")
 
 
 if __name__ == "__main__":

@@ -193,6 +193,10 @@ class Engine:
         self._thread = None
         self._closed = False
         self.steps = 0
+        # prefill forwards run and their host seconds (launches; the device may lag): each one
+        # stalls every decoding row, so how often they run says much of a server's throughput
+        self.prefill_forwards = 0
+        self.prefill_seconds = 0.0
 
     @property
     def eos_token_ids(self) -> frozenset:
@@ -439,6 +443,7 @@ class Engine:
     def _prefill(self, group: list["_Chunk"]) -> None:
         """Run one prefill forward; if it raises, run each chunk alone and fail only the requests
         whose own chunk raises."""
+        began = time.perf_counter()
         try:
             tokens = self._prefill_forward(group)
         except Exception as e:
@@ -450,6 +455,8 @@ class Engine:
             log.warning("request %s failed in prefill: %s: %s", req.id, type(e).__name__, e)
             self._finish(req, "error", error=f"{type(e).__name__}: {e}")
             return
+        self.prefill_forwards += 1
+        self.prefill_seconds += time.perf_counter() - began
         for chunk in group:
             chunk.req.prefilled = chunk.start + chunk.length
         for chunk, token in tokens:
