@@ -102,3 +102,16 @@ def parse_named(pairs: list[str], flag: str) -> dict[str, str]:
             raise UsageError(f"{flag} {name} is given twice")
         out[name] = value
     return out
+
+
+def prefill_wait(text: str) -> "float | str":
+    """--prefill-wait: seconds (>= 0) or 'auto' (Engine(prefill_wait=...))."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0 or 'auto', got {text!r}")
+    return value

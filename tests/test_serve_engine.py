@@ -694,3 +694,34 @@ def test_eos_stops_without_a_tokenizer():
     model.generation_config.eos_token_id = free[2]
     out = Engine(model, table, max_batch=2, max_seq_len=48).generate([ids], "a", GREEDY)[0]
     assert out.finish_reason == "stop" and out.token_ids == free[:free.index(free[2])]
+
+
+def test_prefill_wait_auto_waits_as_long_as_a_forward_costs():
+    """prefill_wait="auto": new prompts wait while rows decode for as long as recent prefill
+    forwards took (a running mean, at most PREFILL_WAIT_CAP)."""
+    from prefix_kernels.serve.engine import PREFILL_WAIT_CAP
+
+    eng = engine(max_seq_len=64, prefill_chunk=16, prefill_wait="auto")
+    assert eng.current_prefill_wait == 0.0                   # no forward yet: nothing to weigh
+    prefill = eng._prefill_forward
+    slow = 0.2
+    eng._prefill_forward = lambda group: time.sleep(slow) or prefill(group)
+    running = eng.submit(PROMPTS[1], "a", SamplingParams(temperature=0, max_tokens=40))
+    eng.step()
+    assert running.output_ids and eng.current_prefill_wait == PREFILL_WAIT_CAP   # 0.2 s, capped
+    eng._prefill_forward = prefill
+    short = eng.submit("abc", "b", GREEDY)
+    eng.step()
+    assert not short.output_ids                  # held: rows decode, waited < 50 ms
+    time.sleep(PREFILL_WAIT_CAP + 0.01)
+    eng.step()
+    assert short.output_ids                      # waited past the cap: prefilled
+    assert eng._forward_cost < slow              # a cheap forward pulls the mean down
+    for bad in ("soon", -1, float("nan")):
+        with pytest.raises(ValueError, match="prefill_wait"):
+            engine(prefill_wait=bad)
+    from prefix_kernels.cli_common import prefill_wait
+    assert prefill_wait("auto") == "auto" and prefill_wait("0.03") == 0.03
+    for bad in ("soon", "-1", "nan", "inf"):
+        with pytest.raises(Exception, match="seconds >= 0 or 'auto'"):
+            prefill_wait(bad)

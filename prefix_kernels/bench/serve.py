@@ -39,6 +39,7 @@ import torch
 
 from . import loadgen
 from . import common
+from ..cli_common import prefill_wait
 from .common import environment, format_table, results_dir, write_json
 
 REQUIRED_RATIO = 0.9
@@ -219,9 +220,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eager", action="store_true", help="engine without CUDA graphs")
     parser.add_argument("--compiled-prefill", action="store_true",
                         help="experimental: the engine's compiled prefill (Engine(compiled_prefill=True), GPU)")
-    parser.add_argument("--prefill-wait", type=float, default=0.0,
+    parser.add_argument("--prefill-wait", type=prefill_wait, default=0.0,
                         help="experimental: Engine(prefill_wait=...), seconds new prompts may wait for others "
-                             "while rows decode (0: off)")
+                             "while rows decode (0: off; auto: as long as a prefill forward costs)")
     parser.add_argument("--out", help="folder for the JSON and PNG (default: the results dir)")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:

@@ -61,6 +61,8 @@ def _wants_logits_to_keep(model) -> bool:
 
 # a prefill forward may pad its chunks to this many times their real tokens (and the prefill_chunk)
 PREFILL_PADDING = 1.25
+# prefill_wait="auto" waits as long as a prefill forward costs, never longer than this (seconds)
+PREFILL_WAIT_CAP = 0.05
 
 
 class Engine:
@@ -85,25 +87,30 @@ class Engine:
             PrefillStep (the decode step's layers over a chunk, compiled with dynamic shapes)
             instead of the model's own modules; needs the hand-fused decode step.
         prefill_wait: experimental, 0 (off) by default: seconds a new prompt may wait for others
-            while rows are decoding. A prefill forward through the model's eager modules costs
-            ~20 ms of host time on an H100 whatever its size, and stalls every decoding row that
-            long; requests arriving one by one (a server's) would each pay it. With a wait, a
-            step starts new prompts only once they hold prefill_chunk / 2 tokens or the oldest has
-            waited this long (or no row is decoding); prompts already begun always go on.
+            while rows are decoding, or "auto": as long as a prefill forward has lately cost (its
+            wall time, a running mean; at most PREFILL_WAIT_CAP). A prefill forward through the
+            model's eager modules costs ~20 ms of host time on an H100 whatever its size, and
+            stalls every decoding row that long; requests arriving one by one (a server's) would
+            each pay it. With a wait, a step starts new prompts only once they hold prefill_chunk / 2
+            tokens or the oldest has waited this long (or no row is decoding); prompts already
+            begun always go on. Waiting as long as a forward costs at most doubles what the wait
+            could save (the ski-rental bound) and adapts to the model and the GPU.
     """
 
     def __init__(self, model, prefixes=None, *, tokenizer=None, max_batch: int = 32, max_seq_len: int = 1024,
                  max_prefixes: int = 64, queue_size: int = 256, prefill_chunk: int = 2048,
                  cuda_graphs: bool | None = None, backend: str = "auto",
                  decode_step: "str | StepOptions" = "auto", compiled_prefill: bool = False,
-                 prefill_wait: float = 0.0):
+                 prefill_wait: "float | str" = 0.0):
         for name, value, low in (("max_batch", max_batch, 1), ("max_seq_len", max_seq_len, 2),
                                  ("max_prefixes", max_prefixes, 1), ("queue_size", queue_size, 1),
                                  ("prefill_chunk", prefill_chunk, 1)):
             if int(value) < low:
                 raise ValueError(f"Engine: {name} must be >= {low}, got {value}")
-        if not 0.0 <= float(prefill_wait) < float("inf"):
-            raise ValueError(f"Engine: prefill_wait must be a finite number of seconds >= 0, got {prefill_wait}")
+        self._auto_wait = prefill_wait == "auto"
+        if not self._auto_wait and not (isinstance(prefill_wait, (int, float)) and 0.0 <= prefill_wait < float("inf")):
+            raise ValueError(f"Engine: prefill_wait must be a finite number of seconds >= 0 or 'auto', "
+                             f"got {prefill_wait!r}")
         _check_servable(model.config)
         self.model = model.eval()
         offset, source = None, prefixes
@@ -118,7 +125,8 @@ class Engine:
         prefix_len = next(iter(entries.values())).prefix_len
         self.max_batch, self.max_seq_len, self.queue_size = int(max_batch), int(max_seq_len), int(queue_size)
         self.prefill_chunk = int(prefill_chunk)
-        self.prefill_wait = float(prefill_wait)
+        self.prefill_wait = PREFILL_WAIT_CAP if self._auto_wait else float(prefill_wait)
+        self._forward_cost = 0.0        # a running mean of a prefill forward's seconds ("auto")
         capacity = max(int(max_prefixes), len(entries))
         hf.patch_model(model, prefix_len, init="zeros", names=free_names(capacity), position_offset=offset,
                        backend=backend)
@@ -413,12 +421,21 @@ class Engine:
     def _hold_new_prompts(self) -> bool:
         """Whether new prompts wait for more (prefill_wait): rows are decoding, the new prompts
         hold under prefill_chunk / 2 tokens and the oldest has waited less than prefill_wait."""
-        if self.prefill_wait <= 0 or not self._live.any():
+        wait = self.current_prefill_wait
+        if wait <= 0 or not self._live.any():
             return False
         new = [r for r in self._prefilling if r.prefilled == 0]
         if not new or sum(len(r.prompt_ids) for r in new) >= self.prefill_chunk // 2:
             return False
-        return time.monotonic() - min(r.submitted_at for r in new) < self.prefill_wait
+        return time.monotonic() - min(r.submitted_at for r in new) < wait
+
+    @property
+    def current_prefill_wait(self) -> float:
+        """Seconds a new prompt may wait now: prefill_wait, or under "auto" the recent cost of a
+        prefill forward (capped at PREFILL_WAIT_CAP)."""
+        if self._auto_wait:
+            return min(self._forward_cost, PREFILL_WAIT_CAP)
+        return self.prefill_wait
 
     def _prefill_groups(self, chunks: list["_Chunk"]) -> list[list["_Chunk"]]:
         """Chunks batched per forward, longest first, right-padded to the longest of each forward:
@@ -455,8 +472,10 @@ class Engine:
             log.warning("request %s failed in prefill: %s: %s", req.id, type(e).__name__, e)
             self._finish(req, "error", error=f"{type(e).__name__}: {e}")
             return
+        took = time.perf_counter() - began
         self.prefill_forwards += 1
-        self.prefill_seconds += time.perf_counter() - began
+        self.prefill_seconds += took
+        self._forward_cost = took if self.prefill_forwards == 1 else 0.8 * self._forward_cost + 0.2 * took
         for chunk in group:
             chunk.req.prefilled = chunk.start + chunk.length
         for chunk, token in tokens:

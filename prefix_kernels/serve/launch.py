@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from ..cli_common import HelpFormatter
+from ..cli_common import HelpFormatter, prefill_wait
 
 DTYPES = ("bfloat16", "float16", "float32")
 INSTALL_HINT = "prefix-kernels serve needs aiohttp: pip install 'prefix-kernels[serve]' (or: pip install aiohttp)"
@@ -33,9 +33,10 @@ def _parser():
     g.add_argument("--queue-size", type=int, default=256, help="waiting requests before 429")
     g.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prompt tokens prefilled per engine step (between decode steps)")
-    g.add_argument("--prefill-wait", type=float, default=0.0,
+    g.add_argument("--prefill-wait", type=prefill_wait, default=0.0,
                    help="experimental: seconds a new prompt may wait for others while rows decode, so "
-                        "that arrivals share one prefill forward (Engine(prefill_wait=...)); 0: off")
+                        "that arrivals share one prefill forward (Engine(prefill_wait=...)); 'auto': as "
+                        "long as a prefill forward costs; 0: off")
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32")
     g.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly")
