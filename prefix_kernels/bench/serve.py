@@ -11,8 +11,10 @@ each concurrency C:
   http     C streaming clients (aiohttp, asyncio) each sending --requests-per-client requests back
            to back to /v1/completions (text prompts, mixed prefixes): completion tokens/s, time to
            first token and inter-token latency (p50/p99, per server-sent chunk), errors.
-Each side runs --rounds times (default 3 on the GPU), interleaved, and the median run counts: one
-engine run of 32 rows varied from 6.7k to 9.2k tokens/s between two processes on an H100.
+Each side first runs one warm-up wave (one request per client), then --rounds times (default 3 on
+the GPU), interleaved, and the median run counts: one engine run of 32 rows varied from 6.7k to
+9.2k tokens/s between two processes on an H100. Each row also gives the prefill forwards the
+engine ran per request on each side (a server's requests arrive one by one).
 The clients run in a process of their own (--clients process, default) so they take none of the
 server's GIL, as real clients would. --rates adds an open-loop sweep (Poisson arrivals). The
 verdict is HTTP/engine >= 0.9 at every concurrency with no errors.
@@ -261,7 +263,11 @@ def main(argv=None) -> int:
         for c in conc:
             n = c * args.requests_per_client
             prompts = make_prompts(n, prompt_len, config.vocab_size, seed=c)
-            run_engine(engine, prompts[:c], args.prefixes, new_tokens, c)             # warm-up at this batch
+            # warm-ups at this batch, one request per client on each side: the first HTTP round at
+            # C=64 ran at 0.49-0.67x the engine where the second ran at 0.70-0.95x (H100, 3b72f6942d /
+            # 2291dc0bb8, six variants), with an ITL p99 near 1 s: cold costs not of HTTP's making
+            run_engine(engine, prompts[:c], args.prefixes, new_tokens, c)
+            run_http(server.url, http_jobs(prompts[:c], args.prefixes, new_tokens), args.clients, concurrency=c)
             engines, https = [], []
             for _ in range(rounds):          # interleaved: a drift of the machine hits both sides
                 engines.append(counted(engine, run_engine, engine, prompts, args.prefixes, new_tokens, c))
