@@ -103,8 +103,13 @@ def _pct(values, q):
 
 
 def run_engine(engine, prompts, n_prefixes, new_tokens, concurrency) -> dict:
-    """engine.generate in waves of `concurrency` prompts: tokens/s without HTTP."""
+    """engine.generate in waves of `concurrency` prompts: tokens/s without HTTP (run inside the
+    engine's process when it has one of its own)."""
     from ..serve import SamplingParams
+    from ..serve.remote import EngineProcess
+
+    if isinstance(engine, EngineProcess):
+        return engine.call(run_engine, prompts, n_prefixes, new_tokens, concurrency)
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     names = [f"p{i % n_prefixes}" for i in range(len(prompts))]
@@ -225,6 +230,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill-wait", type=prefill_wait, default=0.0,
                         help="experimental: Engine(prefill_wait=...), seconds new prompts may wait for others "
                              "while rows decode (0: off; auto: as long as a prefill forward costs)")
+    parser.add_argument("--engine-process", action="store_true",
+                        help="experimental: the engine in a process of its own (serve/remote.py), so the HTTP "
+                             "front shares no GIL with it; the engine row runs in that process too")
     parser.add_argument("--out", help="folder for the JSON and PNG (default: the results dir)")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
@@ -253,9 +261,14 @@ def main(argv=None) -> int:
           f"commit {env['git_commit'][:10]}", flush=True)
     config = model_config(args.quick)
     max_batch = max(conc)
-    engine = build_engine(config, device, dtype, args.prefixes, prefix_len, max_batch,
-                          prompt_len + new_tokens + 8, graphs=not args.eager,
-                          compiled_prefill=args.compiled_prefill, prefill_wait=args.prefill_wait)
+    build_args = (config, device, dtype, args.prefixes, prefix_len, max_batch, prompt_len + new_tokens + 8)
+    build_kwargs = dict(graphs=not args.eager, compiled_prefill=args.compiled_prefill, prefill_wait=args.prefill_wait)
+    if args.engine_process:
+        from ..serve.remote import EngineProcess
+
+        engine = EngineProcess(build_engine, *build_args, **build_kwargs)
+    else:
+        engine = build_engine(*build_args, **build_kwargs)
     server = Server(engine, port=0, poll_interval=args.poll_interval, max_tokens_cap=new_tokens,
                     max_connections=4 * max_batch + 64).start()
     rows = []
@@ -314,6 +327,7 @@ def main(argv=None) -> int:
                "requests_per_client": args.requests_per_client, "clients": args.clients,
                "switch_interval": sys.getswitchinterval(), "poll_interval": args.poll_interval,
                "compiled_prefill": args.compiled_prefill, "prefill_wait": args.prefill_wait,
+               "engine_process": args.engine_process,
                "prefill_chunk": getattr(engine, "prefill_chunk", None), "max_batch": max_batch,
                "aiohttp": _version("aiohttp"), "environment": env, "results": rows, "verdicts": lines}
     json_path = write_json(f"{stem}.json", payload)

@@ -361,10 +361,14 @@ class Engine:
                 self.step()
             except Exception as e:       # a failed step fails its requests, never the server
                 log.exception("engine step failed")
-                with self._lock:
-                    self._pending = None
-                    for req in [r for r in self._slots if r is not None]:
-                        self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+                self.fail_running(e)
+
+    def fail_running(self, error: BaseException) -> None:
+        """After a step raised: end every request holding a slot with finish_reason 'error'."""
+        with self._lock:
+            self._pending = None
+            for req in [r for r in self._slots if r is not None]:
+                self._finish(req, "error", error=f"{type(error).__name__}: {error}")
 
     @torch.no_grad()
     def step(self) -> None:

@@ -40,6 +40,9 @@ def _parser():
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32")
     g.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly")
+    g.add_argument("--engine-process", action="store_true",
+                   help="experimental: run the engine in a process of its own, so the HTTP front never "
+                        "shares a GIL with it (serve/remote.py)")
     g.add_argument("--decode-step", default="auto", choices=["auto", "compiled", "eager"],
                    help="auto: the compiled step (serve/step.py) on CUDA for Llama/Mistral/Qwen2/Qwen3/Phi-3/"
                         "Gemma, else the model's own modules (eager)")
@@ -118,7 +121,6 @@ def build(args):
         torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if args.model is None:
         model, prefixes, tokenizer = demo_engine_inputs(_named_dirs(args.prefix))
-        name = "prefix-kernels-demo"
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -127,12 +129,23 @@ def build(args):
             raise SystemExit("serve needs at least one --prefix NAME=DIR (a prefix-tuning adapter)")
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-        name = os.path.basename(os.path.normpath(args.model))    # no server path in /v1/models
     model = model.to(device, dtype)
     engine = Engine(model, prefixes, tokenizer=tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                     max_prefixes=args.max_prefixes, queue_size=args.queue_size, prefill_chunk=args.prefill_chunk,
                     prefill_wait=args.prefill_wait, cuda_graphs=False if args.no_cuda_graphs else None, decode_step=args.decode_step)
-    return engine, name
+    return engine, model_name(args)
+
+
+def model_name(args) -> str:
+    """The name /v1/models gives the base model (no server path)."""
+    return "prefix-kernels-demo" if args.model is None else os.path.basename(os.path.normpath(args.model))
+
+
+def build_warm(args):
+    """The engine from parsed arguments, warmed up (what --engine-process runs in its process)."""
+    engine, _ = build(args)
+    engine.warmup()
+    return engine
 
 
 def server_options(args) -> dict:
@@ -171,8 +184,13 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"prefix-kernels serve: {e}", file=sys.stderr)
         return 2
-    engine, name = build(args)
-    engine.warmup()
+    if args.engine_process:
+        from .remote import EngineProcess
+
+        engine, name = EngineProcess(build_warm, args), model_name(args)
+    else:
+        engine, name = build(args)
+        engine.warmup()
     server = Server(engine, args.host, args.port, model_name=name, **options)
     auth = " -H 'Authorization: Bearer $KEY'" if options["api_keys"] else ""
 

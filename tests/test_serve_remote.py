@@ -1,0 +1,173 @@
+"""The engine in a process of its own (serve/remote.py): the same results, errors and streams as
+the engine in the server's process; a child that dies fails its requests (tiny CPU model)."""
+import os
+import signal
+import time
+import warnings
+
+import pytest
+import torch
+
+from prefix_kernels.serve import EngineClosed, PromptTooLong, SamplingParams, UnknownPrefix
+from prefix_kernels.serve.remote import EngineProcess
+from prefix_kernels.serve.server import Server
+from serve_utils import NAMES, make_engine, post, request, sse_events, table
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+PROMPTS = ["hello there", "a", "the quick brown fox", "0123456789", "zz top"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@pytest.fixture(scope="module")
+def remote():
+    eng = EngineProcess(make_engine)
+    yield eng
+    eng.close()
+
+
+def _failing_factory():
+    raise ValueError("no such model")
+
+
+def test_results_equal_the_engine_in_process(remote):
+    names = ["a", "b", "c", "a", "d"]
+    local = make_engine().generate(PROMPTS, names, GREEDY)
+    reqs = [remote.submit(p, n, GREEDY) for p, n in zip(PROMPTS, names)]     # 5 requests, 4 slots
+    outs = [r.result(timeout=120) for r in reqs]
+    for out, want in zip(outs, local):
+        assert out.token_ids == want.token_ids and out.text == want.text
+        assert out.finish_reason == "length" and out.prompt_tokens == want.prompt_tokens
+    assert remote.steps > 10 and remote.prefill_forwards >= 2        # counters come back too
+    stopped = remote.submit(PROMPTS[0], "a", SamplingParams(temperature=0, max_tokens=20, stop=[want_stop(local)]))
+    assert stopped.result(timeout=60).finish_reason == "stop"
+
+
+def want_stop(local):
+    """A stop string the first local completion holds (its 3rd and 4th characters)."""
+    text = local[0].text
+    assert len(text) >= 4, text
+    return text[2:4]
+
+
+def test_streamed_text_equals_the_result(remote):
+    req = remote.submit("stream me", "b", GREEDY, stream=True)
+    pieces = [text for text, _ in req.events(timeout=60)]
+    out = req.result(timeout=60)
+    assert out.text and "".join(pieces) == out.text and len(out.token_ids) == 10
+
+
+def test_errors_are_raised_at_submit_as_the_engine_raises_them(remote):
+    with pytest.raises(UnknownPrefix):
+        remote.submit("x", "nope", GREEDY)
+    with pytest.raises(PromptTooLong):
+        remote.submit("x" * 64, "a", GREEDY)
+    with pytest.raises(ValueError, match="out of range"):
+        remote.submit([5, 999], "a", GREEDY)
+    with pytest.raises(ValueError, match="temperature"):
+        remote.submit("x", "a", SamplingParams(temperature=-1))
+    with pytest.raises(ValueError):                      # a prefix of the wrong shape, checked there
+        remote.add_prefix("bad", torch.zeros(1, 2, 3))
+    with pytest.raises(UnknownPrefix):
+        remote.remove_prefix("nope")
+
+
+def test_prefixes_added_and_removed_while_serving(remote):
+    remote.add_prefix("e", table()["e"])
+    assert "e" in remote.prefixes
+    out = remote.submit("hi", "e", GREEDY).result(timeout=60)
+    want = make_engine(names=("e",), prefixes={"e": table()["e"]}).generate(["hi"], "e", GREEDY)[0]
+    assert out.token_ids == want.token_ids
+    remote.remove_prefix("e")
+    assert "e" not in remote.prefixes
+    with pytest.raises(UnknownPrefix):
+        remote.submit("hi", "e", GREEDY)
+
+
+def test_cancel_reaches_the_engine_process(remote):
+    req = remote.submit("long", "a", SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    deadline = time.monotonic() + 60
+    while not req.output_ids and time.monotonic() < deadline:
+        time.sleep(0.01)
+    req.cancel()
+    out = req.result(timeout=60)
+    assert out.finish_reason == "cancelled" and len(out.token_ids) < 50
+
+
+def test_the_server_streams_over_an_engine_process(remote):
+    srv = Server(remote, port=0).start()
+    try:
+        body = {"model": "c", "prompt": "over http", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        status, out = post(srv, "/v1/completions", body)
+        assert status == 200 and out["usage"]["completion_tokens"] == 8
+        status, text, _ = request(srv, "POST", "/v1/completions", {**body, "stream": True})
+        streamed = "".join(e["choices"][0]["text"] for e in sse_events(text) if e["choices"])
+        assert status == 200 and streamed and streamed == out["choices"][0]["text"]
+        assert post(srv, "/v1/completions", {**body, "model": "zz"})[0] == 404
+        status, metrics, _ = request(srv, "GET", "/metrics")
+        assert "prefix_kernels_prefill_forwards_total" in metrics
+    finally:
+        srv._stop_loop()          # the module's engine process stays up for the other tests
+        srv._pool.shutdown(wait=False)
+
+
+def test_a_dead_engine_process_fails_its_requests():
+    eng = EngineProcess(make_engine)
+    try:
+        req = eng.submit("doomed", "a", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        os.kill(eng._proc.pid, signal.SIGKILL)
+        out = req.result(timeout=60)
+        assert out.finish_reason == "error" and "exited" in out.error
+        with pytest.raises(EngineClosed):
+            eng.submit("again", "a", GREEDY)
+    finally:
+        eng.close()
+
+
+def test_a_factory_that_raises_says_so():
+    with pytest.raises(RuntimeError, match="failed to start: ValueError: no such model"):
+        EngineProcess(_failing_factory)
+    assert set(NAMES) == {"a", "b", "c", "d"}
+
+
+def test_serve_cli_with_an_engine_process():
+    """`prefix-kernels serve --engine-process` (the demo model): answers, then drains on SIGTERM
+    and exits with its engine process."""
+    import json
+    import queue
+    import subprocess
+    import sys
+    import threading
+    import urllib.request
+
+    server = subprocess.Popen([sys.executable, "-m", "prefix_kernels.cli", "serve", "--port", "0", "--engine-process"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    urls, tail = queue.Queue(), []
+
+    def drain():
+        for line in server.stderr:
+            tail.append(line)
+            if line.startswith("serving ") and " on http://" in line:
+                urls.put(line.split(" on ", 1)[1].split()[0])
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        try:
+            url = urls.get(timeout=180)
+        except queue.Empty:
+            raise AssertionError(f"no banner: {''.join(tail)[-2000:]}") from None
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as resp:
+            name = json.loads(resp.read())["data"][0]["id"]
+        body = json.dumps({"model": name, "prompt": "hi", "max_tokens": 4, "temperature": 0}).encode()
+        req = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            out = json.loads(resp.read())
+        assert out["usage"]["completion_tokens"] >= 1
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0, "".join(tail)[-2000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
