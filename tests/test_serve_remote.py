@@ -134,8 +134,9 @@ def test_a_factory_that_raises_says_so():
 
 
 def test_serve_cli_with_an_engine_process():
-    """`prefix-kernels serve --engine-process` (the demo model): answers, then drains on SIGTERM
-    and exits with its engine process."""
+    """`prefix-kernels serve` (its engine in a process of its own, the default; the demo model)
+    answers; Ctrl-C (SIGINT to the whole process group) drains: the request in flight ends whole,
+    then the server exits, its engine process too."""
     import json
     import queue
     import subprocess
@@ -143,8 +144,8 @@ def test_serve_cli_with_an_engine_process():
     import threading
     import urllib.request
 
-    server = subprocess.Popen([sys.executable, "-m", "prefix_kernels.cli", "serve", "--port", "0", "--engine-process"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    server = subprocess.Popen([sys.executable, "-m", "prefix_kernels.cli", "serve", "--port", "0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     urls, tail = queue.Queue(), []
 
@@ -159,15 +160,34 @@ def test_serve_cli_with_an_engine_process():
             url = urls.get(timeout=180)
         except queue.Empty:
             raise AssertionError(f"no banner: {''.join(tail)[-2000:]}") from None
+        with urllib.request.urlopen(f"{url}/health", timeout=30) as resp:
+            assert json.loads(resp.read())["status"] == "ok"
         with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as resp:
             name = json.loads(resp.read())["data"][0]["id"]
-        body = json.dumps({"model": name, "prompt": "hi", "max_tokens": 4, "temperature": 0}).encode()
-        req = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            out = json.loads(resp.read())
-        assert out["usage"]["completion_tokens"] >= 1
-        server.send_signal(signal.SIGTERM)
+
+        def complete(max_tokens, stream=False):
+            body = json.dumps({"model": name, "prompt": "hi", "max_tokens": max_tokens, "temperature": 0,
+                               "ignore_eos": True, "stream": stream}).encode()
+            req = urllib.request.Request(f"{url}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.read().decode()
+        assert json.loads(complete(4))["usage"]["completion_tokens"] == 4
+        # a stream under way when Ctrl-C comes: it must still end whole (drained, not aborted)
+        import http.client
+        host, port = url[len("http://"):].rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        conn.request("POST", "/v1/completions", json.dumps(
+            {"model": name, "prompt": "hi", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+             "stream": True, "stream_options": {"include_usage": True}}), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read(64).startswith(b"data: ")     # the stream began
+        os.killpg(server.pid, signal.SIGINT)           # Ctrl-C: every process of the group
+        rest = resp.read().decode()
+        conn.close()
+        assert rest.rstrip().endswith("data: [DONE]"), rest[-500:] + "".join(tail)[-2000:]
+        assert '"completion_tokens": 400' in rest, rest[-500:] + "".join(tail)[-2000:]
         assert server.wait(timeout=60) == 0, "".join(tail)[-2000:]
     finally:
         if server.poll() is None:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)

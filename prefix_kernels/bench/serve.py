@@ -230,9 +230,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill-wait", type=prefill_wait, default=0.0,
                         help="experimental: Engine(prefill_wait=...), seconds new prompts may wait for others "
                              "while rows decode (0: off; auto: as long as a prefill forward costs)")
-    parser.add_argument("--engine-process", action="store_true",
-                        help="experimental: the engine in a process of its own (serve/remote.py), so the HTTP "
-                             "front shares no GIL with it; the engine row runs in that process too")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="the engine in a process of its own (serve/remote.py), as `serve` runs it, so the "
+                             "HTTP front shares no GIL with it; the engine row runs in that process too")
     parser.add_argument("--out", help="folder for the JSON and PNG (default: the results dir)")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:

@@ -40,9 +40,10 @@ def _parser():
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32")
     g.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly")
-    g.add_argument("--engine-process", action="store_true",
-                   help="experimental: run the engine in a process of its own, so the HTTP front never "
-                        "shares a GIL with it (serve/remote.py)")
+    g.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="the engine in a process of its own, so the HTTP front never shares a GIL with it "
+                        "(serve/remote.py; in one process an H100's HTTP throughput at 64 clients was 0.87x "
+                        "the engine's own, in two 1.06x)")
     g.add_argument("--decode-step", default="auto", choices=["auto", "compiled", "eager"],
                    help="auto: the compiled step (serve/step.py) on CUDA for Llama/Mistral/Qwen2/Qwen3/Phi-3/"
                         "Gemma, else the model's own modules (eager)")
@@ -142,7 +143,9 @@ def model_name(args) -> str:
 
 
 def build_warm(args):
-    """The engine from parsed arguments, warmed up (what --engine-process runs in its process)."""
+    """The engine from parsed arguments, warmed up (what --engine-process runs in its process,
+    which logs as the server does)."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine, _ = build(args)
     engine.warmup()
     return engine
@@ -187,7 +190,11 @@ def main(argv=None) -> int:
     if args.engine_process:
         from .remote import EngineProcess
 
-        engine, name = EngineProcess(build_warm, args), model_name(args)
+        try:
+            engine, name = EngineProcess(build_warm, args), model_name(args)
+        except RuntimeError as e:
+            print(f"prefix-kernels serve: {e}", file=sys.stderr)
+            return 1
     else:
         engine, name = build(args)
         engine.warmup()

@@ -5,11 +5,13 @@
     ...
     server.close()                                # closes the engine process too
 
-Why (experimental, off by default): on an H100 the engine's eager prefill forwards ran about twice
-as long while the server's event loop shared the process (8.8-11.3 against 4.1-5.8 ms of prefill
-per request at 64 clients; benchmarks/NOTES.md, sixth session): a forward is ~870 launches of
-Python, and any other thread that wants the GIL stretches it. vLLM splits its API server and its
-engine core into two processes for the same reason.
+Why (`prefix-kernels serve` runs it by default): on an H100 the engine's eager prefill forwards ran
+about twice as long while the server's event loop shared the process (8.5-11.3 against 4.1-6.9 ms
+of prefill per request; benchmarks/NOTES.md, sixth session): a forward is ~870 launches of Python,
+and any other thread that wants the GIL stretches it. In two processes the HTTP rows of bench
+serve ran at 1.007x / 1.060x the engine's own tokens/s at 32 / 64 clients, against 0.864x / 0.873x
+in one (`results/serve-h100.json`, `serve-inprocess-h100.json`). vLLM splits its API server and
+its engine core into two processes for the same reason.
 
 The child process builds the engine, then loops: take the front's commands (submit, cancel, a
 call), run one engine step, send what every request got in that step (new token ids, the new
@@ -17,13 +19,16 @@ text, the end) as one message. The front tokenizes and checks each request as En
 (the same errors, raised at once), and hands out RemoteRequests that behave as Requests: the
 server's pump reads them unchanged. The child's requests are not streamed (no queue per token
 there): the text each step adds is read from its detokenizer, which streams exactly that text.
-If the child dies, every request in flight fails and submit raises EngineClosed.
+If the child dies, every request in flight fails and submit raises EngineClosed. The child
+ignores SIGINT and SIGTERM (a terminal's Ctrl-C reaches the whole process group): the front
+drains first, then closes it; if the front dies, the child sees its pipe close and exits.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import multiprocessing
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -110,6 +115,8 @@ def _counters(engine) -> tuple:
 
 def _child_main(factory, args, kwargs, commands, updates) -> None:
     """The engine process: build the engine, then commands, a step, the step's news; repeat."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         engine = factory(*args, **kwargs)
         tok = engine.tokenizer

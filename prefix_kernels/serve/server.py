@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP API over the Engine, on aiohttp.
 
-    GET  /health                  200 {"status": "ok", ...}; 503 {"status": "draining"} while draining
+    GET  /health                  200 {"status": "ok", ...}; 503 {"status": "draining"} while draining,
+                                  {"status": "engine down"} once an engine process has died
     GET  /metrics                 Prometheus text: queue depth, running rows, tokens/s, TTFT, requests
     GET  /v1/models[/ID]          each prefix is a model                           (API key)
     POST /v1/completions          {"model": prefix, "prompt": text | token ids, ...} (API key)
@@ -419,6 +420,8 @@ class Server:
         if self.draining:
             return _json_response(503, {"status": "draining", "running": eng.num_active, "waiting": eng.num_waiting},
                                   {"Retry-After": "1"})
+        if not getattr(eng, "alive", True):          # an engine process that died
+            return _json_response(503, {"status": "engine down", "running": 0, "waiting": 0})
         return _json_response(200, {"status": "ok", "running": eng.num_active, "waiting": eng.num_waiting,
                                     "max_batch": eng.max_batch})
 
