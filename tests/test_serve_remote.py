@@ -191,3 +191,31 @@ def test_serve_cli_with_an_engine_process():
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def _busy(engine, seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def test_submit_never_waits_on_a_busy_engine_process():
+    """A burst of long prompts (far more than a pipe's 64 KiB buffer) while the child is busy:
+    submit returns at once (the event loop must never wait on the engine), and every request
+    completes once the child is free."""
+    import threading
+
+    eng = EngineProcess(make_engine, max_seq_len=1024, queue_size=512)
+    try:
+        threading.Thread(target=eng.call, args=(_busy, 2.0), daemon=True).start()
+        time.sleep(0.3)                                          # the child sleeps in the call
+        params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        began = time.monotonic()
+        reqs = [eng.submit([7 + i % 50] * 1000, NAMES[i % 4], params) for i in range(200)]   # ~1 MB
+        assert time.monotonic() - began < 1.0
+        outs = [r.result(timeout=300) for r in reqs]
+        assert all(o.finish_reason == "length" and len(o.token_ids) == 1 for o in outs)
+    finally:
+        eng.close()
+    assert not eng.alive
+    with pytest.raises(EngineClosed):
+        eng.submit("late", "a", GREEDY)

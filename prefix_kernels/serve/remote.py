@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import queue
 import signal
 import threading
 import time
@@ -221,11 +222,17 @@ class EngineProcess:
         self._eos = eos
         self.steps = self.prefill_forwards = 0
         self.prefill_seconds = 0.0
-        self._lock = threading.Lock()            # the command pipe and the tables below
+        self._lock = threading.Lock()            # the tables below (never held while sending)
         self._requests: dict[str, RemoteRequest] = {}
         self._calls: dict[int, list] = {}        # call id -> [threading.Event, result]
         self._ids = itertools.count()
-        self._closed = False
+        self._closed = self._closing = False
+        # commands go out through a queue and a thread of their own: a pipe's send blocks once its
+        # buffer (64 KiB) is full, which a burst of long prompts fills while the child runs a
+        # prefill forward, and the event loop must never wait on the engine
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="prefix-kernels-engine-sender", daemon=True)
+        self._sender.start()
         self._reader = threading.Thread(target=self._read, name="prefix-kernels-engine-reader", daemon=True)
         self._reader.start()
 
@@ -249,7 +256,8 @@ class EngineProcess:
 
     @property
     def alive(self) -> bool:
-        return not self._closed and self._proc.is_alive()
+        """Whether the engine process takes requests (not closed, not closing, not dead)."""
+        return not (self._closed or self._closing) and self._proc.is_alive()
 
     def start(self) -> "EngineProcess":
         return self           # the child runs its scheduler from the start
@@ -287,16 +295,22 @@ class EngineProcess:
                 raise QueueFull(self.queue_size)
             req = RemoteRequest(self, f"cmpl-{next(self._ids)}", [int(i) for i in ids], str(prefix), params, stream)
             self._requests[req.id] = req
-            self._commands.send(("submit", req.id, req.prompt_ids, req.prefix, params))
+        self._send(("submit", req.id, req.prompt_ids, req.prefix, params))
         return req
 
     def _send(self, msg) -> None:
-        with self._lock:
-            if not self._closed:
-                try:
-                    self._commands.send(msg)
-                except OSError:        # the child is gone; the reader fails the requests
-                    pass
+        """Queue a command for the child (never blocks); kept in order."""
+        self._outbox.put(msg)
+
+    def _send_loop(self) -> None:
+        while True:
+            msg = self._outbox.get()
+            if msg is None:
+                return
+            try:
+                self._commands.send(msg)
+            except (OSError, ValueError):     # the child is gone: the reader fails the requests
+                return
 
     def call(self, fn, *args, timeout: float = CALL_TIMEOUT_S):
         """fn(engine, *args) in the engine process, between two steps; its result (it must pickle)."""
@@ -305,7 +319,7 @@ class EngineProcess:
                 raise EngineClosed()
             cid = next(self._ids)
             slot = self._calls[cid] = [threading.Event(), None]
-            self._commands.send(("call", cid, fn, args))
+        self._send(("call", cid, fn, args))
         if not slot[0].wait(timeout):
             raise TimeoutError(f"the engine process did not answer within {timeout:g} s")
         status, value = slot[1]
@@ -325,12 +339,10 @@ class EngineProcess:
     def close(self, timeout: float = 10.0) -> None:
         """Close the engine (requests in flight end with 'abort') and its process."""
         with self._lock:
-            if self._closed:
-                return
-            try:
-                self._commands.send(("close",))
-            except OSError:
-                pass
+            running, self._closing = not self._closed and not self._closing, True
+        if running:
+            self._send(("close",))
+        self._outbox.put(None)                 # the sender stops after the close
         self._reader.join(timeout)
         self._proc.join(timeout)
         if self._proc.is_alive():
