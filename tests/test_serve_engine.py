@@ -696,26 +696,29 @@ def test_eos_stops_without_a_tokenizer():
     assert out.finish_reason == "stop" and out.token_ids == free[:free.index(free[2])]
 
 
-def test_prefill_wait_auto_waits_as_long_as_a_forward_costs():
+def test_prefill_wait_auto_waits_as_long_as_a_forward_costs(monkeypatch):
     """prefill_wait="auto": new prompts wait while rows decode for as long as recent prefill
-    forwards took (a running mean, at most PREFILL_WAIT_CAP)."""
-    from prefix_kernels.serve.engine import PREFILL_WAIT_CAP
+    forwards took (a running mean, at most PREFILL_WAIT_CAP). Seconds here (a slow forward and a
+    raised cap), so that a step on a busy CI machine cannot outlast the wait."""
+    from prefix_kernels.serve import engine as engine_module
 
     eng = engine(max_seq_len=64, prefill_chunk=16, prefill_wait="auto")
     assert eng.current_prefill_wait == 0.0                   # no forward yet: nothing to weigh
     prefill = eng._prefill_forward
-    slow = 0.2
+    slow = 1.5
     eng._prefill_forward = lambda group: time.sleep(slow) or prefill(group)
     running = eng.submit(PROMPTS[1], "a", SamplingParams(temperature=0, max_tokens=40))
     eng.step()
-    assert running.output_ids and eng.current_prefill_wait == PREFILL_WAIT_CAP   # 0.2 s, capped
+    assert running.output_ids and eng.current_prefill_wait == engine_module.PREFILL_WAIT_CAP   # capped
+    monkeypatch.setattr(engine_module, "PREFILL_WAIT_CAP", 10.0)
+    assert slow <= eng.current_prefill_wait < slow + 0.5       # the forward's cost, uncapped
     eng._prefill_forward = prefill
     short = eng.submit("abc", "b", GREEDY)
     eng.step()
-    assert not short.output_ids                  # held: rows decode, waited < 50 ms
-    time.sleep(PREFILL_WAIT_CAP + 0.01)
+    assert not short.output_ids                  # held: rows decode, waited < 1.5 s
+    time.sleep(slow + 0.05)
     eng.step()
-    assert short.output_ids                      # waited past the cap: prefilled
+    assert short.output_ids                      # waited past the forward's cost: prefilled
     assert eng._forward_cost < slow              # a cheap forward pulls the mean down
     for bad in ("soon", -1, float("nan")):
         with pytest.raises(ValueError, match="prefill_wait"):

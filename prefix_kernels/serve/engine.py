@@ -42,12 +42,12 @@ from .cache import KVCache
 from .graphs import GraphCache
 from .prefill import PrefillStep
 from .prefixes import PrefixSource, read_prefix, read_prefixes
-from .request import Completion, EngineClosed, PromptTooLong, QueueFull, Request
+from .request import Completion, EngineClosed, QueueFull, Request
 from .rows import BankRows, free_names
 from .sampling import SamplingParams, sample
 from .step import SAMPLING, StepOptions, engine_step, sampling_variant
 from .text import Detokenizer, Tokenizer
-from .validation import check_sampling_params
+from .validation import check_request
 
 log = logging.getLogger("prefix_kernels.serve")
 
@@ -273,16 +273,7 @@ class Engine:
         return self._submit_ids(self.tokenizer.encode_chat(messages), prefix, params or SamplingParams(), stream)
 
     def _submit_ids(self, ids, prefix, params, stream):
-        if not ids:
-            raise ValueError("the prompt is empty")
-        bad = [i for i in ids if not 0 <= int(i) < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is out of range for a vocabulary of {self.vocab_size}")
-        if len(ids) >= self.max_seq_len:
-            raise PromptTooLong(len(ids), self.max_seq_len)
-        check_sampling_params(params, self.vocab_size)
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+        check_request(ids, params, self.vocab_size, self.max_seq_len, self.tokenizer is not None)
         with self._cv:
             if self._closed:
                 raise EngineClosed()

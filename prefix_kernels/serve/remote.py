@@ -31,14 +31,13 @@ import multiprocessing
 import queue
 import signal
 import threading
-import time
 from dataclasses import dataclass
 
-from .request import EngineClosed, PromptTooLong, QueueFull, Request, UnknownPrefix
+from .request import EngineClosed, QueueFull, Request, UnknownPrefix
 from .rows import BankFull
 from .sampling import SamplingParams
 from .text import Tokenizer
-from .validation import check_sampling_params
+from .validation import check_request
 
 log = logging.getLogger("prefix_kernels.serve")
 
@@ -97,7 +96,7 @@ def _error_payload(e: BaseException):
 
 
 _ERRORS = {"BankFull": BankFull, "ValueError": ValueError, "FileNotFoundError": FileNotFoundError,
-           "TypeError": TypeError, "KeyError": KeyError, "QueueFull": None, "PromptTooLong": None}
+           "TypeError": TypeError, "KeyError": KeyError}
 
 
 def _raise_payload(payload):
@@ -276,16 +275,7 @@ class EngineProcess:
         return self._submit_ids(self.tokenizer.encode_chat(messages), prefix, params or SamplingParams(), stream)
 
     def _submit_ids(self, ids, prefix, params, stream):
-        if not ids:
-            raise ValueError("the prompt is empty")
-        bad = [i for i in ids if not 0 <= int(i) < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is out of range for a vocabulary of {self.vocab_size}")
-        if len(ids) >= self.max_seq_len:
-            raise PromptTooLong(len(ids), self.max_seq_len)
-        check_sampling_params(params, self.vocab_size)
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+        check_request(ids, params, self.vocab_size, self.max_seq_len, self.tokenizer is not None)
         with self._lock:
             if not self.alive:
                 raise EngineClosed()

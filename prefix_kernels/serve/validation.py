@@ -1,9 +1,12 @@
-"""Bounds of a request's sampling parameters, checked at submit so that one bad request fails
-alone, with a message naming the field, instead of failing the batch it would join."""
+"""Bounds of a request (its prompt ids and sampling parameters), checked at submit so that one
+bad request fails alone, with a message naming the field, instead of failing the batch it would
+join. The engine and its process's front (serve/remote.py) check with the same function."""
 from __future__ import annotations
 
 import math
 from numbers import Integral, Real
+
+from .request import PromptTooLong
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -39,6 +42,21 @@ def check_sampling_params(params, vocab_size: int) -> None:
     stop = params.stop
     if not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
         raise ValueError(f"stop must be a list of strings, got {type(stop).__name__}")
+
+
+def check_request(ids, params, vocab_size: int, max_seq_len: int, has_tokenizer: bool) -> None:
+    """Raise ValueError (PromptTooLong for a long prompt) unless `ids` is a prompt the engine
+    can take and `params` are in range (check_sampling_params)."""
+    if not ids:
+        raise ValueError("the prompt is empty")
+    bad = [i for i in ids if not 0 <= int(i) < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is out of range for a vocabulary of {vocab_size}")
+    if len(ids) >= max_seq_len:
+        raise PromptTooLong(len(ids), max_seq_len)
+    check_sampling_params(params, vocab_size)
+    if params.stop and not has_tokenizer:
+        raise ValueError("stop strings need a tokenizer")
 
 
 def _short(value) -> str:
