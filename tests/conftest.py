@@ -14,11 +14,9 @@ def demo_server(tmp_path_factory):
     """The CLI end to end, shared by the CLI, example and server-overhead tests: examples/
     train_with_cli.sh (3 steps) trains two prefixes on the demo model, then `prefix-kernels serve`
     serves both adapters as written, on a free loopback port. Yields (base URL, training folder)."""
-    import collections
     import queue
     import subprocess
     import sys
-    import threading
     import time
     import urllib.request
     from pathlib import Path
@@ -30,21 +28,10 @@ def demo_server(tmp_path_factory):
     done = subprocess.run(["bash", str(root / "examples" / "train_with_cli.sh"), str(out)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    # --port 0: the server binds a free port itself and names it in its banner (a port picked here
-    # and bound later could be taken in between); a thread drains stderr so the server's request
-    # log can never fill the pipe and block it
-    server = subprocess.Popen([sys.executable, "-m", "prefix_kernels.cli", "serve", "--port", "0",
-                               "--prefix", f"sentiment={out}/adapters/sentiment", "--prefix", f"topic={out}/adapters/topic"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})      # steadier on 2 shared cores
-    urls, tail = queue.Queue(), collections.deque(maxlen=200)
+    from serve_utils import serve_cli
 
-    def drain():
-        for line in server.stderr:
-            tail.append(line)
-            if line.startswith("serving ") and " on http://" in line:
-                urls.put(line.split(" on ", 1)[1].split()[0])
-    threading.Thread(target=drain, daemon=True).start()
+    server, urls, tail = serve_cli("--prefix", f"sentiment={out}/adapters/sentiment",
+                                   "--prefix", f"topic={out}/adapters/topic")
     deadline = time.time() + 180
     try:
         while True:

@@ -34,6 +34,33 @@ def start_server(engine=None, **options):
     return Server(engine or make_engine(), port=0, **options).start()
 
 
+def serve_cli(*args, **popen):
+    """Start `prefix-kernels serve --port 0 *args` (OMP_NUM_THREADS=1: steadier on 2 shared
+    cores); returns (process, queue of its URL, the last 200 lines of its stderr). --port 0: the
+    server binds a free port itself and names it in its banner (a port picked here and bound
+    later could be taken in between); a thread drains stderr so the server's request log can
+    never fill the pipe and block it."""
+    import collections
+    import os
+    import queue
+    import subprocess
+    import sys
+    import threading
+
+    server = subprocess.Popen([sys.executable, "-m", "prefix_kernels.cli", "serve", "--port", "0", *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
+    urls, tail = queue.Queue(), collections.deque(maxlen=200)
+
+    def drain():
+        for line in server.stderr:
+            tail.append(line)
+            if line.startswith("serving ") and " on http://" in line:
+                urls.put(line.split(" on ", 1)[1].split()[0])
+    threading.Thread(target=drain, daemon=True).start()
+    return server, urls, tail
+
+
 def request(srv, method, path, body=None, raw=None, headers=None, timeout=30):
     """(status, JSON or text, headers) of one request on a fresh connection."""
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=timeout)

@@ -11,7 +11,7 @@ import torch
 from prefix_kernels.serve import EngineClosed, PromptTooLong, SamplingParams, UnknownPrefix
 from prefix_kernels.serve.remote import EngineProcess
 from prefix_kernels.serve.server import Server
-from serve_utils import NAMES, make_engine, post, request, sse_events, table
+from serve_utils import NAMES, make_engine, post, request, serve_cli, sse_events, table
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 PROMPTS = ["hello there", "a", "the quick brown fox", "0123456789", "zz top"]
@@ -139,22 +139,9 @@ def test_serve_cli_with_an_engine_process():
     then the server exits, its engine process too."""
     import json
     import queue
-    import subprocess
-    import sys
-    import threading
     import urllib.request
 
-    server = subprocess.Popen([sys.executable, "-m", "prefix_kernels.cli", "serve", "--port", "0"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-    urls, tail = queue.Queue(), []
-
-    def drain():
-        for line in server.stderr:
-            tail.append(line)
-            if line.startswith("serving ") and " on http://" in line:
-                urls.put(line.split(" on ", 1)[1].split()[0])
-    threading.Thread(target=drain, daemon=True).start()
+    server, urls, tail = serve_cli(start_new_session=True)
     try:
         try:
             url = urls.get(timeout=180)
