@@ -59,6 +59,10 @@ VARIANTS = {
     "split_cudnn_merge_twopass": ("cudnn", "merge", "twopass"),   # not run by default (compiles)
 }
 DEFAULT_VARIANTS = [name for name in VARIANTS if name != "split_cudnn_merge_twopass"]
+# the fused op under another program order (ops/prefix_attention.py `_schedule`); not default
+FUSED_ORDERS = {"fused_rows": {"PREFIX_KERNELS_SCHEDULE": "rows"},
+                "fused_lpt_one_section": {"PREFIX_KERNELS_LPT_ROWS": "1000000"}}
+VARIANTS.update({name: None for name in FUSED_ORDERS})
 
 DEVICE, DTYPE = "cuda", torch.bfloat16
 VENDOR_RUNS = {}        # (vendor, head_dim) -> whether the subprocess probe ran it (expanded K/V)
@@ -187,7 +191,7 @@ def build(name, tensors, index):
                                                       v.repeat_interleave(hq // v.shape[1], 1), is_causal=True)
         floor_expanded.note = "K/V expanded (enable_gqa refused)"
         return floor_expanded
-    if name == "fused":
+    if name == "fused" or name in FUSED_ORDERS:
         return lambda: pk.prefix_attention(q, k, v, bk, bv, prefix_index=index, path="fused")
     config = sa.SplitConfig(*VARIANTS[name])
     if DEVICE == "cpu":
@@ -262,6 +266,8 @@ def time_shape(shape, names, out_of_time, profile=False):
         if out_of_time():
             row["error"] = "skipped: time budget"
             continue
+        saved_env = {key: os.environ.get(key) for key in FUSED_ORDERS.get(name, {})}
+        os.environ.update(FUSED_ORDERS.get(name, {}))      # forward and backward read it
         try:
             fn = build(name, tensors, index)
             if getattr(fn, "note", None):
@@ -276,6 +282,9 @@ def time_shape(shape, names, out_of_time, profile=False):
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             if os.environ.get("PROBE_TRACEBACK"):
                 traceback.print_exc()
+        finally:
+            for key, value in saved_env.items():
+                os.environ.pop(key) if value is None else os.environ.update({key: value})
         for t in tensors:
             t.grad = None
     base = next((r for r in rows if r["variant"] == "cudnn_noprefix" and "fwd+bwd" in r), None)

@@ -51,6 +51,31 @@ def test_kernels_match_fp64_reference(case, causal):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=3e-5, msg=lambda m: f"{name}: {m}")
 
 
+SCHEDULE_CASES = [("gqa4", True), ("sq_lt_sk_chunk", True), ("long_splits", True), ("p_gt_s", False)]
+# (PREFIX_KERNELS_SCHEDULE, PREFIX_KERNELS_LPT_ROWS): the plain 2-D grid, then LPT sections of
+# one row, of 2 and 3 rows (uneven last sections), and of every row
+SCHEDULES = [("rows", "0"), ("lpt", "1"), ("lpt", "3"), ("lpt", "1000")]
+
+
+@pytest.mark.parametrize("case, causal", SCHEDULE_CASES)
+def test_program_order_changes_no_bit(case, causal, monkeypatch):
+    """The LPT program order only reorders programs: each writes the same tile from the same
+    reads whichever order, so every output and gradient is bitwise the default order's; a wrong
+    (block, row) mapping would skip or repeat a tile."""
+    device = kernel_device()
+    tensors, index, mask = make_inputs(device=device, **CASES[case])
+    grad_out = torch.randn_like(tensors[0])
+    monkeypatch.delenv("PREFIX_KERNELS_SCHEDULE", raising=False)
+    monkeypatch.delenv("PREFIX_KERNELS_LPT_ROWS", raising=False)
+    want = run(tensors, index, mask, grad_out, "triton", causal=causal)
+    for schedule, rows in SCHEDULES:
+        monkeypatch.setenv("PREFIX_KERNELS_SCHEDULE", schedule)
+        monkeypatch.setenv("PREFIX_KERNELS_LPT_ROWS", rows)
+        got = run(tensors, index, mask, grad_out, "triton", causal=causal)
+        for name, a, b in zip(NAMES, (got[0], *got[1]), (want[0], *want[1])):
+            assert torch.equal(a, b), f"{name} differs under schedule {schedule} / {rows} rows"
+
+
 ATOMIC_CASES = ["base_gqa2", "sq_lt_sk_chunk", "p_gt_s", "gqa4", "mqa", "left_pad_full_row", "head_dim_80",
                 "sq_gt_sk", "long_splits"]
 

@@ -21,7 +21,8 @@ from .prefix_grads import reduce_prefix_grads
 from .prefix_attention_inputs import (as_prefix_index, check_features, check_inputs, padding_mask_as_bool,
                                       triton_unsupported_reason as _triton_unsupported_reason)
 from .reference import reference_prefix_attention
-from .utils import (LOG2E, cdiv, head_dim_class, interpreting as _interpreting, seq_bucket, sm_count,
+from .utils import (LOG2E, cdiv, head_dim_class, interpreting as _interpreting, l2_cache_bytes, seq_bucket,
+                    sm_count,
                     warn_once as _warn_once)
 
 
@@ -71,7 +72,7 @@ for _name, _table in _HOPPER_CANDIDATES.items():
         _CANDIDATES[_name][_cls].extend(_configs)
 # 16x16 blocks under the interpreter: small test shapes then span several blocks.
 _INTERPRET_CONFIG = _config(16, 16, 4, 1)
-_FEATURES = ["HEAD_DIM", "seq_bucket", "CAUSAL", "HAS_KPM", "DROPOUT", "SOFTCAP", "HAS_WINDOW", "HAS_SEGMENTS"]
+_FEATURES = ["HEAD_DIM", "seq_bucket", "LPT", "CAUSAL", "HAS_KPM", "DROPOUT", "SOFTCAP", "HAS_WINDOW", "HAS_SEGMENTS"]
 _TUNE_KEY = {"fwd": _FEATURES, "dq": _FEATURES + ["DQ_GRAD"],
              "dkdv": _FEATURES + ["PREFIX_GRAD", "OWN_GRAD", "DQ_ATOMIC"]}
 
@@ -87,6 +88,32 @@ _LAUNCHER = TunedLauncher(_KERNELS, _CANDIDATES, _TUNE_KEY, _INTERPRET_CONFIG, c
 # _launch(name, grid, args, constexprs, dtype, seq_bucket): a module global that the launchers
 # look up at each call, so tests/test_kernels_compile.py can record the launches instead
 _launch = _LAUNCHER.launch
+
+
+# Where the LPT sections may keep what their programs share: half of L2 (the rest holds the
+# streamed tiles). CPU (interpreter) tensors get a small made-up L2 so tests cross sections.
+_L2_SHARE = 0.5
+
+
+def _schedule(rows: int, bytes_per_row: int, device: torch.device):
+    """The program order of a launch: (LPT flag, l2_rows, min_programs) for _program_tile.
+
+    PREFIX_KERNELS_SCHEDULE=rows takes the plain 2-D grid (the order before LPT, for A/B runs);
+    PREFIX_KERNELS_LPT_ROWS=n forces n rows per section."""
+    if os.environ.get("PREFIX_KERNELS_SCHEDULE", "lpt") == "rows":
+        return False, 0, 0
+    forced = int(os.environ.get("PREFIX_KERNELS_LPT_ROWS", "0"))
+    if forced > 0:
+        return True, forced, 0
+    if device.type == "cuda":
+        l2, sms = l2_cache_bytes(device), sm_count(device)
+    else:
+        l2, sms = 64 * 1024, 2
+    return True, max(1, int(l2 * _L2_SHARE) // max(1, bytes_per_row)), 4 * sms
+
+
+def _grid(lpt: bool, blocks: int, rows: int):
+    return (blocks * rows,) if lpt else (blocks, rows)
 
 
 def _kpm_args(key_padding_mask, q):
@@ -155,12 +182,14 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
     seg, s_seg_b = _seg_args(segment_start, q)
     qk_scale, scalars, flags = _feature_args(scale, softcap, window, dropout_p, rng)
     bucket = seq_bucket(max(sq, sk))
-    _launch("fwd", lambda m: (cdiv(sq, m["BLOCK_M"]), b * h),
+    # consecutive query heads of a GQA group read the same K/V
+    lpt, l2_rows, min_programs = _schedule(b * h, 2 * sk * d * q.element_size() // (h // hkv), q.device)
+    _launch("fwd", lambda m: _grid(lpt, cdiv(sq, m["BLOCK_M"]), b * h),
             (q, k, v, prefix_k, prefix_v, prefix_index if prefix_index is not None else q, kpm, seg, out, lse,
              *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
              s_kpm_b, s_kpm_n, s_seg_b, *out.stride(),
-             h, h // hkv, sq, sk, p, prefix_k.shape[0], qk_scale, *scalars, bucket),
-            dict(HAS_PIDX=prefix_index is not None, HAS_KPM=key_padding_mask is not None,
+             h, h // hkv, sq, sk, p, prefix_k.shape[0], qk_scale, *scalars, bucket, b * h, l2_rows, min_programs),
+            dict(LPT=lpt, HAS_PIDX=prefix_index is not None, HAS_KPM=key_padding_mask is not None,
                  CAUSAL=causal, HAS_SEGMENTS=segment_start is not None, HEAD_DIM=d, **flags),
             q.dtype, bucket)
     return out, lse
@@ -202,12 +231,14 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
     dk = torch.empty_like(k) if need_dkv else k.new_empty(0)
     dv = torch.empty_like(v) if need_dkv else v.new_empty(0)
     dq_arg = dq if need_dq and not atomic else q
-    _launch("dq", lambda m: (cdiv(sq, m["BLOCK_M"]), b * h),
+    elt = q.element_size()
+    lpt, l2_rows, min_programs = _schedule(b * h, 2 * sk * d * elt // (h // hkv), q.device)
+    _launch("dq", lambda m: _grid(lpt, cdiv(sq, m["BLOCK_M"]), b * h),
             (q, k, v, prefix_k, prefix_v, pidx, kpm, seg, out, do, lse, delta, dq_arg,
              *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
              s_kpm_b, s_kpm_n, s_seg_b, *out.stride(), *do.stride(), *dq_arg.stride(),
-             h, h // hkv, sq, sk, p, n, qk_scale, scale, *scalars, bucket),
-            dict(DQ_GRAD=need_dq and not atomic, **flags), q.dtype, bucket)
+             h, h // hkv, sq, sk, p, n, qk_scale, scale, *scalars, bucket, b * h, l2_rows, min_programs),
+            dict(LPT=lpt, DQ_GRAD=need_dq and not atomic, **flags), q.dtype, bucket)
 
     dpk, dpv = prefix_k.new_empty(0), prefix_v.new_empty(0)
     if need_dkv or need_prefix:
@@ -222,10 +253,13 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
         else:                           # int32 either way: the own-key code compiles with OWN_GRAD off too
             seg_last = _last_query_seeing(segment_start, sk) if need_dkv else segment_start
 
+        # a (row, KV head)'s programs share the Q and dO of its group's query heads
+        lpt, l2_rows, min_programs = _schedule(b * hkv, 2 * (h // hkv) * sq * d * elt, q.device)
+
         def grid(m):
             prefix_programs = cdiv(p, m["BLOCK_N"]) * splits if need_prefix else 0
             own_programs = cdiv(sk, m["BLOCK_N"]) if need_dkv else 0
-            return (prefix_programs + own_programs, b * hkv)
+            return _grid(lpt, prefix_programs + own_programs, b * hkv)
 
         _launch("dkdv", grid,
                 (q, k, v, prefix_k, prefix_v, pidx, kpm, seg, seg_last, do, lse, delta, dk_arg, dv_arg,
@@ -233,8 +267,9 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
                  *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
                  s_kpm_b, s_kpm_n, s_seg_b, seg_last.stride(0), *do.stride(), *dk_arg.stride(),
                  *dv_arg.stride(), *dq_acc.stride(),
-                 hkv, h // hkv, sq, sk, p, n, qk_scale, scale, *scalars, bucket),
-                dict(SPLITS=splits, PREFIX_GRAD=need_prefix, OWN_GRAD=need_dkv, DQ_ATOMIC=atomic,
+                 hkv, h // hkv, sq, sk, p, n, qk_scale, scale, *scalars, bucket, b * hkv, l2_rows,
+                 min_programs),
+                dict(LPT=lpt, SPLITS=splits, PREFIX_GRAD=need_prefix, OWN_GRAD=need_dkv, DQ_ATOMIC=atomic,
                      # out-of-range own keys need masking only without the causal mask
                      KEEP_MASK=key_padding_mask is not None or not causal, **flags), q.dtype, bucket)
         if need_prefix:

@@ -26,6 +26,18 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _l2_cache_bytes(device_index: int) -> int:
+    # L2_cache_size came with torch 2.3; 40 MiB (A100's) for an older torch
+    return getattr(torch.cuda.get_device_properties(device_index), "L2_cache_size", 40 << 20)
+
+
+def l2_cache_bytes(device: torch.device) -> int:
+    """L2 cache size of a CUDA device in bytes (cached like sm_count)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _l2_cache_bytes(index)
+
+
 def sm_count(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (cached: the property query costs ~10 us per call)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
