@@ -355,3 +355,13 @@ def test_split_kernels_pass_the_gpu_compiler_frontend():
         pytest.skip(f"this triton's compiler internals differ: {res.stderr.strip().splitlines()[-1:]}")
     assert res.returncode == 0, res.stdout + res.stderr[-2000:]
     assert res.stdout.count("OK") == 5, res.stdout
+
+
+def test_auto_rule_picks_merge_only_where_it_was_measured_faster():
+    merge = sa.SplitConfig("cudnn", "merge", "auto")
+    assert sa.auto_rule(True, 128, 4096, 4096) == merge
+    assert sa.auto_rule(True, 256, 16384, 16384) == merge
+    assert sa.auto_rule(True, 128, 1024, 1024) is None           # S=1024: the fused op leads
+    assert sa.auto_rule(True, 64, 4096, 4096) is None            # D=64: not measured after LPT
+    assert sa.auto_rule(True, 128, 4096, 8192) is None           # bottom-right causal: vendors can't
+    assert sa.auto_rule(False, 128, 4096, 4096) is None          # CPU tensors: the fused kernels

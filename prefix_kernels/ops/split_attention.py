@@ -290,15 +290,31 @@ class _SplitAttention(torch.autograd.Function):
 # When to split, and the entry point the public op calls
 # --------------------------------------------------------------------------------------------
 
-# path="auto": the split variant that beats the fused op on the H200, or None for the fused op
-# everywhere. None until benchmarks/probe_split.py has measured the split modes; then e.g.
-# SplitConfig("cudnn", "pad") (see `_auto_config` for a per-shape rule).
+# path="auto": a SplitConfig here runs for every eligible call (tests set one); None applies the
+# measured rule below.
 AUTO_SPLIT: Optional[SplitConfig] = None
+# The merge split beat the fused op at head_dim 128 from 4096 keys on every such shape of issue
+# 10 (fwd+bwd vs cuDNN without a prefix, H100, 9d2eeee, results/probe_split-merge-h100.json:
+# 0.88 vs 0.76 at B8 H32/8 S4096 P32, 0.81 vs 0.71 at B4 P256, 0.95 vs 0.78 at B1 S16384) and
+# lost at S=1024 (0.68 vs 0.74 at D=128; 0.51 vs 0.87 at B8 H32/4 D64, 7a6ded6): its extra passes
+# over Q, O, dO and dQ are O(S), the attention it hands to cuDNN O(S^2). At D=64, S=4096 it led
+# by less (0.80 vs 0.76) before the fused kernels' LPT order: left on the fused op until measured.
+AUTO_MERGE_MIN_KEYS = 4096
+AUTO_MERGE_MIN_HEAD_DIM = 128
+
+
+def auto_rule(is_cuda: bool, head_dim: int, seqlen_q: int, seqlen_k: int) -> Optional[SplitConfig]:
+    """path='auto' without AUTO_SPLIT: the split variant measured faster for this shape, or None."""
+    if is_cuda and head_dim >= AUTO_MERGE_MIN_HEAD_DIM and seqlen_q == seqlen_k >= AUTO_MERGE_MIN_KEYS:
+        return SplitConfig("cudnn", "merge", "auto")
+    return None
 
 
 def _auto_config(q, k, prefix_k) -> Optional[SplitConfig]:
     """path='auto': the split variant to run for this shape, or None (the fused op)."""
-    return AUTO_SPLIT
+    if AUTO_SPLIT is not None:
+        return AUTO_SPLIT
+    return auto_rule(q.is_cuda, q.shape[-1], q.shape[2], k.shape[2])
 
 
 def default_config(q) -> SplitConfig:
