@@ -60,8 +60,8 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = [name for name in VARIANTS if name != "split_cudnn_merge_twopass"]
 # the fused op under another program order (ops/prefix_attention.py `_schedule`); not default
-FUSED_ORDERS = {"fused_rows": {"PREFIX_KERNELS_SCHEDULE": "rows"},
-                "fused_lpt_one_section": {"PREFIX_KERNELS_LPT_ROWS": "1000000"}}
+FUSED_ORDERS = {"fused_lpt": {"PREFIX_KERNELS_SCHEDULE": "lpt"},
+                "fused_lpt_one_section": {"PREFIX_KERNELS_SCHEDULE": "lpt", "PREFIX_KERNELS_LPT_ROWS": "1000000"}}
 VARIANTS.update({name: None for name in FUSED_ORDERS})
 
 DEVICE, DTYPE = "cuda", torch.bfloat16

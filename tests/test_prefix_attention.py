@@ -52,15 +52,16 @@ def test_kernels_match_fp64_reference(case, causal):
 
 
 SCHEDULE_CASES = [("gqa4", True), ("sq_lt_sk_chunk", True), ("long_splits", True), ("p_gt_s", False)]
-# (PREFIX_KERNELS_SCHEDULE, PREFIX_KERNELS_LPT_ROWS): the plain 2-D grid, then LPT sections of
-# one row, of 2 and 3 rows (uneven last sections), and of every row
-SCHEDULES = [("rows", "0"), ("lpt", "1"), ("lpt", "3"), ("lpt", "1000")]
+# (PREFIX_KERNELS_SCHEDULE, PREFIX_KERNELS_LPT_ROWS): LPT sections by the L2 rule, of one row,
+# of 3 rows (uneven last sections), and of every row, against the default 2-D grid
+SCHEDULES = [("lpt", "0"), ("lpt", "1"), ("lpt", "3"), ("lpt", "1000")]
 
 
 @pytest.mark.parametrize("case, causal", SCHEDULE_CASES)
 def test_program_order_changes_no_bit(case, causal, monkeypatch):
-    """The LPT program order only reorders programs: each writes the same tile from the same
-    reads whichever order, so every output and gradient is bitwise the default order's; a wrong
+    """The LPT program order (experimental) only reorders programs: each writes the same tile
+    from the same reads whichever order, so every output and gradient is bitwise the default
+    order's; a wrong
     (block, row) mapping would skip or repeat a tile."""
     device = kernel_device()
     tensors, index, mask = make_inputs(device=device, **CASES[case])

@@ -98,9 +98,12 @@ _L2_SHARE = 0.5
 def _schedule(rows: int, bytes_per_row: int, device: torch.device):
     """The program order of a launch: (LPT flag, l2_rows, min_programs) for _program_tile.
 
-    PREFIX_KERNELS_SCHEDULE=rows takes the plain 2-D grid (the order before LPT, for A/B runs);
-    PREFIX_KERNELS_LPT_ROWS=n forces n rows per section."""
-    if os.environ.get("PREFIX_KERNELS_SCHEDULE", "lpt") == "rows":
+    Default: the plain 2-D grid. PREFIX_KERNELS_SCHEDULE=lpt (experimental) takes the LPT order,
+    which a scheduling model predicted up to 1.5x faster for dK/dV at the TinyLlama shapes
+    (benchmarks/model_program_order.py) but measured 1.4% slower fwd+bwd at B8 H32/4 S1024 D64
+    (0.798 vs 0.787 ms, H100, cf0371b, results/probe_split-lpt-h100.json; one shape measured).
+    PREFIX_KERNELS_LPT_ROWS=n forces n rows per LPT section."""
+    if os.environ.get("PREFIX_KERNELS_SCHEDULE", "rows") != "lpt":
         return False, 0, 0
     forced = int(os.environ.get("PREFIX_KERNELS_LPT_ROWS", "0"))
     if forced > 0:
