@@ -4,6 +4,8 @@ The own keys are the vendor kernel's; these handle only the P prefix keys of eac
 entry: the forward merge of the prefix part into the vendor's output by log-sum-exp, and the
 backward's prefix share of dQ (added in place) and the fp32 bank-gradient partials.
 Softmax runs in base 2 like the fused kernels; the LSE that comes and goes is natural log.
+Naming as in prefix_attention_kernels.py: pointers end in `_ptr`, strides are
+`stride_<tensor>_<dim>` with dims b, h, s (query), n (bank entry), p (prefix slot), d.
 """
 import triton
 import triton.language as tl
@@ -19,11 +21,11 @@ KERNEL_LN2 = tl.constexpr(0.6931471805599453)
 @triton.jit
 def _split_fwd_merge(
     q_ptr, pk_ptr, pv_ptr, pidx_ptr, o_ptr, lse_own_ptr, lse_ptr,
-    stride_q_b, stride_q_h, stride_q_m, stride_q_d,
+    stride_q_b, stride_q_h, stride_q_s, stride_q_d,
     stride_pk_n, stride_pk_h, stride_pk_p, stride_pk_d,
     stride_pv_n, stride_pv_h, stride_pv_p, stride_pv_d,
-    stride_o_b, stride_o_h, stride_o_m, stride_o_d,
-    stride_lo_b, stride_lo_h, stride_lo_m,
+    stride_o_b, stride_o_h, stride_o_s, stride_o_d,
+    stride_lo_b, stride_lo_h, stride_lo_s,
     H, G, SQ, P, N_ENTRIES, qk_scale, SEQ_BUCKET,
     HAS_PIDX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -42,7 +44,7 @@ def _split_fwd_merge(
     m_ok = offs_m < SQ
     d_ok = offs_d < HEAD_DIM
     md_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_m
+    q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_s
                 + offs_d[None, :] * stride_q_d, mask=md_ok, other=0.0)
 
     # -- the prefix: an online softmax over P always-visible keys --
@@ -68,12 +70,12 @@ def _split_fwd_merge(
         m_i = m_new
 
     # -- merge: lse = logaddexp(own, prefix); O = O_own*e^(own-lse) + acc/l*e^(prefix-lse) --
-    lse_own = tl.load(lse_own_ptr + b * stride_lo_b + h * stride_lo_h + offs_m * stride_lo_m,
+    lse_own = tl.load(lse_own_ptr + b * stride_lo_b + h * stride_lo_h + offs_m * stride_lo_s,
                       mask=m_ok, other=0.0) * KERNEL_LOG2E
     lse_pre = m_i + tl.math.log2(l_i)
     top = tl.maximum(lse_own, lse_pre)
     lse = top + tl.math.log2(tl.math.exp2(lse_own - top) + tl.math.exp2(lse_pre - top))
-    o_ptrs = o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_m + offs_d[None, :] * stride_o_d
+    o_ptrs = o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_s + offs_d[None, :] * stride_o_d
     o_own = tl.load(o_ptrs, mask=md_ok, other=0.0).to(tl.float32)
     out = o_own * tl.math.exp2(lse_own - lse)[:, None] + acc * tl.math.exp2(m_i - lse)[:, None]
     if HAS_PIDX:
@@ -85,12 +87,12 @@ def _split_fwd_merge(
 @triton.jit
 def _split_bwd_dq(
     q_ptr, pk_ptr, pv_ptr, pidx_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    stride_q_b, stride_q_h, stride_q_m, stride_q_d,
+    stride_q_b, stride_q_h, stride_q_s, stride_q_d,
     stride_pk_n, stride_pk_h, stride_pk_p, stride_pk_d,
     stride_pv_n, stride_pv_h, stride_pv_p, stride_pv_d,
-    stride_o_b, stride_o_h, stride_o_m, stride_o_d,
-    stride_do_b, stride_do_h, stride_do_m, stride_do_d,
-    stride_dq_b, stride_dq_h, stride_dq_m, stride_dq_d,
+    stride_o_b, stride_o_h, stride_o_s, stride_o_d,
+    stride_do_b, stride_do_h, stride_do_s, stride_do_d,
+    stride_dq_b, stride_dq_h, stride_dq_s, stride_dq_d,
     H, G, SQ, P, N_ENTRIES, qk_scale, sm_scale, SEQ_BUCKET,
     DQ_GRAD: tl.constexpr, HAS_PIDX: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -108,14 +110,14 @@ def _split_bwd_dq(
     m_ok = offs_m < SQ
     d_ok = offs_d < HEAD_DIM
     md_ok = m_ok[:, None] & d_ok[None, :]
-    do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_m
+    do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_s
                  + offs_d[None, :] * stride_do_d, mask=md_ok, other=0.0)
-    o = tl.load(o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_m
+    o = tl.load(o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_s
                 + offs_d[None, :] * stride_o_d, mask=md_ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(delta_ptr + pid_bh * SQ + offs_m, delta, mask=m_ok)
     if DQ_GRAD:
-        q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_m
+        q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_s
                     + offs_d[None, :] * stride_q_d, mask=md_ok, other=0.0)
         lse = tl.load(lse_ptr + pid_bh * SQ + offs_m, mask=m_ok, other=0.0) * KERNEL_LOG2E
         pk_base = pk_ptr + entry * stride_pk_n + hk * stride_pk_h
@@ -134,7 +136,7 @@ def _split_bwd_dq(
             dp = tl.dot(do, tl.trans(pv), input_precision=PREC)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(pk.dtype), pk, input_precision=PREC)
-        dq_ptrs = dq_ptr + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_m + offs_d[None, :] * stride_dq_d
+        dq_ptrs = dq_ptr + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_s + offs_d[None, :] * stride_dq_d
         total = tl.load(dq_ptrs, mask=md_ok, other=0.0).to(tl.float32) + dq * sm_scale
         tl.store(dq_ptrs, total.to(dq_ptr.dtype.element_ty), mask=md_ok)
 
@@ -142,10 +144,10 @@ def _split_bwd_dq(
 @triton.jit
 def _split_bwd_dprefix(
     q_ptr, pk_ptr, pv_ptr, pidx_ptr, do_ptr, lse_ptr, delta_ptr, part_k_ptr, part_v_ptr,
-    stride_q_b, stride_q_h, stride_q_m, stride_q_d,
+    stride_q_b, stride_q_h, stride_q_s, stride_q_d,
     stride_pk_n, stride_pk_h, stride_pk_p, stride_pk_d,
     stride_pv_n, stride_pv_h, stride_pv_p, stride_pv_d,
-    stride_do_b, stride_do_h, stride_do_m, stride_do_d,
+    stride_do_b, stride_do_h, stride_do_s, stride_do_d,
     HKV, G, SQ, P, N_ENTRIES, SPLITS, qk_scale, sm_scale, SEQ_BUCKET,
     HAS_PIDX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -181,9 +183,9 @@ def _split_bwd_dprefix(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < SQ
             md_ok = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_m
+            q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_s
                         + offs_d[None, :] * stride_q_d, mask=md_ok, other=0.0)
-            do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_m
+            do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_s
                          + offs_d[None, :] * stride_do_d, mask=md_ok, other=0.0)
             lse = tl.load(lse_ptr + bh * SQ + offs_m, mask=m_ok, other=0.0) * KERNEL_LOG2E
             delta = tl.load(delta_ptr + bh * SQ + offs_m, mask=m_ok, other=0.0)
@@ -200,12 +202,12 @@ def _split_bwd_dprefix(
 @triton.jit
 def _split_bwd_onepass(
     q_ptr, pk_ptr, pv_ptr, pidx_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, part_k_ptr, part_v_ptr,
-    stride_q_b, stride_q_h, stride_q_m, stride_q_d,
+    stride_q_b, stride_q_h, stride_q_s, stride_q_d,
     stride_pk_n, stride_pk_h, stride_pk_p, stride_pk_d,
     stride_pv_n, stride_pv_h, stride_pv_p, stride_pv_d,
-    stride_o_b, stride_o_h, stride_o_m, stride_o_d,
-    stride_do_b, stride_do_h, stride_do_m, stride_do_d,
-    stride_dq_b, stride_dq_h, stride_dq_m, stride_dq_d,
+    stride_o_b, stride_o_h, stride_o_s, stride_o_d,
+    stride_do_b, stride_do_h, stride_do_s, stride_do_d,
+    stride_dq_b, stride_dq_h, stride_dq_s, stride_dq_d,
     HKV, G, SQ, P, N_ENTRIES, SPLITS, qk_scale, sm_scale, SEQ_BUCKET,
     DQ_GRAD: tl.constexpr, HAS_PIDX: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -241,11 +243,11 @@ def _split_bwd_onepass(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < SQ
             md_ok = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_m
+            q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_s
                         + offs_d[None, :] * stride_q_d, mask=md_ok, other=0.0)
-            do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_m
+            do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_s
                          + offs_d[None, :] * stride_do_d, mask=md_ok, other=0.0)
-            o = tl.load(o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_m
+            o = tl.load(o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_s
                         + offs_d[None, :] * stride_o_d, mask=md_ok, other=0.0)
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
             lse = tl.load(lse_ptr + bh * SQ + offs_m, mask=m_ok, other=0.0) * KERNEL_LOG2E
@@ -256,7 +258,7 @@ def _split_bwd_onepass(
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
             if DQ_GRAD:
-                dq_ptrs = (dq_ptr + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_m
+                dq_ptrs = (dq_ptr + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_s
                            + offs_d[None, :] * stride_dq_d)
                 dq = tl.dot(ds.to(pk.dtype), pk, input_precision=PREC) * sm_scale
                 total = tl.load(dq_ptrs, mask=md_ok, other=0.0).to(tl.float32) + dq
