@@ -22,8 +22,7 @@ from .prefix_attention_inputs import (as_prefix_index, check_features, check_inp
                                       triton_unsupported_reason as _triton_unsupported_reason)
 from .reference import reference_prefix_attention
 from .utils import (LOG2E, cdiv, head_dim_class, interpreting as _interpreting, l2_cache_bytes, seq_bucket,
-                    sm_count,
-                    warn_once as _warn_once)
+                    sm_count, warn_once as _warn_once)
 
 
 # --------------------------------------------------------------------------------------------

@@ -237,7 +237,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, stride_k_n, stride_k_d, stride_v_
 
 
 @_derive
-@triton.jit(do_not_specialize=["seed", "rng_offset"])
+# the schedule ints vary with the batch: unspecialized, one compile for every batch size
+@triton.jit(do_not_specialize=["seed", "rng_offset", "num_rows", "l2_rows", "min_programs"])
 def prefix_attn_fwd(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, seg_ptr, o_ptr, lse_ptr,
     stride_q_b, stride_q_h, stride_q_s, stride_q_d,
@@ -369,7 +370,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, stride_k_n, stride_k_d, s
 
 
 @_derive
-@triton.jit(do_not_specialize=["seed", "rng_offset"])
+# the schedule ints vary with the batch: unspecialized, one compile for every batch size
+@triton.jit(do_not_specialize=["seed", "rng_offset", "num_rows", "l2_rows", "min_programs"])
 def prefix_attn_bwd_dq(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, seg_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr,
     dq_ptr,
@@ -518,7 +520,8 @@ def _bwd_kv_inner(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr, seg_row
 
 
 @_derive
-@triton.jit(do_not_specialize=["seed", "rng_offset"])
+# the schedule ints vary with the batch: unspecialized, one compile for every batch size
+@triton.jit(do_not_specialize=["seed", "rng_offset", "num_rows", "l2_rows", "min_programs"])
 def prefix_attn_bwd_dkdv(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, seg_ptr, seg_last_ptr, do_ptr, lse_ptr,
     delta_ptr, dk_ptr, dv_ptr, part_k_ptr, part_v_ptr, dq_acc_ptr,
