@@ -46,7 +46,7 @@ from .request import Completion, EngineClosed, QueueFull, Request
 from .rows import BankRows, free_names
 from .sampling import SamplingParams, sample
 from .step import SAMPLING, StepOptions, engine_step, sampling_variant
-from .text import Detokenizer, Tokenizer
+from .text import Detokenizer, Tokenizer, chat_token_ids, prompt_token_ids
 from .validation import check_request
 
 log = logging.getLogger("prefix_kernels.serve")
@@ -256,21 +256,12 @@ class Engine:
 
         Raises UnknownPrefix, PromptTooLong, QueueFull, EngineClosed or ValueError; never blocks.
         """
-        return self._submit_ids(self._token_ids(prompt), prefix, params or SamplingParams(), stream)
-
-    def _token_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer: pass tokenizer=... or token ids")
-            return self.tokenizer.encode(prompt)
-        return list(prompt)
+        return self._submit_ids(prompt_token_ids(prompt, self.tokenizer), prefix, params or SamplingParams(), stream)
 
     def submit_chat(self, messages: list[dict], prefix: str, params: SamplingParams | None = None, *,
                     stream: bool = False) -> Request:
         """Queue a chat request: messages [{"role", "content"}] through the tokenizer's chat template."""
-        if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer")
-        return self._submit_ids(self.tokenizer.encode_chat(messages), prefix, params or SamplingParams(), stream)
+        return self._submit_ids(chat_token_ids(messages, self.tokenizer), prefix, params or SamplingParams(), stream)
 
     def _submit_ids(self, ids, prefix, params, stream):
         check_request(ids, params, self.vocab_size, self.max_seq_len, self.tokenizer is not None)
@@ -297,7 +288,7 @@ class Engine:
         the rows already decoding."""
         if isinstance(prefixes, str):
             prefixes = [prefixes] * len(prompts)
-        ids = [self._token_ids(p) for p in prompts]
+        ids = [prompt_token_ids(p, self.tokenizer) for p in prompts]
         with self._lock:
             reqs = [self.submit(i, prefix, params) for i, prefix in zip(ids, prefixes, strict=True)]
         if self._thread is None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from .request import EngineClosed, QueueFull, Request, UnknownPrefix
 from .rows import BankFull
 from .sampling import SamplingParams
-from .text import Tokenizer
+from .text import Tokenizer, chat_token_ids, prompt_token_ids
 from .validation import check_request
 
 log = logging.getLogger("prefix_kernels.serve")
@@ -263,16 +263,10 @@ class EngineProcess:
 
     def submit(self, prompt, prefix: str, params: SamplingParams | None = None, *, stream: bool = False):
         """As Engine.submit (the same errors, raised here); never blocks on the engine."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer: pass tokenizer=... or token ids")
-            prompt = self.tokenizer.encode(prompt)
-        return self._submit_ids(list(prompt), prefix, params or SamplingParams(), stream)
+        return self._submit_ids(prompt_token_ids(prompt, self.tokenizer), prefix, params or SamplingParams(), stream)
 
     def submit_chat(self, messages, prefix: str, params: SamplingParams | None = None, *, stream: bool = False):
-        if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer")
-        return self._submit_ids(self.tokenizer.encode_chat(messages), prefix, params or SamplingParams(), stream)
+        return self._submit_ids(chat_token_ids(messages, self.tokenizer), prefix, params or SamplingParams(), stream)
 
     def _submit_ids(self, ids, prefix, params, stream):
         check_request(ids, params, self.vocab_size, self.max_seq_len, self.tokenizer is not None)

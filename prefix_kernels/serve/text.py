@@ -130,3 +130,19 @@ class Detokenizer:
         end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
         out, self.sent = self.text[self.sent:end], end
         return out
+
+
+def prompt_token_ids(prompt, tokenizer: "Tokenizer | None") -> list[int]:
+    """A prompt as token ids: text through the tokenizer, or a sequence of ids as a list."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer: pass tokenizer=... or token ids")
+        return tokenizer.encode(prompt)
+    return list(prompt)
+
+
+def chat_token_ids(messages, tokenizer: "Tokenizer | None") -> list[int]:
+    """Chat messages [{"role", "content"}] as token ids, through the tokenizer's chat template."""
+    if tokenizer is None:
+        raise ValueError("chat needs a tokenizer")
+    return tokenizer.encode_chat(messages)
