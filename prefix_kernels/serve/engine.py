@@ -308,6 +308,12 @@ class Engine:
         """Requests queued for a slot."""
         return len(self._waiting)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine takes requests (not closed); EngineProcess's also turns False when
+        its process dies."""
+        return not self._closed
+
     def has_work(self) -> bool:
         """Whether a step would do anything (requests waiting, running or a step in flight)."""
         return bool(self._waiting) or self.num_active > 0 or self._pending is not None

@@ -420,7 +420,7 @@ class Server:
         if self.draining:
             return _json_response(503, {"status": "draining", "running": eng.num_active, "waiting": eng.num_waiting},
                                   {"Retry-After": "1"})
-        if not getattr(eng, "alive", True):          # an engine process that died
+        if not eng.alive:                            # an engine process that died
             return _json_response(503, {"status": "engine down", "running": 0, "waiting": 0})
         return _json_response(200, {"status": "ok", "running": eng.num_active, "waiting": eng.num_waiting,
                                     "max_batch": eng.max_batch})
