@@ -150,3 +150,35 @@ def wait_until(cond, timeout=10.0):
 
 def completion(prompt="hello", model="a", **kw):
     return {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, **kw}
+
+
+# the functions that may read a tensor on the host in an engine step: the step's tokens
+# (_collect, the prefill's first tokens), the prefill's host-built inputs, the range checks and the
+# reference kernels that run only for CPU tensors (never for the device tensors of a GPU engine)
+HOST_READERS = {"_collect", "_prefill_forward", "_first_tokens", "_index_on_device", "check_inputs",
+                "_check_index_values", "reference_decode_attention", "reference_prefix_attention",
+                "visible_keys_mask"}
+
+
+def host_reads(monkeypatch, engine, reqs):
+    """Step `engine` until `reqs` are done; (steps, [(read, function, file:line)] of every host
+    read of a tensor meanwhile). On a GPU each read is a sync that stalls the step pipeline."""
+    import traceback
+
+    reads = []
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _original=original, _name=name, **kw):
+            caller = traceback.extract_stack(limit=2)[0]
+            reads.append((_name, caller.name, f"{caller.filename.rsplit('/', 1)[-1]}:{caller.lineno}"))
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    steps = 0
+    try:
+        while not all(r.done for r in reqs):
+            engine.step()
+            steps += 1
+    finally:
+        monkeypatch.undo()
+    return steps, reads

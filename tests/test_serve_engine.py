@@ -342,36 +342,15 @@ def test_a_long_prompt_does_not_stall_decoding_rows():
     assert running.result().token_ids == alone(PROMPTS[1], "a", params).token_ids
 
 
-# the functions that may read a tensor on the host in a step: the step's tokens (_collect, and the
-# prefill's first tokens and its host-built index tensors), the range checks and the reference
-# kernels that run only for CPU tensors (never for the device tensors of a GPU engine)
-_HOST_READERS = {"_collect", "_prefill_forward", "_index_on_device", "check_inputs", "_check_index_values",
-                 "reference_decode_attention", "reference_prefix_attention", "visible_keys_mask"}
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_a_step_reads_tensors_on_the_host_only_to_hand_out_tokens(family, monkeypatch):
     """On a GPU every host read of a device tensor is a sync that stalls the step pipeline (the
     patched model's padding check read the prefill's all-ones mask: one sync per prefill)."""
-    import traceback
+    from serve_utils import HOST_READERS, host_reads
 
     eng = engine(family, max_seq_len=64, prefill_chunk=8)
-    reqs = [eng.submit(p, n, GREEDY) for p, n in zip(PROMPTS, "abca")]
-    reads = []
-    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *a, _original=original, _name=name, **kw):
-            caller = traceback.extract_stack(limit=2)[0]
-            reads.append((_name, caller.name, f"{caller.filename.rsplit('/', 1)[-1]}:{caller.lineno}"))
-            return _original(self, *a, **kw)
-        monkeypatch.setattr(torch.Tensor, name, spy)
-    steps = 0
-    while not all(r.done for r in reqs):
-        eng.step()
-        steps += 1
-    monkeypatch.undo()
-    assert [r for r in reads if r[1] not in _HOST_READERS] == []
+    steps, reads = host_reads(monkeypatch, eng, [eng.submit(p, n, GREEDY) for p, n in zip(PROMPTS, "abca")])
+    assert [r for r in reads if r[1] not in HOST_READERS] == []
     assert steps > 8 and ("tolist", "_collect") in {r[:2] for r in reads}      # the spy saw the reads
 
 

@@ -82,6 +82,9 @@ def plan_seq2seq(model, sites=None) -> _Plan:
     links, layout, geometry = [], {}, set()
     for site in SITE_ORDER:
         if site not in chosen:
+            # linked without a bank layer: these fall through to SDPA unless a caller's attention
+            # hook (the serving engine's cache) takes every attention of the model
+            links.extend((module, None, site == "decoder") for module in found[site])
             continue
         start = sum(layout.values())
         layout[site] = len(found[site])

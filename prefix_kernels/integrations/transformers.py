@@ -75,7 +75,7 @@ class _PatchState:
 @dataclass
 class _LayerLink:
     state: _PatchState
-    layer_idx: int          # the layer's index on the bank's layer axis
+    layer_idx: int | None   # the layer's index on the bank's layer axis; None: a site without a prefix
     causal: bool = True     # False: encoder self-attention, decoder cross-attention
 
 
@@ -155,10 +155,15 @@ def prefix_attention_forward(module, query, key, value, attention_mask, dropout=
     window go to the fused op; the prefix stays visible through any window. A packed batch
     (segments found by the pre-hook) attends within its documents."""
     link = module.__dict__.get(_LINK_ATTR)
-    if link is None or getattr(module, "is_cross_attention", False):
+    unprefixed = link is not None and link.layer_idx is None
+    if (link is None or getattr(module, "is_cross_attention", False)
+            or (unprefixed and link.state.attention_hook is None)):
         return _fall_through(module, query, key, value, attention_mask, dropout=dropout,
                              scaling=scaling, softcap=softcap, **kwargs)
     state, name = link.state, type(module).__name__
+    if unprefixed:      # an encoder-decoder site without a prefix, under a caller's hook (its cache)
+        out = state.attention_hook(module, None, query, key, value, None, None, state.index, scaling)
+        return out.transpose(1, 2).contiguous(), None
     if state.prefix is None:
         raise RuntimeError(f"{name} runs the prefix attention outside the patched model's forward; "
                            "call the patched model itself (model(...) or model.generate(...))")
@@ -437,7 +442,7 @@ class _Plan:
     """What patch_model needs from a model: which attention module reads which bank layer
     (and whether causally), the bank's geometry and sites, and the hooks to install."""
     family: Family
-    links: list                 # (attention module, bank layer, causal)
+    links: list                 # (attention module, bank layer or None for a site without a prefix, causal)
     sites: dict                 # site -> layer count, in bank order
     num_kv_heads: int
     head_dim: int
@@ -597,7 +602,8 @@ def set_attention_hook(model, hook) -> None:
     hook(module, layer_idx, query, key, value, prefix_k, prefix_v, prefix_index, scale) gets the
     layer's new query [B, Hq, Sq, D] and key/value [B, Hkv, Sq, D] (after rotary, before any GQA
     repeat), its bank view [N, Hkv, P, D] and the per-row entry index ([B] or None), and returns
-    [B, Hq, Sq, D]. The attention mask is not passed: the hook owns its keys (a serving engine's
+    [B, Hq, Sq, D]. An encoder-decoder model's attention at a site without a prefix calls it too,
+    with layer_idx, prefix_k and prefix_v None. The attention mask is not passed: the hook owns its keys (a serving engine's
     static KV cache, say). Prefix ids and position offsets are resolved as for any forward.
     """
     state = model.__dict__.get(_STATE_ATTR)

@@ -66,6 +66,7 @@ class Limits:
     max_seq_len: int
     max_tokens_cap: int           # max_tokens at most (also the chat default)
     max_prompt_bytes: int         # UTF-8 bytes of the prompt (all messages), checked before tokenizing
+    max_prompt_len: int | None = None     # prompt tokens at most (None: max_seq_len - 1)
     default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
 
 
@@ -186,9 +187,11 @@ def _prompt(body, limits: Limits):
                                 f" (--max-prompt-bytes)", param="prompt", code="context_length_exceeded")
         return prompt, size
     if isinstance(prompt, list) and prompt:
-        if len(prompt) >= limits.max_seq_len:
-            raise ApiError(400, f"the prompt has {len(prompt)} tokens but the context is {limits.max_seq_len} "
-                                f"tokens (prompt + output)", param="prompt", code="context_length_exceeded")
+        most = limits.max_seq_len - 1 if limits.max_prompt_len is None else limits.max_prompt_len
+        if len(prompt) > most:
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens but this model takes at most {most} prompt "
+                                f"tokens (its context is {limits.max_seq_len} tokens of prompt + output, or its "
+                                "encoder's input)", param="prompt", code="context_length_exceeded")
         if all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < limits.vocab_size for t in prompt):
             return prompt, 0
         raise ApiError(400, f"token ids in 'prompt' must be integers in [0, {limits.vocab_size})", param="prompt")

@@ -111,7 +111,7 @@ class Engine:
         if not self._auto_wait and not (isinstance(prefill_wait, (int, float)) and 0.0 <= prefill_wait < float("inf")):
             raise ValueError(f"Engine: prefill_wait must be a finite number of seconds >= 0 or 'auto', "
                              f"got {prefill_wait!r}")
-        _check_servable(model.config)
+        self._check_model(model.config)
         self.model = model.eval()
         offset, source = None, prefixes
         patched = hf.get_prefix_bank(model) if hf.is_patched(model) else None
@@ -129,7 +129,7 @@ class Engine:
         self._forward_cost = 0.0        # a running mean of a prefill forward's seconds ("auto")
         capacity = max(int(max_prefixes), len(entries))
         hf.patch_model(model, prefix_len, init="zeros", names=free_names(capacity), position_offset=offset,
-                       backend=backend)
+                       backend=backend, **self._patch_options(entries))
         self.bank: PrefixBank = hf.get_prefix_bank(model)
         weight = model.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -148,20 +148,7 @@ class Engine:
         for name, entry in entries.items():
             self._install(name, entry)
 
-        bank = self.bank
-        self.cache = KVCache(bank.num_layers, self.max_batch, bank.num_kv_heads, self.max_seq_len, bank.head_dim,
-                             num_q_heads=model.config.num_attention_heads, dtype=self.dtype, device=self.device)
-        hf.set_attention_hook(model, CacheAttention(self.cache, backend))
-        self.decode_step = engine_step(decode_step, model, self.cache, self.bank, offset=self.offset,
-                                       backend=backend)
-        self.prefill_step = None
-        if compiled_prefill:
-            if self.decode_step is None:
-                hf.unpatch_model(model)
-                raise ValueError("Engine: compiled_prefill=True needs the hand-fused decode step "
-                                 f"(decode_step={decode_step!r} gives the model's own modules here); "
-                                 "pass decode_step='compiled' on CUDA or a StepOptions")
-            self.prefill_step = PrefillStep(self.decode_step)
+        self._build_forward(model, backend, decode_step, compiled_prefill)
         self._model_eos = frozenset(_eos_ids(getattr(model, "generation_config", None)))
         self.tokenizer = None if tokenizer is None else Tokenizer(tokenizer, self._model_eos)
         self.vocab_size = model.config.vocab_size
@@ -206,11 +193,49 @@ class Engine:
         self.prefill_forwards = 0
         self.prefill_seconds = 0.0
 
+    # what bounds a prompt's length, for PromptTooLong's message
+    prompt_bound = "max_seq_len"
+
     @property
     def eos_token_ids(self) -> frozenset:
         """Token ids that end a request (unless ignore_eos): the tokenizer's, which include the
         model's generation config's, or those alone when the engine works on token ids."""
         return self.tokenizer.eos_token_ids if self.tokenizer is not None else self._model_eos
+
+    # -- construction: what a subclass for another kind of model replaces ----------------------
+
+    def _check_model(self, config) -> None:
+        _check_servable(config)
+
+    def _patch_options(self, entries: dict[str, PrefixSource]) -> dict:
+        """Extra patch_model arguments for the bank that holds these prefixes."""
+        return {}
+
+    @property
+    def max_prompt_len(self) -> int:
+        """Prompt tokens a request may have (the rest of max_seq_len is for its output)."""
+        return self.max_seq_len - 1
+
+    def _build_forward(self, model, backend, decode_step, compiled_prefill) -> None:
+        """The KV cache, the layers' attention over it, and the decode (and prefill) steps."""
+        bank = self.bank
+        self.cache = KVCache(bank.num_layers, self.max_batch, bank.num_kv_heads, self.max_seq_len, bank.head_dim,
+                             num_q_heads=model.config.num_attention_heads, dtype=self.dtype, device=self.device)
+        hf.set_attention_hook(model, CacheAttention(self.cache, backend))
+        self.decode_step = engine_step(decode_step, model, self.cache, self.bank, offset=self.offset,
+                                       backend=backend)
+        self.prefill_step = None
+        if compiled_prefill:
+            if self.decode_step is None:
+                hf.unpatch_model(model)
+                raise ValueError("Engine: compiled_prefill=True needs the hand-fused decode step "
+                                 f"(decode_step={decode_step!r} gives the model's own modules here); "
+                                 "pass decode_step='compiled' on CUDA or a StepOptions")
+            self.prefill_step = PrefillStep(self.decode_step)
+
+    def _cached_tokens(self, req: Request) -> int:
+        """Tokens of `req` in the KV cache once its prompt is in (before its first output)."""
+        return len(req.prompt_ids)
 
     # -- construction checks -----------------------------------------------------------------
 
@@ -264,7 +289,8 @@ class Engine:
         return self._submit_ids(chat_token_ids(messages, self.tokenizer), prefix, params or SamplingParams(), stream)
 
     def _submit_ids(self, ids, prefix, params, stream):
-        check_request(ids, params, self.vocab_size, self.max_seq_len, self.tokenizer is not None)
+        check_request(ids, params, self.vocab_size, self.max_prompt_len, self.tokenizer is not None,
+                      bound=self.prompt_bound)
         with self._cv:
             if self._closed:
                 raise EngineClosed()
@@ -473,7 +499,7 @@ class Engine:
         for chunk, token in tokens:
             req = chunk.req
             self._prefilling.remove(req)
-            length = len(req.prompt_ids)
+            length = self._cached_tokens(req)
             self._h[:, req.slot] = (length, length + 1, req.row, 1)
             self._live[req.slot] = 1
             self._append(req, token)
@@ -511,7 +537,13 @@ class Engine:
                 logits = out.logits[torch.tensor(finals, device=dev), torch.tensor(ends, device=dev)] if finals else None
         if not finals:
             return []
-        reqs = [group[i].req for i in finals]
+        tokens = self._first_tokens([group[i].req for i in finals], logits)
+        return list(zip([group[i] for i in finals], tokens))
+
+    def _first_tokens(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
+        """Sample each request's first token from its prompt's last logits [n, vocab]; sets the
+        slots' sampling parameters and the token buffer the decode step reads."""
+        dev = self.device
         slots = torch.tensor([r.slot for r in reqs], device=dev)
         self._temperature[slots] = torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32, device=dev)
         self._top_p[slots] = torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=dev)
@@ -519,7 +551,7 @@ class Engine:
         self._seeds[slots] = torch.tensor([r.params.seed for r in reqs], dtype=torch.long, device=dev)
         tokens = self._sample(logits, slots, torch.zeros(len(reqs), dtype=torch.long, device=dev), reqs)
         self._tokens[slots, 0] = tokens
-        return list(zip([group[i] for i in finals], tokens.tolist()))
+        return tokens.tolist()
 
     # -- decode --------------------------------------------------------------------------------
 
@@ -659,7 +691,7 @@ class Engine:
         stopped = req.detok is not None and req.detok.add(token)
         if stopped:
             self._finish(req, "stop")
-        elif len(req.output_ids) >= params.max_tokens or len(req.prompt_ids) + len(req.output_ids) > self.max_seq_len:
+        elif len(req.output_ids) >= params.max_tokens or self._cached_tokens(req) + len(req.output_ids) > self.max_seq_len:
             # the next step would write this token at position max_seq_len: past the cache
             self._finish(req, "length")
         elif req.stream:
@@ -680,12 +712,20 @@ class Engine:
         req.finish(reason, error)
 
 
+def serve_engine(model, prefixes=None, **kwargs) -> Engine:
+    """The engine for `model`: Seq2SeqEngine for an encoder-decoder model, else Engine."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        from .seq2seq_engine import Seq2SeqEngine
+        return Seq2SeqEngine(model, prefixes, **kwargs)
+    return Engine(model, prefixes, **kwargs)
+
+
 def _check_servable(config) -> None:
     """Refuse, before anything is patched, a model the engine's decode path cannot run exactly."""
     model_type = getattr(config, "model_type", None)
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"the serving engine runs decoder-only models; {model_type} is an encoder-decoder model "
-                         "(use patch_model + model.generate for it)")
+        raise ValueError(f"Engine runs decoder-only models; {model_type} is an encoder-decoder model: serve it "
+                         "with Seq2SeqEngine (prefix_kernels.serve.Seq2SeqEngine, or serve_engine(model, ...))")
     if model_type not in hf.FAMILIES:
         raise ValueError(f"the serving engine does not support model_type {model_type!r}; it serves "
                          f"{', '.join(sorted(hf.FAMILIES))}")

@@ -20,7 +20,8 @@ def _parser():
     p = argparse.ArgumentParser(prog="prefix-kernels serve", formatter_class=HelpFormatter,
                                 description="OpenAI-compatible server, one model per prefix (the request's 'model' "
                                 "field picks the prefix)")
-    p.add_argument("--model", help="a transformers causal LM (folder or hub id); omit for a tiny CPU demo")
+    p.add_argument("--model", help="a transformers causal LM, or an encoder-decoder LM such as BART (folder or hub "
+                   "id); omit for a tiny CPU demo")
     p.add_argument("--prefix", action="append", default=[], metavar="NAME=DIR",
                    help="a prefix-tuning adapter (PEFT format) served as model NAME; repeat for more")
     p.add_argument("--tokenizer", help="tokenizer folder or id (default: --model)")
@@ -28,7 +29,11 @@ def _parser():
     p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
     g = p.add_argument_group("engine")
     g.add_argument("--max-batch", type=int, default=32, help="concurrent requests (KV-cache slots)")
-    g.add_argument("--max-seq-len", type=int, default=2048, help="prompt + output tokens per request")
+    g.add_argument("--max-seq-len", type=int, default=2048,
+                   help="prompt + output tokens per request (encoder-decoder models: the decoder's tokens)")
+    g.add_argument("--max-source-len", type=int,
+                   help="encoder-decoder models: source tokens per request (default: the model's position limit, "
+                        "at most 1024)")
     g.add_argument("--max-prefixes", type=int, default=64, help="bank capacity (prefixes added later included)")
     g.add_argument("--queue-size", type=int, default=256, help="waiting requests before 429")
     g.add_argument("--prefill-chunk", type=int, default=2048,
@@ -115,7 +120,7 @@ def build(args):
     """(engine, model name) from parsed arguments."""
     import torch
 
-    from .engine import Engine
+    from .engine import serve_engine
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
@@ -123,18 +128,28 @@ def build(args):
     if args.model is None:
         model, prefixes, tokenizer = demo_engine_inputs(_named_dirs(args.prefix))
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         prefixes = _named_dirs(args.prefix)
         if not prefixes:
             raise SystemExit("serve needs at least one --prefix NAME=DIR (a prefix-tuning adapter)")
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        seq2seq = getattr(AutoConfig.from_pretrained(args.model), "is_encoder_decoder", False)
+        loader = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+        model = loader.from_pretrained(args.model, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     model = model.to(device, dtype)
-    engine = Engine(model, prefixes, tokenizer=tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                    max_prefixes=args.max_prefixes, queue_size=args.queue_size, prefill_chunk=args.prefill_chunk,
-                    prefill_wait=args.prefill_wait, cuda_graphs=False if args.no_cuda_graphs else None, decode_step=args.decode_step)
-    return engine, model_name(args)
+    options = dict(tokenizer=tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                   max_prefixes=args.max_prefixes, queue_size=args.queue_size, prefill_chunk=args.prefill_chunk,
+                   prefill_wait=args.prefill_wait, cuda_graphs=False if args.no_cuda_graphs else None,
+                   decode_step=args.decode_step)
+    if getattr(model.config, "is_encoder_decoder", False):
+        if args.decode_step == "compiled":
+            raise SystemExit("--decode-step compiled covers decoder-only models; an encoder-decoder model runs "
+                             "its own modules (auto or eager)")
+        options["max_source_len"] = args.max_source_len
+    elif args.max_source_len is not None:
+        raise SystemExit("--max-source-len is for encoder-decoder models (their encoder's input)")
+    return serve_engine(model, prefixes, **options), model_name(args)
 
 
 def model_name(args) -> str:

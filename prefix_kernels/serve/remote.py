@@ -121,6 +121,7 @@ def _child_main(factory, args, kwargs, commands, updates) -> None:
         engine = factory(*args, **kwargs)
         tok = engine.tokenizer
         info = {"prefixes": engine.prefixes, "max_batch": engine.max_batch, "max_seq_len": engine.max_seq_len,
+                "max_prompt_len": engine.max_prompt_len, "prompt_bound": engine.prompt_bound,
                 "vocab_size": engine.vocab_size, "queue_size": engine.queue_size,
                 "tokenizer": None if tok is None else tok.inner, "eos": sorted(engine.eos_token_ids)}
         updates.send(("ready", info))
@@ -214,6 +215,7 @@ class EngineProcess:
             raise RuntimeError(f"the engine process failed to start: {msg[1]}")
         info = msg[1]
         self.max_batch, self.max_seq_len = info["max_batch"], info["max_seq_len"]
+        self.max_prompt_len, self.prompt_bound = info["max_prompt_len"], info["prompt_bound"]
         self.vocab_size, self.queue_size = info["vocab_size"], info["queue_size"]
         self._prefixes = list(info["prefixes"])
         eos = frozenset(info["eos"])
@@ -269,7 +271,8 @@ class EngineProcess:
         return self._submit_ids(chat_token_ids(messages, self.tokenizer), prefix, params or SamplingParams(), stream)
 
     def _submit_ids(self, ids, prefix, params, stream):
-        check_request(ids, params, self.vocab_size, self.max_seq_len, self.tokenizer is not None)
+        check_request(ids, params, self.vocab_size, self.max_prompt_len, self.tokenizer is not None,
+                      bound=self.prompt_bound)
         with self._lock:
             if not self.alive:
                 raise EngineClosed()

@@ -18,10 +18,16 @@ class UnknownPrefix(KeyError):
 
 
 class PromptTooLong(ValueError):
-    def __init__(self, length, limit):
-        self.length, self.limit = length, limit
-        super().__init__(f"the prompt has {length} tokens but the engine's max_seq_len is {limit} "
-                         f"(prompt + output); use at most {limit - 1} prompt tokens")
+    """A prompt of `length` tokens where the engine takes at most `limit`; `bound` names the
+    engine's setting behind the limit: "max_seq_len" (prompt + output, a decoder-only engine) or
+    "max_source_len" (the encoder's input, an encoder-decoder engine)."""
+
+    def __init__(self, length, limit, bound: str = "max_seq_len"):
+        self.length, self.limit, self.bound = length, limit, bound
+        what = (f"max_seq_len is {limit + 1} (prompt + output)" if bound == "max_seq_len"
+                else f"{bound} is {limit} (the encoder's input)")
+        super().__init__(f"the prompt has {length} tokens but the engine's {what}; use at most {limit} "
+                         "prompt tokens")
 
 
 class QueueFull(RuntimeError):

@@ -131,7 +131,8 @@ class Server:
         prompt_bytes = cfg.max_prompt_bytes or 32 * engine.max_seq_len
         self.max_body = cfg.max_body_bytes or max(1 << 20, 8 * prompt_bytes)
         cap = min(cfg.max_tokens_cap or engine.max_seq_len, engine.max_seq_len)
-        self.limits = Limits(vocab_size=engine.vocab_size, max_seq_len=engine.max_seq_len, max_tokens_cap=cap,
+        self.limits = Limits(vocab_size=engine.vocab_size, max_seq_len=engine.max_seq_len,
+                             max_prompt_len=engine.max_prompt_len, max_tokens_cap=cap,
                              max_prompt_bytes=prompt_bytes)
         self.clients = ClientLimits(cfg.client_max_requests, cfg.client_max_tokens)
         self.metrics = Metrics()

@@ -44,16 +44,18 @@ def check_sampling_params(params, vocab_size: int) -> None:
         raise ValueError(f"stop must be a list of strings, got {type(stop).__name__}")
 
 
-def check_request(ids, params, vocab_size: int, max_seq_len: int, has_tokenizer: bool) -> None:
-    """Raise ValueError (PromptTooLong for a long prompt) unless `ids` is a prompt the engine
-    can take and `params` are in range (check_sampling_params)."""
+def check_request(ids, params, vocab_size: int, max_prompt_len: int, has_tokenizer: bool,
+                  bound: str = "max_seq_len") -> None:
+    """Raise ValueError (PromptTooLong, naming the engine's `bound`, for a prompt over
+    max_prompt_len tokens) unless `ids` is a prompt the engine can take and `params` are in range
+    (check_sampling_params)."""
     if not ids:
         raise ValueError("the prompt is empty")
     bad = [i for i in ids if not 0 <= int(i) < vocab_size]
     if bad:
         raise ValueError(f"token id {bad[0]} is out of range for a vocabulary of {vocab_size}")
-    if len(ids) >= max_seq_len:
-        raise PromptTooLong(len(ids), max_seq_len)
+    if len(ids) > max_prompt_len:
+        raise PromptTooLong(len(ids), max_prompt_len, bound)
     check_sampling_params(params, vocab_size)
     if params.stop and not has_tokenizer:
         raise ValueError("stop strings need a tokenizer")
