@@ -1,6 +1,6 @@
 """`prefix-kernels`: the command line.
 
-    prefix-kernels bench {attention,training,decode,decode-kernel,serve,scaling} [options]
+    prefix-kernels bench {attention,training,decode,decode-kernel,seq2seq,serve,scaling} [options]
     prefix-kernels train [options]       # no options: a demo on the CPU
     prefix-kernels serve [options]       # no options: a demo on the CPU
     prefix-kernels info
@@ -28,6 +28,8 @@ BENCHES = {
                                                   "loss vs time; several tasks in one run"),
     "decode": ("prefix_kernels.bench.decode", "end-to-end generation: the serving engine vs PEFT and HF generate"),
     "decode-kernel": ("prefix_kernels.bench.decode_kernel", "the decode kernel alone: CUDA vs Triton vs SDPA"),
+    "seq2seq": ("prefix_kernels.bench.seq2seq", "encoder-decoder generation (BART-large shape): Seq2SeqEngine vs "
+                                                "HF generate and PEFT"),
     "serve": ("prefix_kernels.bench.serve", "the HTTP server under concurrent clients vs the engine alone"),
     "scaling": ("prefix_kernels.bench.scaling", "training on 1 and 2 GPUs: DDP, FSDP2"),
 }

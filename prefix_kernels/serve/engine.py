@@ -237,6 +237,10 @@ class Engine:
         """Tokens of `req` in the KV cache once its prompt is in (before its first output)."""
         return len(req.prompt_ids)
 
+    def _text_context(self, prompt_ids: list[int]) -> list[int]:
+        """The tokens the output continues, which its first tokens are detokenized after."""
+        return prompt_ids
+
     # -- construction checks -----------------------------------------------------------------
 
     def _check_geometry(self, config):
@@ -297,7 +301,7 @@ class Engine:
             if len(self._waiting) >= self.queue_size:
                 raise QueueFull(self.queue_size)
             row = self.rows.acquire(str(prefix))
-            detok = None if self.tokenizer is None else Detokenizer(self.tokenizer, ids, params.stop)
+            detok = None if self.tokenizer is None else Detokenizer(self.tokenizer, self._text_context(ids), params.stop)
             req = Request(f"cmpl-{next(self._ids)}", [int(i) for i in ids], str(prefix), row, params, detok, stream,
                           self._cv)
             self._waiting.append(req)

@@ -119,7 +119,7 @@ class Seq2SeqEngine(Engine):
         # which the engine's forwards do not pass): set around each forward, None otherwise
         self._positions: torch.Tensor | None = None
         embed = model.get_decoder().embed_positions
-        embed.register_forward_hook(self._embed_positions, with_kwargs=True)
+        self._position_hook = embed.register_forward_hook(self._embed_positions, with_kwargs=True)
         # what the decode forward passes as the encoder's output: cross-attention reads the slots'
         # stored keys instead (one token, so the layers' projections of it cost nothing)
         self._encoder_stand_in = torch.zeros(self.max_batch, 1, config.d_model, dtype=self.dtype, device=self.device)
@@ -149,8 +149,16 @@ class Seq2SeqEngine(Engine):
         out = module.forward(first, 0, position_ids=(positions + self.offset).reshape(-1))
         return out.reshape(n, width, -1)
 
+    def close(self, timeout: float = 10.0) -> None:
+        """Engine.close, then the decoder's position embedding is the model's own again."""
+        super().close(timeout)
+        self._position_hook.remove()
+
     def _cached_tokens(self, req: Request) -> int:
         return len(self.decoder_start_ids)
+
+    def _text_context(self, prompt_ids: list[int]) -> list[int]:
+        return self.decoder_start_ids       # the output continues the decoder's start, not the source
 
     # -- prefill: whole sources, several per forward -------------------------------------------
 
