@@ -1,11 +1,15 @@
-"""`prefix-kernels train`: prefix-tune a causal LM on prompt/completion pairs, one prefix per task.
+"""`prefix-kernels train`: prefix-tune a causal LM or an encoder-decoder LM (BART, Pegasus, ...) on
+prompt/completion pairs, one prefix per task.
 
     prefix-kernels train --model PATH --data FILE.jsonl --prefix-len 32 --out DIR
     prefix-kernels train --model PATH --task support=support.jsonl --task legal=legal.jsonl --out DIR
     prefix-kernels train                  # the built-in demo on the CPU (tiny model, about a minute)
     prefix-kernels train --task a=a.jsonl --task b=b.jsonl     # your tasks on the demo model
 
-Each JSONL line is {"prompt": str, "completion": str}; the loss covers the completion only.
+Each JSONL line is {"prompt": str, "completion": str}; the loss covers the completion only. An
+encoder-decoder model reads the prompt with its encoder and learns the completion as the
+decoder's target (Li & Liang's summarization setting), with prefixes at the sites of --sites
+(default: encoder, decoder and cross-attention).
 Several tasks train in one run: each task is an entry of the prefix bank, each batch mixes the
 tasks' rows, and every row trains its own task's prefix in one pass of the frozen model.
 
@@ -41,8 +45,8 @@ from . import distributed as pd
 from .checkpoint import CHECKPOINT, load_for_resume, save_checkpoint, write_folder_atomically
 from .cli_common import UsageError, check_file, check_model_arg, first_line, parse_named
 from .cli_common import parser as cli_parser
-from .train_data import (BatchPlan, Example, collate, label_tokens, masked_row, read_jsonl, split_eval,
-                         tokenize)
+from .train_data import (BatchPlan, Example, collate, collate_seq2seq, label_tokens, masked_row, read_jsonl,
+                         split_eval, tokenize, tokenize_seq2seq)
 from .train_log import SCHEDULES, RunLog, lr_factor, progress_bar
 
 __all__ = ["add_arguments", "run", "main", "loss_sum", "evaluate", "read_jsonl", "CHECKPOINT"]
@@ -61,16 +65,50 @@ class _HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
+    def encode_special(self, text: str) -> list[int]:
+        """With the model's special tokens (an encoder-decoder's source and target: BART's <s> ... </s>)."""
+        return self.tok(text)["input_ids"]
+
 
 def loss_sum(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor,
-             prefix_ids: torch.Tensor | None = None) -> torch.Tensor:
+             prefix_ids: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of the next-token cross entropy over the labelled tokens (fp32), as HF's causal-LM
     loss before its mean: the caller divides by the token count of the whole (global) batch.
-    prefix_ids: [B] bank entry per row (None: entry 0)."""
+    prefix_ids: [B] bank entry per row (None: entry 0). An encoder-decoder model gets
+    decoder_input_ids (the labels shifted right): ids are its source, labels its target, unshifted."""
     extra = {} if prefix_ids is None else {"prefix_ids": prefix_ids}
+    if decoder_input_ids is not None:
+        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_input_ids, **extra).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                                 reduction="sum")
     logits = model(input_ids=ids, attention_mask=mask, **extra).logits
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                              ignore_index=-100, reduction="sum")
+
+
+class _Batches:
+    """How the run's rows become a step's tensors and token count: decoder-only rows, or an
+    encoder-decoder model's (source, target) rows when decoder_start_id is set."""
+
+    def __init__(self, pad_id: int, decoder_start_id: int | None = None):
+        self.pad_id, self.decoder_start_id = pad_id, decoder_start_id
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.decoder_start_id is not None
+
+    def loss(self, model, rows: list[Example], device, with_prefix_ids: bool = True) -> torch.Tensor:
+        """loss_sum of `rows` (prefix ids passed only when with_prefix_ids)."""
+        if self.seq2seq:
+            ids, mask, dec, labels, pids = (t.to(device) for t in collate_seq2seq(rows, self.pad_id,
+                                                                                   self.decoder_start_id))
+        else:
+            (ids, mask, labels, pids), dec = (t.to(device) for t in collate(rows, self.pad_id)), None
+        extra = {} if dec is None else {"decoder_input_ids": dec}
+        return loss_sum(model, ids, mask, labels, pids if with_prefix_ids else None, **extra)
+
+    def tokens(self, rows: list[Example]) -> int:
+        return label_tokens(rows, self.seq2seq)
 
 
 # -- the command line ---------------------------------------------------------------------------
@@ -91,6 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     prefix = parser.add_argument_group("prefix")
     prefix.add_argument("--prefix-len", type=int, default=None, help="prefix slots P (default 32; demo 16)")
     prefix.add_argument("--projection-hidden", type=int, default=None, help="MLP reparameterization size")
+    prefix.add_argument("--sites", default=None, help="encoder-decoder models: the prefixed attention, a comma list "
+                        "of encoder, decoder, cross (default: all three, as in Li & Liang; 'decoder' is PEFT's)")
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1 epoch; demo 300)")
     optim.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch and process")
@@ -203,9 +243,10 @@ def _to_argv(args, drop=()) -> list[str]:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, eval_sets: dict[str, list[Example]], batch_size: int, pad_id: int,
-             ctx: pd.Context) -> tuple[dict[str, float], float]:
+             ctx: pd.Context, decoder_start_id: int | None = None) -> tuple[dict[str, float], float]:
     """({task: token-mean loss}, token-mean loss over every task), each rank taking its share of
-    every global batch."""
+    every global batch. decoder_start_id: the rows are an encoder-decoder model's."""
+    batches = _Batches(pad_id, decoder_start_id)
     was_training = model.training
     model.eval()
     per_task, all_total, all_count = {}, 0.0, 0
@@ -214,9 +255,8 @@ def evaluate(model: torch.nn.Module, eval_sets: dict[str, list[Example]], batch_
         total, count = 0.0, 0
         for start in range(0, len(examples), size):
             rows = pd.shard(examples[start:start + size], ctx, masked_row)
-            ids, mask, labels, pids = (t.to(ctx.device) for t in collate(rows, pad_id))
-            total += loss_sum(model, ids, mask, labels, pids).item()
-            count += label_tokens(rows)
+            total += batches.loss(model, rows, ctx.device).item()
+            count += batches.tokens(rows)
         total, count = pd.all_sum([total, count], ctx)
         per_task[name] = total / max(count, 1)
         all_total, all_count = all_total + total, all_count + count
@@ -225,11 +265,12 @@ def evaluate(model: torch.nn.Module, eval_sets: dict[str, list[Example]], batch_
 
 
 def _load_model(args, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     try:
         tokenizer = _HFTokenizer(AutoTokenizer.from_pretrained(args.model))
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        seq2seq = getattr(AutoConfig.from_pretrained(args.model), "is_encoder_decoder", False)
+        model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(args.model, dtype=dtype)
     except OSError as e:        # not found locally nor on the Hub, offline, no tokenizer files...
         raise UsageError(f"--model {args.model}: cannot load it ({first_line(e)[:200]})") from None
     return tokenizer, model
@@ -262,21 +303,36 @@ def _train(args, tasks: dict[str, str], ctx: pd.Context) -> dict:
         prefix_len, lr, steps = args.prefix_len or 32, args.lr or 5e-3, args.steps
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     names = list(rows)
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    sites = _sites(args, model, seq2seq, ctx)
     model.to(dtype=dtype)
     # patched where it was loaded (the CPU); wrap() then moves it, or shards it onto the devices
     bank = pk.patch_model(model, prefix_len, projection_hidden=args.projection_hidden, backend=args.backend,
-                          names=names)
+                          names=names, **({"sites": sites} if seq2seq else {}))
     step_model = pd.wrap(model, ctx, args.strategy)
     if ctx.distributed:
         note(f"{ctx.world} processes on {device.type}, strategy {ctx.strategy}")
 
     limit = getattr(model.config, "max_position_embeddings", None)
-    max_tokens = args.max_length or (limit - prefix_len if limit else 4096)
+    batches = _Batches(pad_id, _decoder_start(model) if seq2seq else None)
+    if seq2seq:       # the encoder's positions, and the decoder's after the prefix offset
+        from .integrations.transformers import position_offset
+        max_source = args.max_length or limit or 1024
+        room = (limit or 1024) - position_offset(model)
+        if room < 2:
+            raise UsageError(f"{model.config.model_type} has {limit} decoder positions and its decoder's tokens start "
+                             f"at {position_offset(model)} (the prefix length, PEFT's offset): no room for a target; "
+                             "use a shorter --prefix-len")
+        max_target = args.max_length or room
+        make_examples = lambda rows_, source_, index_: tokenize_seq2seq(  # noqa: E731
+            rows_, tokenizer, max_source, max_target, source_, index_)
+    else:
+        max_tokens = args.max_length or (limit - prefix_len if limit else 4096)
+        make_examples = lambda rows_, source_, index_: tokenize(rows_, tokenizer, max_tokens, source_, index_)  # noqa: E731
     eval_sets, train_set = {}, []
     for index, name in enumerate(names):
         source = tasks.get(name, "demo")
-        held, kept = split_eval(tokenize(rows[name], tokenizer, max_tokens, source, index), args.eval_fraction,
-                                args.seed)
+        held, kept = split_eval(make_examples(rows[name], source, index), args.eval_fraction, args.seed)
         if not kept:
             raise UsageError(f"{source}: {len(rows[name])} example(s) leave nothing to train on after the "
                              "eval split")
@@ -317,7 +373,8 @@ def _train(args, tasks: dict[str, str], ctx: pd.Context) -> dict:
     log = RunLog(args.out, enabled=ctx.main, tensorboard=not args.no_tensorboard, note=note)
     log.write(start_step, event="start", resumed=start_step > 0, steps=steps, tasks=names, global_batch=global_batch)
     todo = steps - start_step
-    eval_before = evaluate(model, eval_sets, args.batch_size, pad_id, ctx) if eval_sets and todo > 0 else None
+    eval_before = (evaluate(model, eval_sets, args.batch_size, pad_id, ctx, batches.decoder_start_id)
+                   if eval_sets and todo > 0 else None)
     if eval_before is not None:
         log.write(start_step, eval_loss=eval_before[0])
     model.train()
@@ -326,12 +383,11 @@ def _train(args, tasks: dict[str, str], ctx: pd.Context) -> dict:
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
     for step in range(start_step, steps):
         batch = plan(step)
-        count = max(label_tokens(batch), 1)      # the global batch's, known to every rank without a collective
+        count = max(batches.tokens(batch), 1)    # the global batch's, known to every rank without a collective
         local = 0.0
         for start in range(0, len(batch), micro_rows):
             mine = pd.shard(batch[start:start + micro_rows], ctx, masked_row)
-            ids, mask, labels, pids = (t.to(device) for t in collate(mine, pad_id))
-            loss = loss_sum(step_model, ids, mask, labels, pids if len(names) > 1 else None)
+            loss = batches.loss(step_model, mine, device, with_prefix_ids=len(names) > 1)
             (loss * (scale / count)).backward()
             local += loss.item()
         pd.sync_gradients(bank, ctx)
@@ -342,14 +398,15 @@ def _train(args, tasks: dict[str, str], ctx: pd.Context) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(pd.all_sum([local], ctx)[0] / count)
-        tokens += sum(len(ex.ids) for ex in batch)
+        tokens += sum(len(ex.ids) + (len(ex.labels) if seq2seq else 0) for ex in batch)
         tokens_per_s = tokens / (time.perf_counter() - started)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{step_lr:.2g}", tok_s=f"{tokens_per_s:.0f}")
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
             log.write(step + 1, loss=losses[-1], lr=step_lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps and eval_sets:
-            log.write(step + 1, eval_loss=evaluate(model, eval_sets, args.batch_size, pad_id, ctx)[0])
+            log.write(step + 1, eval_loss=evaluate(model, eval_sets, args.batch_size, pad_id, ctx,
+                                                   batches.decoder_start_id)[0])
         if (step + 1) % args.save_every == 0 or step + 1 == steps:
             if ctx.main:
                 save_checkpoint({"bank": bank.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
@@ -358,7 +415,8 @@ def _train(args, tasks: dict[str, str], ctx: pd.Context) -> dict:
             pd.barrier(ctx)
     bar.close()
 
-    eval_after = evaluate(model, eval_sets, args.batch_size, pad_id, ctx) if eval_sets else None
+    eval_after = (evaluate(model, eval_sets, args.batch_size, pad_id, ctx, batches.decoder_start_id)
+                  if eval_sets else None)
     if eval_after is not None:
         log.write(steps, eval_loss=eval_after[0])
     log.close()
@@ -372,6 +430,35 @@ def _train(args, tasks: dict[str, str], ctx: pd.Context) -> dict:
     return {"train_losses": losses, "eval_loss_before": eval_before[1] if eval_before else None,
             "eval_loss": eval_after[1] if eval_after else None,
             "eval_losses": eval_after[0] if eval_after else None, "adapters": adapters, "steps": steps}
+
+
+def _sites(args, model, seq2seq: bool, ctx) -> tuple[str, ...] | None:
+    """The prefixed sites of an encoder-decoder model from --sites (None: patch_model's default,
+    all three); UsageError for --sites on a decoder-only model or several processes."""
+    if not seq2seq:
+        if args.sites is not None:
+            raise UsageError(f"--sites is for encoder-decoder models; {model.config.model_type} is decoder-only "
+                             "(its one site is its self-attention)")
+        return None
+    if ctx.distributed:
+        raise UsageError(f"{model.config.model_type} is an encoder-decoder model: training on several processes "
+                         "covers decoder-only models so far; train it on one (--nproc 1)")
+    if args.sites is None:
+        return None
+    from .integrations.seq2seq import SITE_ORDER
+    sites = tuple(s.strip() for s in args.sites.split(",") if s.strip())
+    if not sites or any(s not in SITE_ORDER for s in sites) or len(set(sites)) != len(sites):
+        raise UsageError(f"--sites takes a comma list of {', '.join(SITE_ORDER)}, got {args.sites!r}")
+    return sites
+
+
+def _decoder_start(model) -> int:
+    start = getattr(model.generation_config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(model.config, "decoder_start_token_id", None)
+    if start is None:
+        raise UsageError(f"{model.config.model_type}: the model has no decoder_start_token_id in its config")
+    return int(start)
 
 
 def _report(ctx, new_losses, before, after, eval_sets, adapters, args, demo) -> None:

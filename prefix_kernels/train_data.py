@@ -2,7 +2,9 @@
 
 Each task is its own entry of the prefix bank; a row carries the index of its task, and a batch
 mixes the rows of every task (each row's prefix is chosen by `prefix_ids` in one pass of the
-frozen model).
+frozen model). A decoder-only row is prompt + completion with labels on the completion; an
+encoder-decoder row (`seq2seq`) is the prompt as the encoder's input and the completion as the
+decoder's target, every target token labelled.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import torch
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized row: input ids, labels (-100 where no loss), the row's task (bank entry)."""
+    """One tokenized row: input ids, labels (-100 where no loss), the row's task (bank entry).
+    Encoder-decoder rows: ids are the source, labels the target (its own length)."""
     ids: list[int]
     labels: list[int]
     task: int = 0
@@ -69,6 +72,27 @@ def tokenize(rows: list[dict], tokenizer, max_tokens: int, source: str, task: in
     return examples
 
 
+def tokenize_seq2seq(rows: list[dict], tokenizer, max_source: int, max_target: int, source: str,
+                     task: int = 0) -> list[Example]:
+    """Encoder-decoder examples of `rows`: the prompt as the source, the completion as the target,
+    each with the tokenizer's special tokens (BART's <s> ... </s>: what its generate produces
+    after the decoder's start token), the target ending in eos so the model learns to stop."""
+    examples = []
+    for i, row in enumerate(rows):
+        ids, target = tokenizer.encode_special(row["prompt"]), tokenizer.encode_special(row["completion"])
+        if tokenizer.eos_token_id is not None and (not target or target[-1] != tokenizer.eos_token_id):
+            target.append(tokenizer.eos_token_id)
+        where = f"{source}:{row.get('_line', i + 1)}"
+        if not ids:
+            raise ValueError(f"{where}: the prompt is empty (the encoder needs at least one token)")
+        for what, n, most in (("prompt", len(ids), max_source), ("completion", len(target), max_target)):
+            if n > most:
+                raise ValueError(f"{where}: the {what} has {n} tokens, but the model allows {most}; shorten it "
+                                 "or pass --max-length")
+        examples.append(Example(ids, target, task))
+    return examples
+
+
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """(eval, train) of one task's examples, shuffled with `seed`; at least one eval example when
     fraction > 0 and there are two or more examples."""
@@ -76,6 +100,20 @@ def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[lis
     random.Random(seed).shuffle(examples)
     n_eval = max(1, int(len(examples) * fraction)) if len(examples) > 1 and fraction > 0 else 0
     return examples[:n_eval], examples[n_eval:]
+
+
+def collate_seq2seq(batch: list[Example], pad_id: int, decoder_start_id: int):
+    """(input_ids, attention_mask, decoder_input_ids, labels, prefix_ids) of encoder-decoder rows,
+    right-padded; the decoder's inputs are the labels shifted right after its start token (HF's
+    shift_tokens_right: what the model computes from labels)."""
+    ids, mask, _, prefix_ids = collate([Example(ex.ids, ex.ids, ex.task) for ex in batch], pad_id)
+    width = max(len(ex.labels) for ex in batch)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for i, ex in enumerate(batch):
+        labels[i, :len(ex.labels)] = torch.tensor(ex.labels)
+    decoder_ids = torch.full_like(labels, decoder_start_id)
+    decoder_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, pad_id)
+    return ids, mask, decoder_ids, labels, prefix_ids
 
 
 def collate(batch: list[Example], pad_id: int):
@@ -92,9 +130,11 @@ def collate(batch: list[Example], pad_id: int):
     return input_ids, mask, labels, prefix_ids
 
 
-def label_tokens(batch: list[Example]) -> int:
-    """Tokens the loss covers (labels shifted by one, -100 ignored), counted on the host."""
-    return sum(sum(1 for t in ex.labels[1:] if t != -100) for ex in batch)
+def label_tokens(batch: list[Example], seq2seq: bool = False) -> int:
+    """Tokens the loss covers (labels shifted by one, -100 ignored; encoder-decoder rows: every
+    target token), counted on the host."""
+    skip = 0 if seq2seq else 1
+    return sum(sum(1 for t in ex.labels[skip:] if t != -100) for ex in batch)
 
 
 def masked_row(row: Example) -> Example:
