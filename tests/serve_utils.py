@@ -26,6 +26,19 @@ def make_engine(names=NAMES, prefixes=None, **kw):
     return Engine(tiny_model("llama"), prefixes, tokenizer=ByteTokenizer(128), **kw)
 
 
+def make_seq2seq_engine(**kw):
+    """A Seq2SeqEngine on a tiny random BART (all three sites prefixed), byte tokenizer."""
+    from hf_tiny import tiny_seq2seq
+    from prefix_kernels.serve import Seq2SeqEngine
+
+    kw.setdefault("max_batch", 4)
+    kw.setdefault("max_seq_len", 32)
+    kw.setdefault("max_source_len", 48)
+    g = torch.Generator().manual_seed(1)
+    prefixes = {n: torch.randn(6, 2, 4, P, 16, generator=g) for n in ("a", "b")}
+    return Seq2SeqEngine(tiny_seq2seq("bart", init_std=0.2), prefixes, tokenizer=ByteTokenizer(128), **kw)
+
+
 def alone(prompt, prefix, params):
     return make_engine(names=(prefix,)).generate([prompt], prefix, params)[0]
 

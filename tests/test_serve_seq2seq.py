@@ -241,6 +241,26 @@ def test_http_completions_of_an_encoder_decoder_model():
         server.close()
 
 
+def test_the_engine_in_its_own_process_serves_an_encoder_decoder_model():
+    """EngineProcess (the server's default) with a Seq2SeqEngine: the same tokens as in process, and
+    the front checks a source against max_source_len, not max_seq_len."""
+    from prefix_kernels.serve.remote import EngineProcess
+    from serve_utils import make_seq2seq_engine
+
+    local = make_seq2seq_engine().generate(["summarize this", "and this one"], ["a", "b"], GREEDY)
+    remote = EngineProcess(make_seq2seq_engine)
+    try:
+        assert remote.max_prompt_len == 48 and remote.max_seq_len == 32
+        outs = [r.result(timeout=120) for r in (remote.submit("summarize this", "a", GREEDY),
+                                                remote.submit("and this one", "b", GREEDY))]
+        assert [o.token_ids for o in outs] == [o.token_ids for o in local]
+        with pytest.raises(PromptTooLong, match="max_source_len is 48"):
+            remote.submit("x" * 49, "a", GREEDY)
+        assert remote.submit("x" * 40, "a", GREEDY).result(timeout=60).finish_reason == "length"
+    finally:
+        remote.close()
+
+
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["bart", "pegasus"])
