@@ -304,7 +304,7 @@ def _train(args, tasks: dict[str, str], ctx: pd.Context) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     names = list(rows)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    sites = _sites(args, model, seq2seq, ctx)
+    sites = _sites(args, model, seq2seq)
     model.to(dtype=dtype)
     # patched where it was loaded (the CPU); wrap() then moves it, or shards it onto the devices
     bank = pk.patch_model(model, prefix_len, projection_hidden=args.projection_hidden, backend=args.backend,
@@ -432,17 +432,14 @@ def _train(args, tasks: dict[str, str], ctx: pd.Context) -> dict:
             "eval_losses": eval_after[0] if eval_after else None, "adapters": adapters, "steps": steps}
 
 
-def _sites(args, model, seq2seq: bool, ctx) -> tuple[str, ...] | None:
+def _sites(args, model, seq2seq: bool) -> tuple[str, ...] | None:
     """The prefixed sites of an encoder-decoder model from --sites (None: patch_model's default,
-    all three); UsageError for --sites on a decoder-only model or several processes."""
+    all three); UsageError for --sites on a decoder-only model."""
     if not seq2seq:
         if args.sites is not None:
             raise UsageError(f"--sites is for encoder-decoder models; {model.config.model_type} is decoder-only "
                              "(its one site is its self-attention)")
         return None
-    if ctx.distributed:
-        raise UsageError(f"{model.config.model_type} is an encoder-decoder model: training on several processes "
-                         "covers decoder-only models so far; train it on one (--nproc 1)")
     if args.sites is None:
         return None
     from .integrations.seq2seq import SITE_ORDER

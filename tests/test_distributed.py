@@ -101,6 +101,43 @@ def _assert_same(ckpt, ref, tol):
 
 
 @pytest.fixture(scope="module")
+def bart_workspace(tmp_path_factory):
+    """A tiny BART (all three prefix sites) and a word-level tokenizer with BART's bos/pad/eos."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("dist-bart")
+    words = ["<s>", "<pad>", "</s>"] + WORDS[2:]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(root / "model")
+    torch.manual_seed(0)
+    BartForConditionalGeneration(BartConfig(
+        vocab_size=len(words), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)).save_pretrained(root / "model")
+    with open(root / "data.jsonl", "w") as f:
+        for row in _rows():
+            f.write(json.dumps(row) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_encoder_decoder(bart_workspace, strategy):
+    """The same for an encoder-decoder model (sources and targets of different lengths per rank;
+    FSDP2 shards its encoder and decoder layers)."""
+    ws = bart_workspace
+    if not (ws / "single").exists():
+        _train(_argv(ws, ws / "single", "--batch-size", "8", "--steps", "3"))
+    assert train.main(_argv(ws, ws / strategy, "--nproc", "2", "--strategy", strategy, "--batch-size", "4",
+                            "--steps", "3")) == 0
+    _assert_same(_ckpt(ws / strategy), _ckpt(ws / "single"), 1e-5)
+    assert _ckpt(ws / strategy)["identity"]["model"]["model_type"] == "bart"
+
+
+@pytest.fixture(scope="module")
 def single_cpu(workspace):
     return _single(workspace, "cpu")
 
