@@ -358,16 +358,17 @@ def test_a_step_prefills_its_chunks_in_as_few_forwards_as_padding_allows():
     """Each prefill forward through the model's eager modules costs ~20-35 ms of host time on an
     H100 whatever its size: a step's chunks (prompt starts and continuations alike) share one
     forward unless padding them to the longest would cost more than 1.25x their tokens."""
-    from prefix_kernels.serve.engine import _Chunk
+    from prefix_kernels.serve.prefill_plan import Chunk, group_chunks
 
     eng = engine(prefill_chunk=8)
     lengths = lambda groups: [[c.length for c in g] for g in groups]        # noqa: E731
-    chunks = lambda *ns: [_Chunk(None, 0, n) for n in ns]                    # noqa: E731
-    assert lengths(eng._prefill_groups(chunks(2, 3, 3))) == [[3, 3, 2]]             # 9 padded <= 1.25 x 8
-    assert lengths(eng._prefill_groups(chunks(1, 8))) == [[8], [1]]                 # 16 padded for 9 tokens
-    assert lengths(eng._prefill_groups(chunks(1, 1, 1, 4))) == [[4, 1], [1, 1]]     # 8 padded: the chunk's size
-    mixed = [_Chunk(None, 5, 2), _Chunk(None, 0, 3), _Chunk(None, 0, 3)]     # a continuation joins starts
-    assert len(eng._prefill_groups(mixed)) == 1
+    chunks = lambda *ns: [Chunk(None, 0, n) for n in ns]                     # noqa: E731
+    groups = lambda c: group_chunks(c, eng.prefill_chunk)                    # noqa: E731
+    assert lengths(groups(chunks(2, 3, 3))) == [[3, 3, 2]]             # 9 padded <= 1.25 x 8
+    assert lengths(groups(chunks(1, 8))) == [[8], [1]]                 # 16 padded for 9 tokens
+    assert lengths(groups(chunks(1, 1, 1, 4))) == [[4, 1], [1, 1]]     # 8 padded: the chunk's size
+    mixed = [Chunk(None, 5, 2), Chunk(None, 0, 3), Chunk(None, 0, 3)]     # a continuation joins starts
+    assert len(groups(mixed)) == 1
 
 
 def test_prefill_wait_holds_new_prompts_while_rows_decode():

@@ -163,6 +163,19 @@ def test_a_step_reads_tensors_on_the_host_only_to_hand_out_tokens(monkeypatch):
     assert steps > 8 and ("tolist", "_collect") in {r[:2] for r in reads}
 
 
+def test_sources_are_prefilled_whole_within_the_budget():
+    from types import SimpleNamespace
+
+    from prefix_kernels.serve.prefill_plan import plan_whole_prompts
+
+    reqs = [SimpleNamespace(prompt_ids=[0] * n, prefilled=0) for n in (30, 5, 4, 9)]
+    lengths = lambda chunks: [(c.start, c.length) for c in chunks]      # noqa: E731
+    assert lengths(plan_whole_prompts(reqs, 20, False)) == [(0, 30)]          # longer than the budget: alone
+    assert lengths(plan_whole_prompts(reqs[1:], 20, False)) == [(0, 5), (0, 4), (0, 9)]
+    assert lengths(plan_whole_prompts(reqs[1:], 10, False)) == [(0, 5), (0, 4)]  # in order, none cut
+    assert plan_whole_prompts(reqs, 20, True) == []
+
+
 def test_cancel_frees_the_slot():
     model, table, _ = model_and_prefixes()
     engine = Seq2SeqEngine(model, table, max_batch=1, max_seq_len=24)

@@ -30,7 +30,6 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,6 +40,7 @@ from .attention import CacheAttention
 from .cache import KVCache
 from .graphs import GraphCache
 from .prefill import PrefillStep
+from .prefill_plan import Chunk, group_chunks, hold_new_prompts, plan_chunks
 from .prefixes import PrefixSource, read_prefix, read_prefixes
 from .request import Completion, EngineClosed, QueueFull, Request
 from .rows import BankRows, free_names
@@ -59,8 +59,6 @@ def _wants_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-# a prefill forward may pad its chunks to this many times their real tokens (and the prefill_chunk)
-PREFILL_PADDING = 1.25
 # prefill_wait="auto" waits as long as a prefill forward costs, never longer than this (seconds)
 PREFILL_WAIT_CAP = 0.05
 
@@ -402,7 +400,7 @@ class Engine:
                 if req is not None and req.cancelled:
                     self._finish(req, "cancelled")
             self._admit()
-            for group in self._prefill_groups(self._plan_prefill()):
+            for group in group_chunks(self._plan_prefill(), self.prefill_chunk):
                 self._prefill(group)
             pending, self._pending = self._pending, None
             if self._live.any():
@@ -425,31 +423,13 @@ class Engine:
 
     # -- prefill: chunks of prompts, several per forward ---------------------------------------
 
-    def _plan_prefill(self) -> list["_Chunk"]:
-        """This step's chunks: prompts in admission order, `prefill_chunk` tokens in all (new
-        prompts held back while `_hold_new_prompts`)."""
-        budget, chunks = self.prefill_chunk, []
-        hold = self._hold_new_prompts()
-        for req in self._prefilling:
-            if budget == 0:
-                break
-            if hold and req.prefilled == 0:
-                continue
-            n = min(len(req.prompt_ids) - req.prefilled, budget)
-            chunks.append(_Chunk(req, req.prefilled, n))
-            budget -= n
-        return chunks
+    def _plan_prefill(self) -> list[Chunk]:
+        """This step's chunks (prefill_plan.plan_chunks; new prompts held while `_hold_new_prompts`)."""
+        return plan_chunks(self._prefilling, self.prefill_chunk, self._hold_new_prompts())
 
     def _hold_new_prompts(self) -> bool:
-        """Whether new prompts wait for more (prefill_wait): rows are decoding, the new prompts
-        hold under prefill_chunk / 2 tokens and the oldest has waited less than prefill_wait."""
-        wait = self.current_prefill_wait
-        if wait <= 0 or not self._live.any():
-            return False
-        new = [r for r in self._prefilling if r.prefilled == 0]
-        if not new or sum(len(r.prompt_ids) for r in new) >= self.prefill_chunk // 2:
-            return False
-        return time.monotonic() - min(r.submitted_at for r in new) < wait
+        return hold_new_prompts(self._prefilling, bool(self._live.any()), self.current_prefill_wait,
+                                self.prefill_chunk, time.monotonic())
 
     @property
     def current_prefill_wait(self) -> float:
@@ -459,27 +439,7 @@ class Engine:
             return min(self._forward_cost, PREFILL_WAIT_CAP)
         return self.prefill_wait
 
-    def _prefill_groups(self, chunks: list["_Chunk"]) -> list[list["_Chunk"]]:
-        """Chunks batched per forward, longest first, right-padded to the longest of each forward:
-        a chunk joins a forward while its padded tokens stay within the prefill_chunk, or within
-        PREFILL_PADDING x its real tokens (at most PREFILL_PADDING x the prefill_chunk). Prompt starts and continuations share a forward (the
-        cache then gives every row a window over its cached keys): each forward through the model's
-        eager modules costs ~20-35 ms of host time on an H100 whatever its size (probe_serve_host at
-        55e333b: 10 forwards per wave of 32 x 230 tokens, by kind and by width, took 350 of its 550 ms)."""
-        groups = []
-        for chunk in sorted(chunks, key=lambda c: -c.length):
-            group = groups[-1] if groups else None
-            if group is not None:
-                width, n = group[0].length, len(group) + 1
-                real = sum(c.length for c in group) + chunk.length
-                limit = max(self.prefill_chunk, PREFILL_PADDING * min(self.prefill_chunk, real))
-                if n * width <= limit:
-                    group.append(chunk)
-                    continue
-            groups.append([chunk])
-        return groups
-
-    def _prefill(self, group: list["_Chunk"]) -> None:
+    def _prefill(self, group: list[Chunk]) -> None:
         """Run one prefill forward; if it raises, run each chunk alone and fail only the requests
         whose own chunk raises."""
         began = time.perf_counter()
@@ -508,7 +468,7 @@ class Engine:
             self._live[req.slot] = 1
             self._append(req, token)
 
-    def _prefill_forward(self, group: list["_Chunk"]) -> list[tuple["_Chunk", int]]:
+    def _prefill_forward(self, group: list[Chunk]) -> list[tuple[Chunk, int]]:
         """One forward over the group's chunks (right-padded); samples the first token of each
         request whose prompt it completes: [(chunk, token)]. Changes no host state."""
         n, width = len(group), max(c.length for c in group)
@@ -737,14 +697,6 @@ def _check_servable(config) -> None:
     if softcap:
         raise ValueError(f"{model_type} caps its attention logits ({softcap}) and the decode kernel has no softcap: "
                          "the engine cannot serve it (patch_model + model.generate can)")
-
-
-@dataclass
-class _Chunk:
-    """`length` prompt tokens of `req` from position `start` on, prefilled in one forward."""
-    req: Request
-    start: int
-    length: int
 
 
 def _eos_ids(generation_config):

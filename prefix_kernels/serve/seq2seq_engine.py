@@ -29,7 +29,8 @@ from ..integrations import transformers as hf
 from ..ops.utils import warn_once
 from ..integrations.seq2seq import SITE_ORDER, SEQ2SEQ_FAMILIES, _site_modules
 from .cache import KVCache
-from .engine import POS, ROW, SEQLEN, Engine, _Chunk
+from .engine import POS, ROW, SEQLEN, Engine
+from .prefill_plan import Chunk, plan_whole_prompts
 from .prefixes import PrefixSource
 from .request import Request
 from .seq2seq_attention import CrossCache, Seq2SeqAttention
@@ -162,22 +163,11 @@ class Seq2SeqEngine(Engine):
 
     # -- prefill: whole sources, several per forward -------------------------------------------
 
-    def _plan_prefill(self) -> list[_Chunk]:
-        """This step's sources in admission order, prefill_chunk tokens in all (at least one: a
-        longer source runs alone; new ones held back while `_hold_new_prompts`)."""
-        budget, chunks = self.prefill_chunk, []
-        hold = self._hold_new_prompts()
-        for req in self._prefilling:
-            if hold:
-                break
-            n = len(req.prompt_ids)
-            if chunks and n > budget:
-                break
-            chunks.append(_Chunk(req, 0, n))
-            budget -= n
-        return chunks
+    def _plan_prefill(self) -> list[Chunk]:
+        """This step's sources, whole (prefill_plan.plan_whole_prompts)."""
+        return plan_whole_prompts(self._prefilling, self.prefill_chunk, self._hold_new_prompts())
 
-    def _prefill_forward(self, group: list[_Chunk]) -> list[tuple[_Chunk, int]]:
+    def _prefill_forward(self, group: list[Chunk]) -> list[tuple[Chunk, int]]:
         n, width = len(group), max(c.length for c in group)
         ids = torch.full((n, width), self._pad_id, dtype=torch.long)
         for i, c in enumerate(group):
