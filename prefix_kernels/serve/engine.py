@@ -11,7 +11,9 @@ forward, a long prompt spread over several steps), then one decode step for ever
 prompt is in. So a long prompt never stalls the rows that are decoding: they get a token every
 step. Its parts: rows.py (which bank row serves which prefix, reference-counted), cache.py (the
 KV cache, which only stores), attention.py (the layers' attention over prefix + cache),
-prefixes.py (prefixes given as tensors or adapter folders, read once).
+prefixes.py (prefixes given as tensors or adapter folders, read once), prefill_plan.py (which
+prompt tokens a step prefills, in how many forwards). seq2seq_engine.py runs encoder-decoder
+models on this scheduler.
 
 The decode step runs slots 0..B-1 with B the next power of two over the highest decoding slot,
 and on CUDA it is a captured CUDA graph per B (static inputs: last tokens, positions, lengths,
