@@ -210,6 +210,11 @@ def test_what_it_cannot_serve_is_refused_with_the_reason(tmp_path):
         Seq2SeqEngine(tiny_seq2seq("bart"), table, max_source_len=500)
     with pytest.raises(ValueError, match="decoder tokens"):
         Seq2SeqEngine(tiny_seq2seq("bart"), table, max_seq_len=500)
+    forced = tiny_seq2seq("bart")
+    forced.generation_config.forced_bos_token_id = 0
+    with pytest.raises(ValueError, match=r"max_seq_len=2 leaves no room for output after the decoder's 2 start"):
+        Seq2SeqEngine(forced, table, max_seq_len=2)
+    assert not is_patched(forced)
     # adapters of different sites cannot share a bank
     _, decoder_only, _ = model_and_prefixes(sites=("decoder",))
     folders = {}

@@ -62,12 +62,18 @@ class Seq2SeqEngine(Engine):
                              f"{decode_step!r}: the compiled step covers decoder-only families")
         if compiled_prefill:
             raise ValueError("Seq2SeqEngine: compiled_prefill is not available for encoder-decoder models")
+        self._check_model(model.config)        # before reading encoder-decoder settings off it
         config = model.config
         limit = getattr(config, "max_position_embeddings", None) or 1024
         self.max_source_len = min(limit, 1024) if max_source_len is None else int(max_source_len)
         if self.max_source_len < 1:
             raise ValueError(f"Seq2SeqEngine: max_source_len must be >= 1, got {max_source_len}")
         self._sites = None if sites is None else tuple(sites)
+        # the decoder's first tokens: where HF's generate starts (and the BOS it forces first)
+        self.decoder_start_ids = _decoder_start_ids(model)
+        if len(self.decoder_start_ids) >= kwargs.get("max_seq_len", 1024):
+            raise ValueError(f"Seq2SeqEngine: max_seq_len={kwargs['max_seq_len']} leaves no room for output after "
+                             f"the decoder's {len(self.decoder_start_ids)} start tokens {self.decoder_start_ids}")
         super().__init__(model, prefixes, decode_step="eager", **kwargs)
 
     # -- construction ----------------------------------------------------------------------------
@@ -124,19 +130,6 @@ class Seq2SeqEngine(Engine):
         # what the decode forward passes as the encoder's output: cross-attention reads the slots'
         # stored keys instead (one token, so the layers' projections of it cost nothing)
         self._encoder_stand_in = torch.zeros(self.max_batch, 1, config.d_model, dtype=self.dtype, device=self.device)
-        gen = getattr(model, "generation_config", None)
-        start = getattr(gen, "decoder_start_token_id", None)
-        if start is None:
-            start = getattr(config, "decoder_start_token_id", None)
-        if start is None:
-            raise ValueError(f"{config.model_type}: the model has no decoder_start_token_id; set "
-                             "model.generation_config.decoder_start_token_id")
-        forced = getattr(gen, "forced_bos_token_id", None)
-        # the decoder's first tokens: where HF's generate starts (and the BOS it forces first)
-        self.decoder_start_ids = [int(start)] + ([] if forced is None else [int(forced)])
-        if len(self.decoder_start_ids) >= self.max_seq_len:
-            raise ValueError(f"max_seq_len={self.max_seq_len} leaves no room for output after the decoder's "
-                             f"{len(self.decoder_start_ids)} start tokens")
         self._pad_id = int(getattr(config, "pad_token_id", None) or 0)
 
     def _embed_positions(self, module, args, kwargs, output):
@@ -220,3 +213,17 @@ class Seq2SeqEngine(Engine):
         finally:
             self._positions = None
         return out.logits[:, -1]
+
+
+def _decoder_start_ids(model) -> list[int]:
+    """The decoder start token (generation config, else model config), then the forced BOS if the
+    generation config has one."""
+    gen, config = getattr(model, "generation_config", None), model.config
+    start = getattr(gen, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(config, "decoder_start_token_id", None)
+    if start is None:
+        raise ValueError(f"{config.model_type}: the model has no decoder_start_token_id; set "
+                         "model.generation_config.decoder_start_token_id")
+    forced = getattr(gen, "forced_bos_token_id", None)
+    return [int(start)] + ([] if forced is None else [int(forced)])
