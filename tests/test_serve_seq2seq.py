@@ -176,6 +176,27 @@ def test_sources_are_prefilled_whole_within_the_budget():
     assert plan_whole_prompts(reqs, 20, True) == []
 
 
+def test_prefixes_added_replaced_and_removed_while_serving():
+    """A request in flight keeps the prefix it started with; new ones get the new one."""
+    model, table, reference = model_and_prefixes(names=("a", "b", "c"))
+    engine = Seq2SeqEngine(model, {"a": table["a"]}, max_batch=2, max_seq_len=24, max_prefixes=2)
+    src = sources()[1]
+    running = engine.submit(src, "a", GREEDY)
+    engine.step()
+    engine.add_prefix("a", table["b"])                     # replaced: the running request keeps the old
+    replaced = engine.submit(src, "a", GREEDY)
+    while not (running.done and replaced.done):
+        engine.step()
+    start = engine.decoder_start_ids
+    assert running.result().token_ids == greedy(reference, src, "a", start, GREEDY.max_tokens)
+    assert replaced.result().token_ids == greedy(reference, src, "b", start, GREEDY.max_tokens)
+    engine.remove_prefix("a")
+    engine.add_prefix("c", table["c"])
+    assert engine.prefixes == ["c"]
+    out = engine.generate([src], "c", GREEDY)[0]
+    assert out.token_ids == greedy(reference, src, "c", start, GREEDY.max_tokens)
+
+
 def test_cancel_frees_the_slot():
     model, table, _ = model_and_prefixes()
     engine = Seq2SeqEngine(model, table, max_batch=1, max_seq_len=24)
