@@ -400,15 +400,25 @@ def main(argv=None):
     log(f"\n== 3. timing (ms, median), {time.time() - start:.0f} s in")
     shapes = [issue_shapes[int(i)] for i in args.shapes.split(",")] if args.shapes else issue_shapes
     rows = payload["timings"] = []
+    shown = 0
     for shape in shapes:
-        rows += time_shape(shape, names, lambda: time.time() - start > args.budget_s, args.profile)
+        new = time_shape(shape, names, lambda: time.time() - start > args.budget_s, args.profile)
+        rows += new
         torch.cuda.empty_cache()
+        # each shape's rows and autotune picks as soon as they exist: a step limit that kills the
+        # probe later must not take them with it (cf0371b's probe lost its picks that way)
+        payload["chosen_configs"] = chosen_configs()
         common.write_json("probe_split.json", payload)
+        for r in new:
+            log(f"  {shape} {r['variant']}: " + ", ".join(f"{k} {r[k]}" for k in ("fwd", "fwd+bwd", "fwd+bwd kernels",
+                                                                                    "error") if k in r))
+        for line in payload["chosen_configs"][shown:]:
+            log(f"    picked: {line}")
+        shown = len(payload["chosen_configs"])
         log(f"  {shape} done, {time.time() - start:.0f} s")
 
-    payload["chosen_configs"] = chosen_configs()
     log("\nautotune's choices (* = a Hopper candidate appended for issue 10, design 2)")
-    for line in payload["chosen_configs"]:
+    for line in payload["chosen_configs"] if shapes else []:
         log(f"  {line}")
     log("\nratio = cuDNN no-prefix ms / variant ms (>= 0.9 required, 1.0 target)")
     cols = ["shape", "variant", "fwd", "fwd+bwd", "fwd+bwd kernels", "fwd vs cuDNN", "fwd+bwd vs cuDNN", "note", "error"]
