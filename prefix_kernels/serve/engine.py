@@ -678,8 +678,9 @@ class Engine:
         req.finish(reason, error)
 
 
-def serve_engine(model, prefixes=None, **kwargs) -> Engine:
-    """The engine for `model`: Seq2SeqEngine for an encoder-decoder model, else Engine."""
+def serve_engine(model: torch.nn.Module, prefixes: "PrefixBank | dict | None" = None, **kwargs: object) -> Engine:
+    """The engine for `model`: Seq2SeqEngine for an encoder-decoder model, else Engine (the same
+    arguments; Seq2SeqEngine's own ones, sites and max_source_len, only for the former)."""
     if getattr(model.config, "is_encoder_decoder", False):
         from .seq2seq_engine import Seq2SeqEngine
         return Seq2SeqEngine(model, prefixes, **kwargs)
