@@ -139,3 +139,24 @@ def peft_greedy(family: str, prefix: torch.Tensor, ids: list, new: int) -> list:
             seq = torch.cat([seq, logits[:, -1:].argmax(-1)], 1)
     return seq[0, len(ids):].tolist()
 
+
+
+def save_tiny_bart(folder, words, max_positions=64, init_std=0.02):
+    """A tiny BART and a word-level tokenizer over `words` (bos 0, pad 1, eos 2: BART's ids, so
+    words must start with <s>, <pad>, </s>, <unk>), saved to a folder (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+
+    assert list(words[:4]) == ["<s>", "<pad>", "</s>", "<unk>"], words[:4]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=len(words), d_model=32, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        max_position_embeddings=max_positions, dropout=0.0, attention_dropout=0.0,
+                        activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                        decoder_start_token_id=2, forced_eos_token_id=None, init_std=init_std)
+    BartForConditionalGeneration(config).save_pretrained(folder)
+    return str(folder)

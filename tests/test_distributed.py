@@ -103,21 +103,10 @@ def _assert_same(ckpt, ref, tol):
 @pytest.fixture(scope="module")
 def bart_workspace(tmp_path_factory):
     """A tiny BART (all three prefix sites) and a word-level tokenizer with BART's bos/pad/eos."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+    from hf_tiny import save_tiny_bart
 
     root = tmp_path_factory.mktemp("dist-bart")
-    words = ["<s>", "<pad>", "</s>"] + WORDS[2:]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(root / "model")
-    torch.manual_seed(0)
-    BartForConditionalGeneration(BartConfig(
-        vocab_size=len(words), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
-        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)).save_pretrained(root / "model")
+    save_tiny_bart(root / "model", ["<s>", "<pad>", "</s>"] + WORDS[2:])
     with open(root / "data.jsonl", "w") as f:
         for row in _rows():
             f.write(json.dumps(row) + "\n")

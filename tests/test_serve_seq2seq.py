@@ -261,6 +261,29 @@ def test_serve_engine_picks_the_engine_of_the_model():
     assert type(serve_engine(llama, {"a": torch.randn(2, 2, 2, P, 16)}, max_batch=2, max_seq_len=16)) is Engine
 
 
+def test_serve_command_line_builds_the_encoder_decoder_engine(tmp_path):
+    """`prefix-kernels serve --model <a BART folder>`: Seq2SeqEngine with --max-source-len; the
+    options of the other kind of model are refused, naming the option, before weights load."""
+    from hf_tiny import save_tiny_bart
+
+    from prefix_kernels.serve import launch
+
+    from transformers import AutoModelForSeq2SeqLM
+
+    folder = save_tiny_bart(tmp_path / "bart", ["<s>", "<pad>", "</s>", "<unk>", "a", "b", "c"])
+    patch_model(AutoModelForSeq2SeqLM.from_pretrained(folder), P, names=["x"]).save_pretrained(str(tmp_path / "x"))
+    parse = lambda *a: launch._parser().parse_args(["--model", folder, "--prefix", f"x={tmp_path / 'x'}",  # noqa: E731
+                                                    "--device", "cpu", *a])
+    engine, name = launch.build(parse("--max-source-len", "16", "--max-seq-len", "12"))
+    assert type(engine) is Seq2SeqEngine and engine.max_prompt_len == 16 and name == "bart"
+    out = engine.generate(["a b c"], "x", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4
+    with pytest.raises(SystemExit, match="--decode-step compiled covers decoder-only models"):
+        launch.build(parse("--decode-step", "compiled"))
+    with pytest.raises(SystemExit, match="--max-source-len is for encoder-decoder models"):
+        launch.build(launch._parser().parse_args(["--max-source-len", "8", "--device", "cpu"]))
+
+
 def test_http_completions_of_an_encoder_decoder_model():
     from serve_utils import post, start_server
 

@@ -32,23 +32,10 @@ def _write_jsonl(path, rows):
 
 @pytest.fixture(scope="module")
 def bart_folder(tmp_path_factory):
-    """A tiny BART and a word-level tokenizer (bos 0, pad 1, eos 2: BART's), saved to a folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+    """A tiny BART (a wide init: prefixes move its outputs) and a word-level tokenizer."""
+    from hf_tiny import save_tiny_bart
 
-    folder = str(tmp_path_factory.mktemp("bart"))
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BartConfig(vocab_size=len(WORDS), d_model=32, encoder_layers=2, decoder_layers=2,
-                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                        max_position_embeddings=32, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-                        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-                        forced_eos_token_id=None, init_std=0.3)
-    BartForConditionalGeneration(config).save_pretrained(folder)
-    return folder
+    return save_tiny_bart(tmp_path_factory.mktemp("bart"), WORDS, max_positions=32, init_std=0.3)
 
 
 def test_the_loss_is_the_models_own(bart_folder):

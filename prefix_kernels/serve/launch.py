@@ -125,7 +125,11 @@ def build(args):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    options = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_prefixes=args.max_prefixes,
+                   queue_size=args.queue_size, prefill_chunk=args.prefill_chunk, prefill_wait=args.prefill_wait,
+                   cuda_graphs=False if args.no_cuda_graphs else None, decode_step=args.decode_step)
     if args.model is None:
+        _check_model_kind(args, seq2seq=False)
         model, prefixes, tokenizer = demo_engine_inputs(_named_dirs(args.prefix))
     else:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -133,23 +137,24 @@ def build(args):
         prefixes = _named_dirs(args.prefix)
         if not prefixes:
             raise SystemExit("serve needs at least one --prefix NAME=DIR (a prefix-tuning adapter)")
-        seq2seq = getattr(AutoConfig.from_pretrained(args.model), "is_encoder_decoder", False)
+        seq2seq = bool(getattr(AutoConfig.from_pretrained(args.model), "is_encoder_decoder", False))
+        _check_model_kind(args, seq2seq)         # before the weights load
+        if seq2seq:
+            options["max_source_len"] = args.max_source_len
         loader = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
         model = loader.from_pretrained(args.model, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     model = model.to(device, dtype)
-    options = dict(tokenizer=tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                   max_prefixes=args.max_prefixes, queue_size=args.queue_size, prefill_chunk=args.prefill_chunk,
-                   prefill_wait=args.prefill_wait, cuda_graphs=False if args.no_cuda_graphs else None,
-                   decode_step=args.decode_step)
-    if getattr(model.config, "is_encoder_decoder", False):
-        if args.decode_step == "compiled":
-            raise SystemExit("--decode-step compiled covers decoder-only models; an encoder-decoder model runs "
-                             "its own modules (auto or eager)")
-        options["max_source_len"] = args.max_source_len
-    elif args.max_source_len is not None:
+    return serve_engine(model, prefixes, tokenizer=tokenizer, **options), model_name(args)
+
+
+def _check_model_kind(args, seq2seq: bool) -> None:
+    """The options that only one kind of model takes (SystemExit naming the option)."""
+    if seq2seq and args.decode_step == "compiled":
+        raise SystemExit("--decode-step compiled covers decoder-only models; an encoder-decoder model runs its "
+                         "own modules (auto or eager)")
+    if not seq2seq and args.max_source_len is not None:
         raise SystemExit("--max-source-len is for encoder-decoder models (their encoder's input)")
-    return serve_engine(model, prefixes, **options), model_name(args)
 
 
 def model_name(args) -> str:
