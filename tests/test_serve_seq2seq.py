@@ -82,6 +82,21 @@ def test_sites_without_a_prefix_attend_as_the_model_does(sites):
     check_against_reference(engine, reference, sources(), NAMES)
 
 
+@pytest.mark.parametrize("sites", [None, ("decoder",)], ids=["all_sites", "decoder"])
+def test_the_triton_kernels_serve_as_the_reference(sites):
+    """backend="triton" (under TRITON_INTERPRET=1 on the CPU): the fused op over sources with key
+    padding (encoder, cross) and the decoder's start, the Triton decode kernel over each slot's
+    cache and stored source: the same greedy tokens as the patched model's reference forward."""
+    from utils import kernel_device
+
+    if kernel_device() != "cpu":
+        pytest.skip("on a GPU the kernels run in test_gpu_cuda_graphs_equal_eager_and_the_patched_model")
+    model, table, reference = model_and_prefixes(sites=sites)
+    engine = Seq2SeqEngine(model, table, sites=sites, max_batch=4, max_seq_len=24, prefill_chunk=20,
+                           backend="triton")
+    check_against_reference(engine, reference, sources(), NAMES, new=5)
+
+
 def test_peft_adapter_serves_as_peft_decodes(tmp_path):
     """A PEFT seq2seq prefix-tuning adapter folder (decoder self-attention only, decoder positions
     from P) gives PEFT's own greedy tokens."""
