@@ -267,6 +267,18 @@ def test_what_it_cannot_serve_is_refused_with_the_reason(tmp_path):
         engine.add_prefix("dec", folders["dec"])
 
 
+def test_default_decoder_length_fits_bart_large_positions():
+    """Constructed with defaults, a BART-large-shaped config (1024 positions) and P=32 fits: the
+    decoder's 256 tokens after the prefix offset, sources up to 1024 tokens."""
+    from transformers import BartConfig
+
+    config = BartConfig(vocab_size=128, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, forced_eos_token_id=None)
+    model = __import__("transformers").BartForConditionalGeneration(config).eval()
+    engine = Seq2SeqEngine(model, {"a": torch.zeros(3, 2, 4, 32, 16)}, max_batch=1)
+    assert (engine.max_seq_len, engine.max_source_len, engine.offset) == (256, 1024, 32)
+
+
 def test_serve_engine_picks_the_engine_of_the_model():
     from hf_tiny import tiny_model
 

@@ -13,6 +13,7 @@ import sys
 from ..cli_common import HelpFormatter, prefill_wait
 
 DTYPES = ("bfloat16", "float16", "float32")
+DECODER_ONLY_MAX_SEQ_LEN = 2048      # --max-seq-len's default for a decoder-only model
 INSTALL_HINT = "prefix-kernels serve needs aiohttp: pip install 'prefix-kernels[serve]' (or: pip install aiohttp)"
 
 
@@ -29,8 +30,9 @@ def _parser():
     p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
     g = p.add_argument_group("engine")
     g.add_argument("--max-batch", type=int, default=32, help="concurrent requests (KV-cache slots)")
-    g.add_argument("--max-seq-len", type=int, default=2048,
-                   help="prompt + output tokens per request (encoder-decoder models: the decoder's tokens)")
+    g.add_argument("--max-seq-len", type=int, default=None,
+                   help="prompt + output tokens per request (default 2048); encoder-decoder models: the "
+                        "decoder's tokens (default 256)")
     g.add_argument("--max-source-len", type=int,
                    help="encoder-decoder models: source tokens per request (default: the model's position limit, "
                         "at most 1024)")
@@ -125,11 +127,14 @@ def build(args):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    options = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_prefixes=args.max_prefixes,
+    options = dict(max_batch=args.max_batch, max_prefixes=args.max_prefixes,
                    queue_size=args.queue_size, prefill_chunk=args.prefill_chunk, prefill_wait=args.prefill_wait,
                    cuda_graphs=False if args.no_cuda_graphs else None, decode_step=args.decode_step)
+    if args.max_seq_len is not None:
+        options["max_seq_len"] = args.max_seq_len
     if args.model is None:
         _check_model_kind(args, seq2seq=False)
+        options.setdefault("max_seq_len", DECODER_ONLY_MAX_SEQ_LEN)
         model, prefixes, tokenizer = demo_engine_inputs(_named_dirs(args.prefix))
     else:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -141,6 +146,8 @@ def build(args):
         _check_model_kind(args, seq2seq)         # before the weights load
         if seq2seq:
             options["max_source_len"] = args.max_source_len
+        else:
+            options.setdefault("max_seq_len", DECODER_ONLY_MAX_SEQ_LEN)
         loader = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
         model = loader.from_pretrained(args.model, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)

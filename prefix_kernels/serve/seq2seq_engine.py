@@ -52,7 +52,8 @@ class Seq2SeqEngine(Engine):
             all three, Li & Liang's).
         max_source_len: encoder tokens per request (default: the model's position limit, at most
             1024).
-        max_seq_len: decoder tokens per request: its start tokens + the output.
+        max_seq_len: decoder tokens per request: its start tokens + the output (default 256: a
+            summary's length, within every family's positions after a prefix offset of up to 256).
         decode_step: "auto" or "eager" (the model's own modules; "compiled" covers decoder-only
             families). compiled_prefill: not available here.
     """
@@ -60,7 +61,7 @@ class Seq2SeqEngine(Engine):
     prompt_bound = "max_source_len"
 
     def __init__(self, model, prefixes=None, *, sites=None, max_source_len: int | None = None,
-                 decode_step: str = "auto", compiled_prefill: bool = False, **kwargs):
+                 max_seq_len: int = 256, decode_step: str = "auto", compiled_prefill: bool = False, **kwargs):
         if decode_step not in ("auto", "eager"):
             raise ValueError(f"Seq2SeqEngine: decode_step must be 'auto' or 'eager' (the model's own modules), got "
                              f"{decode_step!r}: the compiled step covers decoder-only families")
@@ -75,10 +76,10 @@ class Seq2SeqEngine(Engine):
         self._sites = None if sites is None else tuple(sites)
         # the decoder's first tokens: where HF's generate starts (and the BOS it forces first)
         self.decoder_start_ids = _decoder_start_ids(model)
-        if len(self.decoder_start_ids) >= kwargs.get("max_seq_len", 1024):
-            raise ValueError(f"Seq2SeqEngine: max_seq_len={kwargs['max_seq_len']} leaves no room for output after "
+        if len(self.decoder_start_ids) >= max_seq_len:
+            raise ValueError(f"Seq2SeqEngine: max_seq_len={max_seq_len} leaves no room for output after "
                              f"the decoder's {len(self.decoder_start_ids)} start tokens {self.decoder_start_ids}")
-        super().__init__(model, prefixes, decode_step="eager", **kwargs)
+        super().__init__(model, prefixes, max_seq_len=max_seq_len, decode_step="eager", **kwargs)
 
     # -- construction ----------------------------------------------------------------------------
 
