@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 
 from ..integrations import transformers as hf
-from ..ops.utils import warn_once
 from ..integrations.seq2seq import SITE_ORDER, SEQ2SEQ_FAMILIES, _site_modules
+from ..ops.utils import warn_once
 from .cache import KVCache
 from .engine import POS, ROW, SEQLEN, Engine
 from .prefill_plan import Chunk, plan_whole_prompts
