@@ -125,6 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="output folder: adapters/<task>/, checkpoint.pt, log.jsonl, tb/")
     data.add_argument("--max-length", type=int, default=None, help="longest example in tokens "
                       "(default: the model's position limit less the prefix)")
+    data.add_argument("--truncate", action="store_true", help="cut examples over the limit instead of refusing "
+                      "them: a decoder-only prompt loses its start, an encoder-decoder source or target its end "
+                      "(an end-of-sequence token kept)")
     data.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of each task")
     prefix = parser.add_argument_group("prefix")
     prefix.add_argument("--prefix-len", type=int, default=None, help="prefix slots P (default 32; demo 16)")
@@ -315,6 +318,7 @@ def _train(args, tasks: dict[str, str], ctx: pd.Context) -> dict:
 
     limit = getattr(model.config, "max_position_embeddings", None)
     batches = _Batches(pad_id, _decoder_start(model) if seq2seq else None)
+    truncated: list[str] = []
     if seq2seq:       # the encoder's positions, and the decoder's after the prefix offset
         from .integrations.transformers import position_offset
         max_source = args.max_length or limit or 1024
@@ -325,10 +329,11 @@ def _train(args, tasks: dict[str, str], ctx: pd.Context) -> dict:
                              "use a shorter --prefix-len")
         max_target = args.max_length or room
         make_examples = lambda rows_, source_, index_: tokenize_seq2seq(  # noqa: E731
-            rows_, tokenizer, max_source, max_target, source_, index_)
+            rows_, tokenizer, max_source, max_target, source_, index_, args.truncate, truncated)
     else:
         max_tokens = args.max_length or (limit - prefix_len if limit else 4096)
-        make_examples = lambda rows_, source_, index_: tokenize(rows_, tokenizer, max_tokens, source_, index_)  # noqa: E731
+        make_examples = lambda rows_, source_, index_: tokenize(  # noqa: E731
+            rows_, tokenizer, max_tokens, source_, index_, args.truncate, truncated)
     eval_sets, train_set = {}, []
     for index, name in enumerate(names):
         source = tasks.get(name, "demo")
@@ -341,6 +346,8 @@ def _train(args, tasks: dict[str, str], ctx: pd.Context) -> dict:
     if len(names) > 1:       # every batch mixes the tasks
         random.Random(args.seed).shuffle(train_set)
     eval_sets = {name: held for name, held in eval_sets.items() if held}
+    if truncated:
+        note(f"--truncate: {len(truncated)} example(s) cut to the model's limit (first: {truncated[0]})")
     micro_rows = args.batch_size * ctx.world
     global_batch = micro_rows * args.grad_accum
     steps = steps or math.ceil(len(train_set) / global_batch)

@@ -54,9 +54,12 @@ def read_jsonl(path: str) -> list[dict]:
     return rows
 
 
-def tokenize(rows: list[dict], tokenizer, max_tokens: int, source: str, task: int = 0) -> list[Example]:
+def tokenize(rows: list[dict], tokenizer, max_tokens: int, source: str, task: int = 0,
+             truncate: bool = False, truncated: list | None = None) -> list[Example]:
     """Examples of `rows`; labels are -100 on the prompt, and an eos (when the tokenizer has one)
-    ends the completion so the model learns to stop."""
+    ends the completion so the model learns to stop. A row over max_tokens is an error, or with
+    `truncate` loses the start of its prompt (the tokens nearest the completion stay; its place
+    is appended to `truncated`); a completion that cannot fit alone is an error either way."""
     examples = []
     for i, row in enumerate(rows):
         prompt = tokenizer.encode(row["prompt"])
@@ -66,17 +69,27 @@ def tokenize(rows: list[dict], tokenizer, max_tokens: int, source: str, task: in
         ids = prompt + completion
         if len(ids) > max_tokens:
             where = f"{source}:{row.get('_line', i + 1)}"
-            raise ValueError(f"{where}: {len(ids)} tokens, but the model allows {max_tokens} with the prefix "
-                             "offset; shorten the example or pass --max-length")
+            if not truncate or len(completion) >= max_tokens:
+                what = "" if not truncate else f" (its completion alone has {len(completion)})"
+                raise ValueError(f"{where}: {len(ids)} tokens{what}, but the model allows {max_tokens} with the prefix "
+                                 "offset; shorten the example or pass --max-length" +
+                                 ("" if truncate else " (or --truncate)"))
+            prompt = prompt[len(ids) - max_tokens:]
+            ids = prompt + completion
+            if truncated is not None:
+                truncated.append(where)
         examples.append(Example(ids, [-100] * len(prompt) + completion, task))
     return examples
 
 
 def tokenize_seq2seq(rows: list[dict], tokenizer, max_source: int, max_target: int, source: str,
-                     task: int = 0) -> list[Example]:
+                     task: int = 0, truncate: bool = False, truncated: list | None = None) -> list[Example]:
     """Encoder-decoder examples of `rows`: the prompt as the source, the completion as the target,
     each with the tokenizer's special tokens (BART's <s> ... </s>: what its generate produces
-    after the decoder's start token), the target ending in eos so the model learns to stop."""
+    after the decoder's start token), the target ending in eos so the model learns to stop.
+    A source or target over its limit is an error, or with `truncate` keeps its beginning (and
+    its end-of-sequence token, when it ends in one), as the summarization scripts of transformers
+    truncate (its place is appended to `truncated`)."""
     examples = []
     for i, row in enumerate(rows):
         ids, target = tokenizer.encode_special(row["prompt"]), tokenizer.encode_special(row["completion"])
@@ -85,10 +98,17 @@ def tokenize_seq2seq(rows: list[dict], tokenizer, max_source: int, max_target: i
         where = f"{source}:{row.get('_line', i + 1)}"
         if not ids:
             raise ValueError(f"{where}: the prompt is empty (the encoder needs at least one token)")
-        for what, n, most in (("prompt", len(ids), max_source), ("completion", len(target), max_target)):
-            if n > most:
-                raise ValueError(f"{where}: the {what} has {n} tokens, but the model allows {most}; shorten it "
-                                 "or pass --max-length")
+        cut = False
+        for what, tokens, most in (("prompt", ids, max_source), ("completion", target, max_target)):
+            if len(tokens) > most:
+                if not truncate:
+                    raise ValueError(f"{where}: the {what} has {len(tokens)} tokens, but the model allows {most}; "
+                                     "shorten it or pass --max-length (or --truncate)")
+                end = tokens[-1:] if tokens[-1] == tokenizer.eos_token_id else []
+                tokens[:] = tokens[:most - len(end)] + end
+                cut = True
+        if cut and truncated is not None:
+            truncated.append(where)
         examples.append(Example(ids, target, task))
     return examples
 

@@ -159,6 +159,26 @@ def test_local_model_folder_and_too_long_example(tmp_path, local_model):
                         "--prefix-len", "4", "--no-resume"))
 
 
+def test_truncate_cuts_the_start_of_long_prompts(tmp_path, local_model, capsys):
+    """--truncate: a prompt that does not fit loses its first tokens (the completion and the
+    prompt's end stay); a completion that cannot fit alone is still an error."""
+    from prefix_kernels.train_data import tokenize
+
+    tok = train._HFTokenizer(__import__("transformers").AutoTokenizer.from_pretrained(local_model))
+    rows = [{"prompt": "q: " + " ".join(["red"] * 30) + " sky is", "completion": " blue", "_line": 7}]
+    cut = []
+    (ex,) = tokenize(rows, tok, 20, "d.jsonl", truncate=True, truncated=cut)
+    assert len(ex.ids) == 20 and cut == ["d.jsonl:7"]
+    assert ex.ids[-4:] == [WORDS.index(w) for w in ("sky", "is", "blue", "<eos>")]
+    assert ex.labels == [-100] * 18 + ex.ids[-2:]
+    with pytest.raises(ValueError, match=r"d.jsonl:1: 23 tokens \(its completion alone has 21\)"):
+        tokenize([{"prompt": "q: sky", "completion": " " + " ".join(["no"] * 20)}], tok, 20, "d.jsonl", truncate=True)
+    data = _write_jsonl(tmp_path / "long.jsonl", COLORS[:4] + rows)
+    train.run(_args("--model", local_model, "--data", data, "--out", str(tmp_path / "out"), "--prefix-len", "4",
+                    "--steps", "1", "--truncate"))
+    assert "--truncate: 1 example(s) cut to the model's limit" in capsys.readouterr().err
+
+
 def test_several_tasks_in_one_run(tmp_path, local_model, monkeypatch):
     """Each row of a mixed batch goes through its own task's bank entry; one adapter per task."""
     colors, answers = _write_jsonl(tmp_path / "c.jsonl", COLORS), _write_jsonl(tmp_path / "a.jsonl", ANSWERS)

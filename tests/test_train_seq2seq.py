@@ -94,6 +94,24 @@ def test_sites_choose_the_prefixed_attention(tmp_path, bart_folder):
     assert config["task_type"] == "SEQ_2_SEQ_LM" and config["prefix_sites"] == {"decoder": 2}
 
 
+def test_truncate_keeps_the_beginning_and_the_end_token(bart_folder):
+    from transformers import AutoTokenizer
+
+    from prefix_kernels.train_data import tokenize_seq2seq
+
+    tok = train._HFTokenizer(AutoTokenizer.from_pretrained(bart_folder))
+    rows = [{"prompt": "q: " + " ".join(["red"] * 40), "completion": " ".join(["blue"] * 10)}]
+    cut = []
+    (ex,) = tokenize_seq2seq(rows, tok, 8, 5, "d.jsonl", truncate=True, truncated=cut)
+    red, blue, eos = WORDS.index("red"), WORDS.index("blue"), WORDS.index("</s>")
+    # this word-level tokenizer adds no special tokens to the source: cut plainly; the target
+    # ends in the eos appended to it, which stays
+    assert ex.ids == [WORDS.index("q:")] + [red] * 7 and ex.labels == [blue] * 4 + [eos]
+    assert cut == ["d.jsonl:1"]
+    rows = [{"prompt": "q: red </s>", "completion": "blue"}]
+    assert tokenize_seq2seq(rows, tok, 2, 5, "d.jsonl", truncate=True)[0].ids == [WORDS.index("q:"), eos]
+
+
 def test_what_cannot_train_says_why(tmp_path, bart_folder):
     data = _write_jsonl(tmp_path / "d.jsonl", QUESTIONS)
     with pytest.raises(UsageError, match="--sites takes a comma list of encoder, decoder, cross"):
