@@ -430,8 +430,10 @@ class Engine:
         return plan_chunks(self._prefilling, self.prefill_chunk, self._hold_new_prompts())
 
     def _hold_new_prompts(self) -> bool:
-        return hold_new_prompts(self._prefilling, bool(self._live.any()), self.current_prefill_wait,
-                                self.prefill_chunk, time.monotonic())
+        wait = self.current_prefill_wait
+        if wait <= 0:           # the default: nothing to look at
+            return False
+        return hold_new_prompts(self._prefilling, bool(self._live.any()), wait, self.prefill_chunk, time.monotonic())
 
     @property
     def current_prefill_wait(self) -> float:
