@@ -202,7 +202,8 @@ def main(argv=None) -> int:
                 from prefix_kernels.serve import Seq2SeqEngine
 
                 engine = Seq2SeqEngine(model, {f"p{i}": prefixes[f"p{i}"] for i in range(n)}, max_batch=b,
-                                       max_seq_len=new_tokens + 2, max_source_len=source_len, prefill_chunk=b * source_len,
+                                       max_seq_len=new_tokens + 2, max_source_len=source_len,
+                                       prefill_chunk=b * source_len,
                                        cuda_graphs=case == "engine" and device.type == "cuda")
                 engine.warmup(sampling=("greedy",))
                 row.update(run_engine(engine, sources, n, new_tokens, args.repeats, device))

@@ -603,8 +603,9 @@ def set_attention_hook(model, hook) -> None:
     layer's new query [B, Hq, Sq, D] and key/value [B, Hkv, Sq, D] (after rotary, before any GQA
     repeat), its bank view [N, Hkv, P, D] and the per-row entry index ([B] or None), and returns
     [B, Hq, Sq, D]. An encoder-decoder model's attention at a site without a prefix calls it too,
-    with layer_idx, prefix_k and prefix_v None. The attention mask is not passed: the hook owns its keys (a serving engine's
-    static KV cache, say). Prefix ids and position offsets are resolved as for any forward.
+    with layer_idx, prefix_k and prefix_v None. The attention mask is not passed: the hook owns
+    its keys (a serving engine's static KV cache, say). Prefix ids and position offsets are
+    resolved as for any forward.
     """
     state = model.__dict__.get(_STATE_ATTR)
     if state is None:

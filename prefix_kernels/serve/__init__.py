@@ -7,5 +7,5 @@ from .seq2seq_engine import Seq2SeqEngine
 from .step import StepOptions
 from .text import ByteTokenizer
 
-__all__ = ["Engine", "Seq2SeqEngine", "serve_engine", "SamplingParams", "Request", "Completion", "ByteTokenizer", "UnknownPrefix",
-           "PromptTooLong", "QueueFull", "EngineClosed", "StepOptions"]
+__all__ = ["Engine", "Seq2SeqEngine", "serve_engine", "SamplingParams", "Request", "Completion", "ByteTokenizer",
+           "UnknownPrefix", "PromptTooLong", "QueueFull", "EngineClosed", "StepOptions"]

@@ -301,7 +301,8 @@ class Engine:
             if len(self._waiting) >= self.queue_size:
                 raise QueueFull(self.queue_size)
             row = self.rows.acquire(str(prefix))
-            detok = None if self.tokenizer is None else Detokenizer(self.tokenizer, self._text_context(ids), params.stop)
+            detok = (None if self.tokenizer is None
+                     else Detokenizer(self.tokenizer, self._text_context(ids), params.stop))
             req = Request(f"cmpl-{next(self._ids)}", [int(i) for i in ids], str(prefix), row, params, detok, stream,
                           self._cv)
             self._waiting.append(req)
@@ -659,7 +660,8 @@ class Engine:
         stopped = req.detok is not None and req.detok.add(token)
         if stopped:
             self._finish(req, "stop")
-        elif len(req.output_ids) >= params.max_tokens or self._cached_tokens(req) + len(req.output_ids) > self.max_seq_len:
+        elif (len(req.output_ids) >= params.max_tokens
+              or self._cached_tokens(req) + len(req.output_ids) > self.max_seq_len):
             # the next step would write this token at position max_seq_len: past the cache
             self._finish(req, "length")
         elif req.stream:

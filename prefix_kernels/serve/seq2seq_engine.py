@@ -213,7 +213,8 @@ class Seq2SeqEngine(Engine):
         try:
             with self.cache.decoding(batch, self._ints[POS], self._ints[SEQLEN]):
                 out = self.model(encoder_outputs=(self._encoder_stand_in[:batch],),
-                                 decoder_input_ids=self._tokens[:batch], decoder_attention_mask=self._decode_mask(batch),
+                                 decoder_input_ids=self._tokens[:batch],
+                                 decoder_attention_mask=self._decode_mask(batch),
                                  use_cache=False, prefix_ids=self._ints[ROW, :batch])
         finally:
             self._positions = None
