@@ -59,6 +59,33 @@ def test_new_specialization_goes_through_triton_again():
     assert [entry[0] for entry in jit.log] == ["jit", "jit", "jit", "direct"]
 
 
+def test_repeated_scalars_take_the_exact_key_and_stay_correct():
+    """A launch whose scalars equal an earlier one's skips the specialization key; a changed
+    pointer alignment or int class still goes through triton's dispatch, and keys never
+    collide across dtypes."""
+    jit = _fake_jit()
+    launches = CompiledLaunches(jit, dict(BLOCK=64))
+    x = torch.zeros(64)
+    launches.launch((1,), (x, 5))                  # dispatch
+    launches.launch((1,), (torch.zeros(64), 7))    # same classes: direct, exact key stored
+    launches.launch((1,), (torch.zeros(64), 7))    # direct through the exact key
+    assert len(launches.by_exact) == 1
+    launches.launch((1,), (x[1:], 7))              # misaligned: dispatch
+    launches.launch((1,), (x.half(), 7))           # dtype: dispatch
+    launches.launch((1,), (x, 1))                  # constexpr 1: dispatch
+    assert [entry[0] for entry in jit.log] == ["jit", "direct", "direct", "jit", "jit", "jit"]
+    for seed in range(200):                        # ever-new scalars (dropout seeds): bounded
+        launches.launch((1,), (x, 16 * seed + 3))
+    assert len(launches.by_exact) <= 64
+
+
+def test_tensors_after_scalars_take_no_exact_key():
+    launches = CompiledLaunches(_fake_jit(), dict(BLOCK=64))
+    x = torch.zeros(64)
+    assert launches.exact_key((x, 3, x)) is None
+    assert launches.exact_key((x, 3, x)) is None
+
+
 def test_a_launcher_that_disagrees_turns_direct_launches_off_with_a_warning():
     jit = _fake_jit(accepts=2)               # a launcher that takes the runtime arguments only
     launches = CompiledLaunches(jit, dict(BLOCK=64))

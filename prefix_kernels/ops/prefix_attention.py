@@ -8,7 +8,6 @@ causal keys that the padding mask keeps. The prefix is read straight from the ba
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -21,7 +20,7 @@ from .prefix_grads import reduce_prefix_grads
 from .prefix_attention_inputs import (as_prefix_index, check_features, check_inputs, padding_mask_as_bool,
                                       triton_unsupported_reason as _triton_unsupported_reason)
 from .reference import reference_prefix_attention
-from .utils import (LOG2E, cdiv, head_dim_class, interpreting as _interpreting, l2_cache_bytes, seq_bucket,
+from .utils import (LOG2E, cdiv, env_get, head_dim_class, interpreting as _interpreting, l2_cache_bytes, seq_bucket,
                     sm_count, warn_once as _warn_once)
 
 
@@ -102,9 +101,9 @@ def _schedule(rows: int, bytes_per_row: int, device: torch.device):
     (benchmarks/model_program_order.py) but measured 1.4% slower fwd+bwd at B8 H32/4 S1024 D64
     (0.798 vs 0.787 ms, H100, cf0371b, results/probe_split-lpt-h100.json; one shape measured).
     PREFIX_KERNELS_LPT_ROWS=n forces n rows per LPT section."""
-    if os.environ.get("PREFIX_KERNELS_SCHEDULE", "rows") != "lpt":
+    if env_get("PREFIX_KERNELS_SCHEDULE", "rows") != "lpt":
         return False, 0, 0
-    forced = int(os.environ.get("PREFIX_KERNELS_LPT_ROWS", "0"))
+    forced = int(env_get("PREFIX_KERNELS_LPT_ROWS", "0"))
     if forced > 0:
         return True, forced, 0
     if device.type == "cuda":
@@ -287,7 +286,7 @@ def atomic_dq_requested() -> bool:
     (benchmarks/NOTES.md, issue 10): 1.3-1.6x slower than the dQ kernel (atomic contention, more
     registers): kept only until the training figures taken with this code are re-measured, then
     removed. Refused while torch's deterministic algorithms are on: the atomics' order is not fixed."""
-    return (os.environ.get("PREFIX_KERNELS_BWD_DQ", "separate") == "atomic"
+    return (env_get("PREFIX_KERNELS_BWD_DQ", "separate") == "atomic"
             and not torch.are_deterministic_algorithms_enabled())
 
 

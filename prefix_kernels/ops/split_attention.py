@@ -35,7 +35,7 @@ import triton
 from .prefix_grads import reduce_prefix_grads
 from .split_kernels import _split_bwd_dprefix, _split_bwd_dq, _split_bwd_onepass, _split_fwd_merge
 from .launch import TunedLauncher
-from .utils import LOG2E, cdiv, head_dim_class, interpreting, next_power_of_2, seq_bucket, sm_count, warn_once
+from .utils import LOG2E, cdiv, env_get, head_dim_class, interpreting, next_power_of_2, seq_bucket, sm_count, warn_once
 from .vendor_attention import VENDOR_MAX_HEAD_DIM, in_layout_of, lse_bhs, vendor_backward, vendor_forward
 
 LN2 = 0.6931471805599453
@@ -381,7 +381,7 @@ def split_plan(path, q, k, prefix_k, key_padding_mask, causal, **features) -> Op
     path: "auto" | "fused" | "split"; None reads PREFIX_KERNELS_ATTENTION (default "auto").
     A requested split that cannot run is announced once with the reason; the fused path runs."""
     if path is None:
-        path = os.environ.get("PREFIX_KERNELS_ATTENTION", "auto")
+        path = env_get("PREFIX_KERNELS_ATTENTION", "auto")
     if path not in PATHS:
         raise ValueError(f"prefix_attention: path must be one of {PATHS}, got {path!r} "
                          f"(keyword path= or env PREFIX_KERNELS_ATTENTION)")

@@ -10,9 +10,25 @@ import torch
 LOG2E = 1.4426950408889634      # the kernels run softmax in base 2: scores are pre-scaled by log2(e)
 
 
+# os.environ's own dict on POSIX (bytes -> bytes; os.environ[...] = and monkeypatch.setenv keep it
+# current): a read from it costs ~0.1 us against ~0.7 us through os.environ.get (dev CPU), and
+# the op reads ~15 settings per forward+backward
+_ENVIRON_BYTES = getattr(os.environ, "_data", None)
+if not (isinstance(_ENVIRON_BYTES, dict) and all(isinstance(k, bytes) for k in list(_ENVIRON_BYTES)[:1])):
+    _ENVIRON_BYTES = None
+
+
+def env_get(name: str, default: str) -> str:
+    """os.environ.get(name, default), faster on the hot path of every op call."""
+    if _ENVIRON_BYTES is None:
+        return os.environ.get(name, default)
+    value = _ENVIRON_BYTES.get(name.encode())
+    return default if value is None else value.decode()
+
+
 def interpreting() -> bool:
     """Triton runs on the CPU under its interpreter (TRITON_INTERPRET=1, read at import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env_get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,7 +62,7 @@ def sm_count(device: torch.device) -> int:
 
 def autotune_enabled() -> bool:
     """PREFIX_KERNELS_AUTOTUNE=0 takes each kernel's first candidate untimed (tests, quick runs)."""
-    return os.environ.get("PREFIX_KERNELS_AUTOTUNE", "1") != "0"
+    return env_get("PREFIX_KERNELS_AUTOTUNE", "1") != "0"
 
 
 def cdiv(a: int, b: int) -> int:
