@@ -100,11 +100,35 @@ def cudnn_times(q, k, v):
     return t_fwd, t_all
 
 
+def op_time(q, k, v, shape):
+    """The op's fwd+bwd (default configs, autotune off), grads for q, k, v and the bank."""
+    import prefix_kernels as pk
+    b, h, hkv, s, d, p = shape
+    bk = torch.randn(1, hkv, p, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    bv = torch.randn_like(bk, requires_grad=True)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)] + [bk, bv]
+    grad = torch.randn_like(q)
+
+    def run():
+        pk.prefix_attention(*leaves, path="fused").backward(grad)
+    torch.manual_seed(1)
+    for t in leaves[3:]:
+        t.data.normal_()
+    for t in leaves:
+        t.grad = None
+    out = pk.prefix_attention(*leaves, path="fused")
+    out.backward(grad)
+    results = [out.detach().float()] + [t.grad.float() for t in leaves]
+    return triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median", grad_to_none=leaves), results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="5,0,6")
     parser.add_argument("--kernels", default="fwd,dq,dkdv")
     parser.add_argument("--budget-s", type=float, default=200)
+    parser.add_argument("--dq-modes", default="separate",
+                        help="PREFIX_KERNELS_BWD_DQ values to compare (separate,atomic,tma)")
     parser.add_argument("--out", default=os.environ.get("PREFIX_KERNELS_RESULTS", "."))
     args = parser.parse_args()
     os.environ["PREFIX_KERNELS_AUTOTUNE"] = "0"         # the recording call takes the defaults
@@ -114,15 +138,26 @@ def main():
     rows = []
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"commit {os.environ.get('PREFIX_KERNELS_GIT_COMMIT', '?')}", flush=True)
-    for index in (int(i) for i in args.shapes.split(",")):
+    triton.set_allocator(ops._scratch)      # TMA descriptors built on the device (dQ by TMA)
+    for index, mode in ((int(i), m) for i in args.shapes.split(",") for m in args.dq_modes.split(",")):
         shape = ISSUE_SHAPES[index]
+        os.environ["PREFIX_KERNELS_BWD_DQ"] = mode
         recorded, (q, k, v) = record_launches(ops, shape)
         t_fwd, t_all = cudnn_times(q, k, v)
-        print(f"\n== {','.join(map(str, shape))}: cuDNN fwd {t_fwd:.4f} ms, fwd+bwd {t_all:.4f} ms "
-              f"(bwd {t_all - t_fwd:.4f})", flush=True)
+        t_op, results = op_time(q, k, v, shape)
+        if mode == args.dq_modes.split(",")[0]:
+            first = results
+        else:       # max |difference| / max |first mode's value|, out and each gradient
+            diffs = [float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(results, first)]
+            print(f"   dQ {mode} vs {args.dq_modes.split(',')[0]}: relative max differences (out, dq, dk, dv, "
+                  f"dbank_k, dbank_v) {', '.join(f'{x:.2e}' for x in diffs)}", flush=True)
+            rows.append(dict(shape=shape, dq_mode=mode, relative_max_differences=diffs))
+        print(f"\n== {','.join(map(str, shape))} dQ {mode}: cuDNN fwd {t_fwd:.4f} ms, fwd+bwd {t_all:.4f} ms "
+              f"(bwd {t_all - t_fwd:.4f}); the op (default configs) fwd+bwd {t_op:.4f} ms", flush=True)
+        rows.append(dict(shape=shape, kernel="op", dq_mode=mode, fwd_bwd_ms=t_op))
         best_sum = 0.0
         for name, grid, launch_args, constexprs in recorded:
-            if name not in args.kernels.split(","):
+            if name not in args.kernels.split(",") or (mode != "separate" and name == "fwd"):
                 continue
             cls = head_dim_class(constexprs["HEAD_DIM"])
             configs = ops._CANDIDATES[name][cls] + EXTRA[name].get(cls, [])
@@ -139,11 +174,13 @@ def main():
                     continue
                 times.append(ms)
                 print(f"   {name:5s} {label:44s} {ms:.4f} ms", flush=True)
-                rows.append(dict(shape=shape, kernel=name, config=label, ms=ms, default=config is configs[0]))
+                rows.append(dict(shape=shape, kernel=name, dq_mode=mode, config=label, ms=ms,
+                                 default=config is configs[0]))
             if times:
                 best_sum += min(times)
                 print(f"   {name:5s} best {min(times):.4f} ms, default {times[0]:.4f}", flush=True)
-        print(f"   sum of best kernels {best_sum:.4f} ms vs cuDNN fwd+bwd {t_all:.4f}: "
+        print(f"   sum of best kernels (dQ {mode}{', without fwd' if mode != 'separate' else ''}) "
+              f"{best_sum:.4f} ms vs cuDNN fwd+bwd {t_all:.4f}: "
               f"ratio {t_all / best_sum if best_sum else float('nan'):.3f}", flush=True)
         rows.append(dict(shape=shape, kernel="cudnn", fwd_ms=t_fwd, fwd_bwd_ms=t_all, best_sum_ms=best_sum))
         with open(os.path.join(args.out, "probe_kernel_configs.json"), "w") as f:

@@ -58,9 +58,11 @@ for features, causal in ((every, True), ({}, True), (encoder, False)):
     out, lse = op._launch_forward(q, k, v, bk, bv, idx, kpm, 0.1, causal, **features)
     for need in ((True, True, True), (False, False, True)):
         op._launch_backward(out, q, k, v, bk, bv, idx, kpm, out, lse, 0.1, causal, *need, **features)
-op.atomic_dq_requested = lambda: True            # the experimental atomic dQ's dK/dV kernel too
-out, lse = op._launch_forward(q, k, v, bk, bv, idx, kpm, 0.1, True, **every)
-op._launch_backward(out, q, k, v, bk, bv, idx, kpm, out, lse, 0.1, True, True, True, True, **every)
+for mode in ("atomic", "tma"):       # the experimental atomic dQ's dK/dV kernels too (TMA: lowered only)
+    op.atomic_dq_requested = lambda: mode
+    op._tma_reduce_available = lambda q: True
+    out, lse = op._launch_forward(q, k, v, bk, bv, idx, kpm, 0.1, True, **every)
+    op._launch_backward(out, q, k, v, bk, bv, idx, kpm, out, lse, 0.1, True, True, True, True, **every)
 op.dropout_mask(every["rng"], 2, 4, 20, 20, 5, 0.1, "cpu")
 failed = 0
 for kernel, args, constexprs in launches:
@@ -90,6 +92,8 @@ def test_kernels_pass_the_gpu_compiler_frontend():
     if res.returncode == 77 or "make_ir() takes" in res.stdout:   # not an import error of ours
         pytest.skip(f"this triton's compiler internals differ: {res.stderr.strip().splitlines()[-1:]}")
     assert res.returncode == 0, res.stdout + res.stderr[-2000:]
-    # fwd, 2 dq, 2 dkdv, 2 reduces per feature set; fwd, dq, dkdv, reduce with atomic dQ; dropout_mask
-    assert res.stdout.count("OK") == 26, res.stdout
+    # fwd, 2 dq, 2 dkdv, 2 reduces per feature set; fwd, dq, dkdv, reduce with atomic dQ, twice
+    # (per-element atomics, TMA reduce); dropout_mask
+    assert res.stdout.count("OK") == 30, res.stdout
     assert "OK prefix_attn_bwd_dkdv" in res.stdout and "DQ_ATOMIC" in res.stdout, res.stdout
+    assert "DQ_TMA" in res.stdout, res.stdout

@@ -72,7 +72,7 @@ for _name, _table in _HOPPER_CANDIDATES.items():
 _INTERPRET_CONFIG = _config(16, 16, 4, 1)
 _FEATURES = ["HEAD_DIM", "seq_bucket", "LPT", "CAUSAL", "HAS_KPM", "DROPOUT", "SOFTCAP", "HAS_WINDOW", "HAS_SEGMENTS"]
 _TUNE_KEY = {"fwd": _FEATURES, "dq": _FEATURES + ["DQ_GRAD"],
-             "dkdv": _FEATURES + ["PREFIX_GRAD", "OWN_GRAD", "DQ_ATOMIC"]}
+             "dkdv": _FEATURES + ["PREFIX_GRAD", "OWN_GRAD", "DQ_ATOMIC", "DQ_TMA"]}
 
 
 def _config_class(constexprs, dtype) -> object:
@@ -226,7 +226,9 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
 
     delta = torch.empty_like(lse)
     # dQ by atomics in the dK/dV kernel needs every key block's program, so all three gradients
-    atomic = need_dq and need_dkv and need_prefix and atomic_dq_requested()
+    dq_mode = atomic_dq_requested()
+    atomic = need_dq and need_dkv and need_prefix and dq_mode is not None
+    tma = atomic and dq_mode == "tma" and _tma_reduce_available(q)
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else q
     dq = torch.empty_like(q) if need_dq and not atomic else q.new_empty(0)
     dk = torch.empty_like(k) if need_dkv else k.new_empty(0)
@@ -270,7 +272,7 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
                  *dv_arg.stride(), *dq_acc.stride(),
                  hkv, h // hkv, sq, sk, p, n, qk_scale, scale, *scalars, bucket, b * hkv, l2_rows,
                  min_programs),
-                dict(LPT=lpt, SPLITS=splits, PREFIX_GRAD=need_prefix, OWN_GRAD=need_dkv, DQ_ATOMIC=atomic,
+                dict(LPT=lpt, SPLITS=splits, PREFIX_GRAD=need_prefix, OWN_GRAD=need_dkv, DQ_ATOMIC=atomic, DQ_TMA=tma,
                      # out-of-range own keys need masking only without the causal mask
                      KEEP_MASK=key_padding_mask is not None or not causal, **flags), q.dtype, bucket)
         if need_prefix:
@@ -280,14 +282,40 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
     return dq, dk, dv, dpk, dpv
 
 
-def atomic_dq_requested() -> bool:
-    """PREFIX_KERNELS_BWD_DQ=atomic (experimental, off by default): dQ accumulated by fp32 atomics
-    in the dK/dV kernel, 5 matmuls per (query, key) tile pair instead of 7. Measured on an H100
-    (benchmarks/NOTES.md, issue 10): 1.3-1.6x slower than the dQ kernel (atomic contention, more
-    registers): kept only until the training figures taken with this code are re-measured, then
-    removed. Refused while torch's deterministic algorithms are on: the atomics' order is not fixed."""
-    return (env_get("PREFIX_KERNELS_BWD_DQ", "separate") == "atomic"
-            and not torch.are_deterministic_algorithms_enabled())
+def atomic_dq_requested() -> Optional[str]:
+    """PREFIX_KERNELS_BWD_DQ=atomic|tma (experimental, off by default): dQ accumulated in fp32 by
+    the dK/dV kernel, 5 matmuls per (query, key) tile pair instead of 7: "atomic" by per-element
+    atomics, measured on an H100 (benchmarks/NOTES.md, issue 10) 1.3-1.6x slower than the dQ
+    kernel (atomic contention, more registers); "tma" by one TMA reduce-add per tile (Hopper and
+    later; "atomic" elsewhere), as FlashAttention 3 accumulates dQ. None (the dQ kernel) while
+    torch's deterministic algorithms are on: the atomics' order is not fixed."""
+    mode = env_get("PREFIX_KERNELS_BWD_DQ", "separate")
+    if mode not in ("atomic", "tma") or torch.are_deterministic_algorithms_enabled():
+        return None
+    return mode
+
+
+def _tma_reduce_available(q) -> bool:
+    """Whether the dK/dV kernel can add dQ tiles by TMA here (a Hopper+ GPU, not the interpreter);
+    sets triton's scratch allocator, which device-side descriptors need, when none is set."""
+    if not q.is_cuda or _interpreting() or torch.cuda.get_device_capability(q.device)[0] < 9:
+        _warn_once("prefix_attention: PREFIX_KERNELS_BWD_DQ=tma needs a Hopper or newer GPU: "
+                   "dQ is added by per-element atomics instead")
+        return False
+    try:        # the allocator is a context variable: the autograd thread may not see ours
+        from triton.runtime import _allocation
+        unset = _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+    except (ImportError, AttributeError):
+        unset = True
+    if unset:
+        triton.set_allocator(_scratch)
+    return True
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Triton's per-launch scratch (TMA descriptors built on the device), from torch's allocator
+    (its blocks are 512-byte aligned: every alignment triton asks for)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 # --------------------------------------------------------------------------------------------

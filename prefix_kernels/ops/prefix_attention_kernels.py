@@ -464,16 +464,19 @@ def prefix_attn_bwd_dq(
 
 
 @triton.jit
-def _bwd_kv_inner(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr, seg_row_ptr, dq_acc_ptr,
+def _bwd_kv_inner(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr, seg_row_ptr, dq_acc_ptr, dq_desc, bh,
                   stride_q_s, stride_q_d, stride_do_s, stride_do_d, stride_dqa_s, stride_dqa_d, lo, hi,
                   seqlen_q, k_start, k_pos, q_shift, offs_d, qk_scale, sm_scale, softcap, window,
                   dropout_threshold, keep_scale, seed, rng_offset, stream,
                   CAUSAL_MASK: tl.constexpr, KEEP_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
                   HAS_SEGMENTS: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-                  DQ_ATOMIC: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_HEADDIM: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                  DQ_ATOMIC: tl.constexpr, DQ_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  EVEN_HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks [lo, hi) of one query head; with
-    DQ_ATOMIC also add this key block's share of dQ (dS K, scaled) to the fp32 dq_acc by atomics.
+    DQ_ATOMIC also add this key block's share of dQ (dS K, scaled) to the fp32 dq_acc by atomics:
+    one TMA reduce per tile with DQ_TMA (dq_desc over [B*H, Sq, D], row bh), else per-element
+    atomics through dq_acc_ptr.
 
     Out-of-range query rows load as zeros (q = dO = lse = delta = 0) and contribute nothing.
     """
@@ -514,8 +517,11 @@ def _bwd_kv_inner(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr, seg_row
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
         if DQ_ATOMIC:
             dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PREC) * sm_scale    # [BLOCK_M, BLOCK_D]
-            tl.atomic_add(dq_acc_ptr + offs_m[:, None] * stride_dqa_s + offs_d[None, :] * stride_dqa_d, dq,
-                          mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
+            if DQ_TMA:      # rows past Sq and columns past D fall outside the descriptor: dropped
+                dq_desc.atomic_add([bh.to(tl.int32), start_m, 0], tl.reshape(dq, [1, BLOCK_M, BLOCK_D]))
+            else:
+                tl.atomic_add(dq_acc_ptr + offs_m[:, None] * stride_dqa_s + offs_d[None, :] * stride_dqa_d, dq,
+                              mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -538,7 +544,7 @@ def prefix_attn_bwd_dkdv(
     num_kv_heads, group, seqlen_q, seqlen_k, prefix_len, num_entries, qk_scale, sm_scale, softcap,
     window, dropout_threshold, keep_scale, seed, rng_offset, seq_bucket, num_rows, l2_rows, min_programs,
     LPT: tl.constexpr, SPLITS: tl.constexpr, PREFIX_GRAD: tl.constexpr, OWN_GRAD: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    KEEP_MASK: tl.constexpr, HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    DQ_TMA: tl.constexpr, KEEP_MASK: tl.constexpr, HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr, LOWER_BOUND: tl.constexpr,
@@ -572,6 +578,12 @@ def prefix_attn_bwd_dkdv(
     d_ok = offs_d < HEAD_DIM
     num_heads = num_kv_heads * group
     seg_row_ptr = seg_ptr + b * stride_seg_b
+    if DQ_TMA:      # dq_acc is contiguous [B, H, Sq, D] fp32 (the launcher allocates it)
+        dq_desc = tl.make_tensor_descriptor(dq_acc_ptr, shape=[num_rows * group, seqlen_q, HEAD_DIM],
+                                            strides=[seqlen_q * HEAD_DIM, HEAD_DIM, 1],
+                                            block_shape=[1, BLOCK_M, BLOCK_D])
+    else:
+        dq_desc = dq_acc_ptr        # never read
     if pid_n < num_prefix_programs:
         # -- a prefix key block, over one split of the queries --
         entry, entry_ok = _bank_entry(pidx_ptr, b, num_entries, HAS_PIDX=HAS_PIDX)
@@ -594,13 +606,13 @@ def prefix_attn_bwd_dkdv(
             dk, dv = _bwd_kv_inner(dk, dv, k, v, n_ok, q_ptr + b * stride_q_b + h * stride_q_h,
                                    do_ptr + b * stride_do_b + h * stride_do_h, lse_ptr + bh * seqlen_q,
                                    delta_ptr + bh * seqlen_q, seg_row_ptr,
-                                   dq_acc_ptr + b * stride_dqa_b + h * stride_dqa_h, stride_q_s, stride_q_d,
+                                   dq_acc_ptr + b * stride_dqa_b + h * stride_dqa_h, dq_desc, bh, stride_q_s, stride_q_d,
                                    stride_do_s, stride_do_d, stride_dqa_s, stride_dqa_d, lo, hi, seqlen_q,
                                    start_n, offs_n, 0, offs_d, qk_scale, sm_scale, softcap, window,
                                    dropout_threshold, keep_scale, seed, rng_offset, 2 * bh,
                                    CAUSAL_MASK=False, KEEP_MASK=True, HAS_WINDOW=False, HAS_SEGMENTS=False,
-                                   SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, DQ_ATOMIC=DQ_ATOMIC, HEAD_DIM=HEAD_DIM,
-                                   EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PREC=PREC)
+                                   SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, DQ_ATOMIC=DQ_ATOMIC, DQ_TMA=DQ_TMA, HEAD_DIM=HEAD_DIM,
+                                   EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PREC=PREC)
         part = (((b * SPLITS + split) * num_kv_heads + hk) * prefix_len + offs_n[:, None]) * HEAD_DIM \
             + offs_d[None, :]
         tile_ok = n_ok[:, None] & d_ok[None, :]
@@ -647,25 +659,25 @@ def prefix_attn_bwd_dkdv(
             do_head_ptr = do_ptr + b * stride_do_b + h * stride_do_h
             dqa_head_ptr = dq_acc_ptr + b * stride_dqa_b + h * stride_dqa_h
             dk, dv = _bwd_kv_inner(dk, dv, k, v, keep, q_head_ptr, do_head_ptr, lse_ptr + bh * seqlen_q,
-                                   delta_ptr + bh * seqlen_q, seg_row_ptr, dqa_head_ptr, stride_q_s,
+                                   delta_ptr + bh * seqlen_q, seg_row_ptr, dqa_head_ptr, dq_desc, bh, stride_q_s,
                                    stride_q_d, stride_do_s, stride_do_d, stride_dqa_s, stride_dqa_d,
                                    lo, causal_hi, seqlen_q, start_n, offs_n, q_shift, offs_d, qk_scale,
                                    sm_scale, softcap, window, dropout_threshold, keep_scale, seed,
                                    rng_offset, 2 * bh + 1,
                                    CAUSAL_MASK=CAUSAL, KEEP_MASK=KEEP_MASK, HAS_WINDOW=HAS_WINDOW,
                                    HAS_SEGMENTS=HAS_SEGMENTS, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
-                                   DQ_ATOMIC=DQ_ATOMIC, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M,
-                                   BLOCK_N=BLOCK_N, PREC=PREC)
+                                   DQ_ATOMIC=DQ_ATOMIC, DQ_TMA=DQ_TMA, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M,
+                                   BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PREC=PREC)
             dk, dv = _bwd_kv_inner(dk, dv, k, v, keep, q_head_ptr, do_head_ptr, lse_ptr + bh * seqlen_q,
-                                   delta_ptr + bh * seqlen_q, seg_row_ptr, dqa_head_ptr, stride_q_s,
+                                   delta_ptr + bh * seqlen_q, seg_row_ptr, dqa_head_ptr, dq_desc, bh, stride_q_s,
                                    stride_q_d, stride_do_s, stride_do_d, stride_dqa_s, stride_dqa_d,
                                    full_lo, q_hi, seqlen_q, start_n, offs_n, q_shift, offs_d, qk_scale,
                                    sm_scale, softcap, window, dropout_threshold, keep_scale, seed,
                                    rng_offset, 2 * bh + 1,
                                    CAUSAL_MASK=False, KEEP_MASK=KEEP_MASK, HAS_WINDOW=HAS_WINDOW,
                                    HAS_SEGMENTS=HAS_SEGMENTS, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
-                                   DQ_ATOMIC=DQ_ATOMIC, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M,
-                                   BLOCK_N=BLOCK_N, PREC=PREC)
+                                   DQ_ATOMIC=DQ_ATOMIC, DQ_TMA=DQ_TMA, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M,
+                                   BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PREC=PREC)
         tile_ok = n_ok[:, None] & d_ok[None, :]
         tl.store(dk_ptr + b * stride_dk_b + hk * stride_dk_h + offs_n[:, None] * stride_dk_n
                  + offs_d[None, :] * stride_dk_d, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=tile_ok)
