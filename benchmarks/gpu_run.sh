@@ -72,6 +72,7 @@ for step in "$@"; do
     multitask) timeout ${MULTITASK_TIMEOUT:-120} python3 -m prefix_kernels.bench.training --multitask --out $OUT > $OUT/multitask.log 2>&1; tail -8 $OUT/multitask.log ;;
     benchgpu) timeout 300 python3 -m pytest -q -p no:logging -m gpu tests/test_gpu_benchmarks.py --benchmark-json=$OUT/gpu-benchmarks.json > $OUT/benchgpu.log 2>&1; summary $OUT/benchgpu.log; grep -A12 "^Name (time" $OUT/benchgpu.log ;;
     host-parts) for label in this old this old; do dir=.; [ $label = old ] && dir=ab_old; [ -d $dir/prefix_kernels ] || continue; PYTHONPATH=$dir timeout 120 python3 benchmarks/probe_host_parts.py --label $label --shape ${HOST_SHAPE:-8,32,4,1024,64,32,1} 2>&1 | grep -v Warn | cut -c1-400; done ;;
+    kernel-configs-old) PYTHONPATH=ab_old timeout 200 python3 benchmarks/probe_kernel_configs.py --shapes ${CONFIG_SHAPES:-5,0,6} --kernels none --out /tmp > $OUT/kernel_configs_old.log 2>&1; echo "rc=$?"; grep -E "==" $OUT/kernel_configs_old.log | cut -c1-250 ;;
     kernel-configs) timeout ${CONFIGS_TIMEOUT:-300} python3 benchmarks/probe_kernel_configs.py --shapes ${CONFIG_SHAPES:-5,0,6} --dq-modes ${DQ_MODES:-separate} --budget-s ${CONFIGS_BUDGET:-250} > $OUT/kernel_configs.log 2>&1; echo "rc=$?"; grep -E "==|best|sum of|budget|relative|Error|error" $OUT/kernel_configs.log | cut -c1-250 ;;
     *) echo "unknown step $step" ;;
   esac

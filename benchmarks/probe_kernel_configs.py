@@ -138,7 +138,8 @@ def main():
     rows = []
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"commit {os.environ.get('PREFIX_KERNELS_GIT_COMMIT', '?')}", flush=True)
-    triton.set_allocator(ops._scratch)      # TMA descriptors built on the device (dQ by TMA)
+    if hasattr(ops, "_scratch"):            # TMA descriptors built on the device (dQ by TMA)
+        triton.set_allocator(ops._scratch)
     for index, mode in ((int(i), m) for i in args.shapes.split(",") for m in args.dq_modes.split(",")):
         shape = ISSUE_SHAPES[index]
         os.environ["PREFIX_KERNELS_BWD_DQ"] = mode

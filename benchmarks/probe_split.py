@@ -58,7 +58,9 @@ VARIANTS = {
     "split_flash_pad": ("flash", "pad", "auto"),
     "split_cudnn_merge_twopass": ("cudnn", "merge", "twopass"),   # not run by default (compiles)
 }
-DEFAULT_VARIANTS = [name for name in VARIANTS if name != "split_cudnn_merge_twopass"]
+# what users get: path="auto" (the fused op, or the split where the measured rule picks it)
+VARIANTS["auto"] = None
+DEFAULT_VARIANTS = [name for name in VARIANTS if name not in ("split_cudnn_merge_twopass", "auto")]
 # the fused op under another program order (ops/prefix_attention.py `_schedule`); not default
 FUSED_ORDERS = {"fused_lpt": {"PREFIX_KERNELS_SCHEDULE": "lpt"},
                 "fused_lpt_one_section": {"PREFIX_KERNELS_SCHEDULE": "lpt", "PREFIX_KERNELS_LPT_ROWS": "1000000"}}
@@ -193,6 +195,8 @@ def build(name, tensors, index):
         return floor_expanded
     if name == "fused" or name in FUSED_ORDERS:
         return lambda: pk.prefix_attention(q, k, v, bk, bv, prefix_index=index, path="fused")
+    if name == "auto":
+        return lambda: pk.prefix_attention(q, k, v, bk, bv, prefix_index=index, path="auto")
     config = sa.SplitConfig(*VARIANTS[name])
     if DEVICE == "cpu":
         config = config._replace(vendor="math")

@@ -252,7 +252,7 @@ def prefix_attn_fwd(
     dropout_threshold, keep_scale, seed, rng_offset, seq_bucket, num_rows, l2_rows, min_programs,
     LPT: tl.constexpr, HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr, LOWER_BOUND: tl.constexpr,
 ):
     """One program per (query block, row x query head): O and the log2-sum-exp."""
@@ -285,7 +285,7 @@ def prefix_attn_fwd(
         kpm_row_ptr, stride_kpm_n, 0, prefix_len, prefix_len, offs_m, q_pos, lower, offs_d, qk_scale,
         softcap, dropout_threshold, keep_scale, seed, rng_offset, 2 * pid_bh,
         CAUSAL_MASK=False, BOUNDS_MASK=True, HAS_KPM=False, LOWER_MASK=False, SOFTCAP=SOFTCAP,
-        DROPOUT=DROPOUT, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
+        DROPOUT=DROPOUT, BLOCK_N=BLOCK_P, HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
     # -- own keys: blocks some queries see from their lower bound, blocks every query sees, then
     #    the diagonal/edge blocks --
     lo, mid, full_hi, diag_lo, hi = _own_key_ranges(start_m, m_ok, lower, seqlen_q, seqlen_k, CAUSAL=CAUSAL,
@@ -388,7 +388,7 @@ def prefix_attn_bwd_dq(
     dropout_threshold, keep_scale, seed, rng_offset, seq_bucket, num_rows, l2_rows, min_programs,
     LPT: tl.constexpr, DQ_GRAD: tl.constexpr, HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr, LOWER_BOUND: tl.constexpr,
 ):
     """dQ of one query block, and delta = rowsum(O * dO) for the dK/dV kernel launched next
@@ -429,7 +429,7 @@ def prefix_attn_bwd_dq(
                        offs_m, q_pos, lower, offs_d, qk_scale, softcap, dropout_threshold, keep_scale,
                        seed, rng_offset, 2 * pid_bh,
                        CAUSAL_MASK=False, BOUNDS_MASK=True, HAS_KPM=False, LOWER_MASK=False,
-                       SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+                       SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, BLOCK_N=BLOCK_P, HEAD_DIM=HEAD_DIM,
                        EVEN_HEADDIM=EVEN_HEADDIM, PREC=PREC)
     # -- own keys: the forward's ranges --
     lo, mid, full_hi, diag_lo, hi = _own_key_ranges(start_m, m_ok, lower, seqlen_q, seqlen_k, CAUSAL=CAUSAL,
@@ -546,7 +546,7 @@ def prefix_attn_bwd_dkdv(
     LPT: tl.constexpr, SPLITS: tl.constexpr, PREFIX_GRAD: tl.constexpr, OWN_GRAD: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     DQ_TMA: tl.constexpr, KEEP_MASK: tl.constexpr, HAS_PIDX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_HEADDIM: tl.constexpr, PREC: tl.constexpr, LOWER_BOUND: tl.constexpr,
 ):
     """One program per key block of one (row, KV head); prefix blocks come first in the grid.
@@ -561,7 +561,7 @@ def prefix_attn_bwd_dkdv(
     delta.
     """
     if PREFIX_GRAD:
-        num_prefix_programs = tl.cdiv(prefix_len, BLOCK_N) * SPLITS
+        num_prefix_programs = tl.cdiv(prefix_len, BLOCK_P) * SPLITS
     else:
         num_prefix_programs = 0
     if OWN_GRAD:
@@ -588,8 +588,8 @@ def prefix_attn_bwd_dkdv(
         # -- a prefix key block, over one split of the queries --
         entry, entry_ok = _bank_entry(pidx_ptr, b, num_entries, HAS_PIDX=HAS_PIDX)
         split = pid_n % SPLITS
-        start_n = (pid_n // SPLITS) * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        start_n = (pid_n // SPLITS) * BLOCK_P
+        offs_n = start_n + tl.arange(0, BLOCK_P)
         n_ok = offs_n < prefix_len
         k = _load_tile(pk_ptr + entry * stride_pk_n + hk * stride_pk_h + offs_n[:, None] * stride_pk_p
                        + offs_d[None, :] * stride_pk_d, n_ok, d_ok, ROW_MASK=True, COL_MASK=not EVEN_HEADDIM)
@@ -598,8 +598,8 @@ def prefix_attn_bwd_dkdv(
         rows_per_split = tl.cdiv(tl.cdiv(seqlen_q, SPLITS), BLOCK_M) * BLOCK_M
         lo = split * rows_per_split
         hi = tl.minimum(lo + rows_per_split, seqlen_q)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dk = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         for g in range(0, group):
             h = hk * group + g
             bh = b * num_heads + h
@@ -612,7 +612,7 @@ def prefix_attn_bwd_dkdv(
                                    dropout_threshold, keep_scale, seed, rng_offset, 2 * bh,
                                    CAUSAL_MASK=False, KEEP_MASK=True, HAS_WINDOW=False, HAS_SEGMENTS=False,
                                    SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, DQ_ATOMIC=DQ_ATOMIC, DQ_TMA=DQ_TMA, HEAD_DIM=HEAD_DIM,
-                                   EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PREC=PREC)
+                                   EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_P, BLOCK_D=BLOCK_D, PREC=PREC)
         part = (((b * SPLITS + split) * num_kv_heads + hk) * prefix_len + offs_n[:, None]) * HEAD_DIM \
             + offs_d[None, :]
         tile_ok = n_ok[:, None] & d_ok[None, :]
