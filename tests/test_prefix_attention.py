@@ -274,7 +274,21 @@ GPU_CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", range(len(GPU_CASES)))
 def test_low_precision_error_at_most_twice_pytorchs(case, dtype):
-    tensors, index, mask = make_inputs(device="cuda", dtype=dtype, **GPU_CASES[case])
+    _check_low_precision(GPU_CASES[case], dtype)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["atomic", "tma"])
+@pytest.mark.parametrize("case", [0, 4, 5])
+def test_experimental_dq_modes_error_at_most_twice_pytorchs(case, mode, monkeypatch):
+    """PREFIX_KERNELS_BWD_DQ=atomic|tma (dQ added in the dK/dV kernel) on the GPU compiler."""
+    monkeypatch.setenv("PREFIX_KERNELS_BWD_DQ", mode)
+    _check_low_precision(GPU_CASES[case], torch.bfloat16)
+
+
+def _check_low_precision(case, dtype):
+    tensors, index, mask = make_inputs(device="cuda", dtype=dtype, **case)
     grad_out = torch.randn_like(tensors[0])
     out, grads = run(tensors, index, mask, grad_out, "triton")
     ref_out, ref_grads = reference_fp64(tensors, index, mask, grad_out)
