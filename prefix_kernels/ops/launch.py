@@ -182,7 +182,7 @@ class TunedLauncher:
         # what a chosen config launches: the JIT function under the heuristics wrapper
         self._jit = {name: kernel.fn if isinstance(kernel, Heuristics) else kernel for name, kernel in kernels.items()}
         self._tuners: dict = {}
-        # (name, dtype, tune, seq bucket, *sorted constexpr items) -> (config, derived constexprs)
+        # (name, dtype, tune, seq bucket, *constexpr items) -> (config, derived constexprs)
         self.chosen: dict = {}
         # (name, launch key, device) -> CompiledLaunches of the chosen config
         self._compiled: dict = {}
@@ -203,7 +203,9 @@ class TunedLauncher:
 
     def launch(self, name, grid, args, constexprs, dtype, seq_bucket):
         tune = autotune_enabled()
-        key = (name, dtype, tune, seq_bucket, *sorted(constexprs.items()))
+        # the constexprs in the caller's order, unsorted (~1 us a launch): each call site builds
+        # its dict in one order, and another order only keys the same choice twice
+        key = (name, dtype, tune, seq_bucket, *constexprs.items())
         chosen = self.chosen.get(key)
         if chosen is None:
             tuner = self._tuner(name, self.config_class(constexprs, dtype), tune)
