@@ -316,6 +316,8 @@ def time_shape(shape, names, out_of_time, profile=False):
         if base is not None and "fwd+bwd" in r:
             r["fwd vs cuDNN"] = round(base["fwd"] / r["fwd"], 3)
             r["fwd+bwd vs cuDNN"] = round(base["fwd+bwd"] / r["fwd+bwd"], 3)
+            if "fwd+bwd kernels" in r and "fwd+bwd kernels" in base:     # GPU time alone, host excluded
+                r["kernels vs cuDNN"] = round(base["fwd+bwd kernels"] / r["fwd+bwd kernels"], 3)
     return rows
 
 
@@ -425,7 +427,8 @@ def main(argv=None):
     for line in payload["chosen_configs"] if shapes else []:
         log(f"  {line}")
     log("\nratio = cuDNN no-prefix ms / variant ms (>= 0.9 required, 1.0 target)")
-    cols = ["shape", "variant", "fwd", "fwd+bwd", "fwd+bwd kernels", "fwd vs cuDNN", "fwd+bwd vs cuDNN", "note", "error"]
+    cols = ["shape", "variant", "fwd", "fwd+bwd", "fwd+bwd kernels", "fwd vs cuDNN", "fwd+bwd vs cuDNN",
+            "kernels vs cuDNN", "note", "error"]
     log(common.format_table(rows, [c for c in cols if any(c in r for r in rows)]))
     best = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
