@@ -9,7 +9,7 @@ import torch
 
 from . import prefix_attention_kernels as kernels
 from .launch import launch_direct
-from .utils import cdiv, interpreting
+from .utils import cdiv, interpreting, next_power_of_2
 
 _LAUNCHES: dict = {}        # launch_direct's compiled kernels
 
@@ -21,9 +21,13 @@ def reduce_prefix_grads(part_k: torch.Tensor, part_v: torch.Tensor, prefix_index
     n, hkv, p, d = prefix_k.shape
     dpk, dpv = prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)
     row = hkv * p * d
-    block = 1024 if not interpreting() else 256
+    # [SPLITS_BLOCK, 256] fp32 tiles of at most 16 KB, row / 256 programs per entry (32 at
+    # Hkv=4, P=32, D=64); under the interpreter at most 4 splits per tile, so that tests with
+    # more splits cover the loop over them
+    splits_block = min(4 if interpreting() else 16, next_power_of_2(splits))
+    block = 256
     launch_direct(_LAUNCHES, kernels.reduce_prefix_grads, (cdiv(row, block), n),
                   (part_k, part_v, prefix_index if prefix_index is not None else part_k, dpk, dpv, batch, row,
                    splits),
-                  dict(HAS_PIDX=prefix_index is not None, BLOCK=block))
+                  dict(HAS_PIDX=prefix_index is not None, BLOCK=block, SPLITS_BLOCK=splits_block))
     return dpk, dpv
