@@ -588,36 +588,38 @@ def prefix_attn_bwd_dkdv(
         # -- a prefix key block, over one split of the queries --
         entry, entry_ok = _bank_entry(pidx_ptr, b, num_entries, HAS_PIDX=HAS_PIDX)
         split = pid_n % SPLITS
-        start_n = (pid_n // SPLITS) * BLOCK_P
-        offs_n = start_n + tl.arange(0, BLOCK_P)
-        n_ok = offs_n < prefix_len
-        k = _load_tile(pk_ptr + entry * stride_pk_n + hk * stride_pk_h + offs_n[:, None] * stride_pk_p
-                       + offs_d[None, :] * stride_pk_d, n_ok, d_ok, ROW_MASK=True, COL_MASK=not EVEN_HEADDIM)
-        v = _load_tile(pv_ptr + entry * stride_pv_n + hk * stride_pv_h + offs_n[:, None] * stride_pv_p
-                       + offs_d[None, :] * stride_pv_d, n_ok, d_ok, ROW_MASK=True, COL_MASK=not EVEN_HEADDIM)
+        start_p = (pid_n // SPLITS) * BLOCK_P
+        offs_p = start_p + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < prefix_len
+        # names apart from the own-key branch's: its tiles are BLOCK_N keys, these BLOCK_P slots
+        k_p = _load_tile(pk_ptr + entry * stride_pk_n + hk * stride_pk_h + offs_p[:, None] * stride_pk_p
+                         + offs_d[None, :] * stride_pk_d, p_ok, d_ok, ROW_MASK=True, COL_MASK=not EVEN_HEADDIM)
+        v_p = _load_tile(pv_ptr + entry * stride_pv_n + hk * stride_pv_h + offs_p[:, None] * stride_pv_p
+                         + offs_d[None, :] * stride_pv_d, p_ok, d_ok, ROW_MASK=True, COL_MASK=not EVEN_HEADDIM)
         rows_per_split = tl.cdiv(tl.cdiv(seqlen_q, SPLITS), BLOCK_M) * BLOCK_M
         lo = split * rows_per_split
         hi = tl.minimum(lo + rows_per_split, seqlen_q)
-        dk = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        dk_p = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        dv_p = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         for g in range(0, group):
             h = hk * group + g
             bh = b * num_heads + h
-            dk, dv = _bwd_kv_inner(dk, dv, k, v, n_ok, q_ptr + b * stride_q_b + h * stride_q_h,
-                                   do_ptr + b * stride_do_b + h * stride_do_h, lse_ptr + bh * seqlen_q,
-                                   delta_ptr + bh * seqlen_q, seg_row_ptr,
-                                   dq_acc_ptr + b * stride_dqa_b + h * stride_dqa_h, dq_desc, bh, stride_q_s, stride_q_d,
-                                   stride_do_s, stride_do_d, stride_dqa_s, stride_dqa_d, lo, hi, seqlen_q,
-                                   start_n, offs_n, 0, offs_d, qk_scale, sm_scale, softcap, window,
-                                   dropout_threshold, keep_scale, seed, rng_offset, 2 * bh,
-                                   CAUSAL_MASK=False, KEEP_MASK=True, HAS_WINDOW=False, HAS_SEGMENTS=False,
-                                   SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, DQ_ATOMIC=DQ_ATOMIC, DQ_TMA=DQ_TMA, HEAD_DIM=HEAD_DIM,
-                                   EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_P, BLOCK_D=BLOCK_D, PREC=PREC)
-        part = (((b * SPLITS + split) * num_kv_heads + hk) * prefix_len + offs_n[:, None]) * HEAD_DIM \
+            dk_p, dv_p = _bwd_kv_inner(dk_p, dv_p, k_p, v_p, p_ok, q_ptr + b * stride_q_b + h * stride_q_h,
+                                       do_ptr + b * stride_do_b + h * stride_do_h, lse_ptr + bh * seqlen_q,
+                                       delta_ptr + bh * seqlen_q, seg_row_ptr,
+                                       dq_acc_ptr + b * stride_dqa_b + h * stride_dqa_h, dq_desc, bh, stride_q_s,
+                                       stride_q_d, stride_do_s, stride_do_d, stride_dqa_s, stride_dqa_d, lo, hi,
+                                       seqlen_q, start_p, offs_p, 0, offs_d, qk_scale, sm_scale, softcap, window,
+                                       dropout_threshold, keep_scale, seed, rng_offset, 2 * bh,
+                                       CAUSAL_MASK=False, KEEP_MASK=True, HAS_WINDOW=False, HAS_SEGMENTS=False,
+                                       SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, DQ_ATOMIC=DQ_ATOMIC, DQ_TMA=DQ_TMA,
+                                       HEAD_DIM=HEAD_DIM, EVEN_HEADDIM=EVEN_HEADDIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_P,
+                                       BLOCK_D=BLOCK_D, PREC=PREC)
+        part = (((b * SPLITS + split) * num_kv_heads + hk) * prefix_len + offs_p[:, None]) * HEAD_DIM \
             + offs_d[None, :]
-        tile_ok = n_ok[:, None] & d_ok[None, :]
-        tl.store(part_k_ptr + part, dk * sm_scale, mask=tile_ok)
-        tl.store(part_v_ptr + part, dv, mask=tile_ok)
+        tile_ok_p = p_ok[:, None] & d_ok[None, :]
+        tl.store(part_k_ptr + part, dk_p * sm_scale, mask=tile_ok_p)
+        tl.store(part_v_ptr + part, dv_p, mask=tile_ok_p)
     else:
         # -- an own key block: dK, dV are activation gradients --
         start_n = (pid_n - num_prefix_programs) * BLOCK_N
