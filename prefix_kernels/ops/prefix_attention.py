@@ -207,7 +207,7 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
     return out, lse
 
 
-def _prefix_splits(sq, rows, p, own_grad, device):
+def _prefix_splits(sq, rows, prefix_blocks, own_grad, device):
     """How many query ranges each prefix key block is split over.
 
     With own-key programs in the same grid, 2 splits make a prefix program about as long as an
@@ -217,7 +217,7 @@ def _prefix_splits(sq, rows, p, own_grad, device):
         want = 2
     else:
         sms = sm_count(device) if device.type == "cuda" else 4
-        want = cdiv(2 * sms, rows * cdiv(p, 64))
+        want = cdiv(2 * sms, rows * prefix_blocks)
     return max(1, min(want, cdiv(sq, 64), 64))
 
 
@@ -257,7 +257,7 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
 
     dpk, dpv = prefix_k.new_empty(0), prefix_v.new_empty(0)
     if need_dkv or need_prefix:
-        splits = _prefix_splits(sq, b * hkv, p, need_dkv, q.device) if need_prefix else 1
+        splits = _prefix_splits(sq, b * hkv, cdiv(p, block_p), need_dkv, q.device) if need_prefix else 1
         part_shape = (b, splits, hkv, p, d) if need_prefix else (0,)
         part_k = torch.empty(part_shape, device=q.device, dtype=torch.float32)
         part_v = torch.empty(part_shape, device=q.device, dtype=torch.float32)
