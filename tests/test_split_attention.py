@@ -325,7 +325,7 @@ def lower(kernel, constexprs):
 common = dict(HAS_PIDX=True, HEAD_DIM=80, BLOCK_D=128, PREC="tf32", BLOCK_M=64, BLOCK_N=32)
 jobs = {"merge": (K._split_fwd_merge, common), "dq": (K._split_bwd_dq, dict(common, DQ_GRAD=True)),
         "dprefix": (K._split_bwd_dprefix, common), "onepass": (K._split_bwd_onepass, dict(common, DQ_GRAD=True)),
-        "reduce": (reduce_prefix_grads, dict(HAS_PIDX=True, BLOCK=1024))}
+        "reduce": (reduce_prefix_grads, dict(HAS_PIDX=True, BLOCK=256, SPLITS_BLOCK=16))}
 failed = 0
 for name, (kernel, constexprs) in jobs.items():
     try:
