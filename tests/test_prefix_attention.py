@@ -282,7 +282,8 @@ def test_low_precision_error_at_most_twice_pytorchs(case, dtype):
 @pytest.mark.parametrize("mode", ["atomic", "tma"])
 @pytest.mark.parametrize("case", [0, 4, 5])
 def test_experimental_dq_modes_error_at_most_twice_pytorchs(case, mode, monkeypatch):
-    """PREFIX_KERNELS_BWD_DQ=atomic|tma (dQ added in the dK/dV kernel) on the GPU compiler."""
+    """PREFIX_KERNELS_BWD_DQ=atomic|tma (dQ added in the dK/dV kernel) on the GPU compiler; case 5
+    (head_dim 256) falls back to the dQ kernel (its atomic dK/dV tiles outgrow shared memory)."""
     monkeypatch.setenv("PREFIX_KERNELS_BWD_DQ", mode)
     _check_low_precision(GPU_CASES[case], torch.bfloat16)
 

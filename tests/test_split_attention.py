@@ -362,6 +362,7 @@ def test_auto_rule_picks_merge_only_where_it_was_measured_faster():
     assert sa.auto_rule(True, 128, 4096, 4096) == merge
     assert sa.auto_rule(True, 256, 16384, 16384) == merge
     assert sa.auto_rule(True, 128, 1024, 1024) is None           # S=1024: the fused op leads
-    assert sa.auto_rule(True, 64, 4096, 4096) is None            # D=64: not measured after LPT
+    assert sa.auto_rule(True, 64, 4096, 4096) == merge            # D=64 too (H100, 46a4328)
+    assert sa.auto_rule(True, 32, 4096, 4096) is None            # D<64: never measured
     assert sa.auto_rule(True, 128, 4096, 8192) is None           # bottom-right causal: vendors can't
     assert sa.auto_rule(False, 128, 4096, 4096) is None          # CPU tensors: the fused kernels

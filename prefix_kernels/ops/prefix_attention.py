@@ -240,6 +240,10 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
     # dQ by atomics in the dK/dV kernel needs every key block's program, so all three gradients
     dq_mode = atomic_dq_requested()
     atomic = need_dq and need_dkv and need_prefix and dq_mode is not None
+    if atomic and d > 128:      # its dK/dV tiles outgrow shared memory (263 KB > 227 KB, H100)
+        _warn_once(f"prefix_attention: PREFIX_KERNELS_BWD_DQ={dq_mode} runs at head_dim <= 128 only: "
+                   "dQ by the dQ kernel at this head_dim")
+        atomic = False
     tma = atomic and dq_mode == "tma" and _tma_reduce_available(q)
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else q
     dq = torch.empty_like(q) if need_dq and not atomic else q.new_empty(0)

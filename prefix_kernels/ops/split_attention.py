@@ -295,12 +295,14 @@ class _SplitAttention(torch.autograd.Function):
 AUTO_SPLIT: Optional[SplitConfig] = None
 # The merge split beat the fused op at head_dim 128 from 4096 keys on every such shape of issue
 # 10 (fwd+bwd vs cuDNN without a prefix, H100, 9d2eeee, results/probe_split-merge-h100.json:
-# 0.88 vs 0.76 at B8 H32/8 S4096 P32, 0.81 vs 0.71 at B4 P256, 0.95 vs 0.78 at B1 S16384) and
-# lost at S=1024 (0.68 vs 0.74 at D=128; 0.51 vs 0.87 at B8 H32/4 D64, 7a6ded6): its extra passes
-# over Q, O, dO and dQ are O(S), the attention it hands to cuDNN O(S^2). At D=64, S=4096 it led
-# by less (0.80 vs 0.76) before the fused kernels' LPT order: left on the fused op until measured.
+# 0.88 vs 0.76 at B8 H32/8 S4096 P32, 0.81 vs 0.71 at B4 P256, 0.95 vs 0.78 at B1 S16384), and at
+# head_dim 64 too (0.861 vs 0.767 at B2 H32/4 S4096 P128, H100, 46a4328,
+# results/probe_split-d64-merge-h100.json; TinyLlama's training step there 0.980x the frozen
+# model's with the split against 0.957x fused, results/training-h100.json). It lost at S=1024
+# (0.68 vs 0.74 at D=128; 0.51 vs 0.87 at B8 H32/4 D64, 7a6ded6): its extra passes over Q, O, dO
+# and dQ are O(S), the attention it hands to cuDNN O(S^2).
 AUTO_MERGE_MIN_KEYS = 4096
-AUTO_MERGE_MIN_HEAD_DIM = 128
+AUTO_MERGE_MIN_HEAD_DIM = 64
 
 
 def auto_rule(is_cuda: bool, head_dim: int, seqlen_q: int, seqlen_k: int) -> Optional[SplitConfig]:
