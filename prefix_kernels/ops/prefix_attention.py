@@ -483,7 +483,7 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
             merged by log-sum-exp: ops/split_attention.py; needs fp16/bf16, no key padding,
             causal only with Sq == Sk, determinism not requested; other calls run fused,
             announced once), or "auto" (the faster for the shape as measured: the split's merge
-            mode at head_dim >= 128 from 4096 keys, the fused op elsewhere). None reads
+            mode at head_dim >= 64 from 4096 keys, the fused op elsewhere). None reads
             PREFIX_KERNELS_ATTENTION (default "auto"). Calls with dropout, softcap, a window or
             segments run fused.
 
