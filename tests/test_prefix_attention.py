@@ -302,3 +302,25 @@ def _check_low_precision(case, dtype):
         theirs = (pt.double() - want).abs().max().item()
         assert math.isfinite(ours)
         assert ours <= 2 * theirs + 1e-4 * want.abs().max().item(), f"{name}: {ours:.3e} vs torch {theirs:.3e}"
+
+
+@pytest.mark.parametrize("splits", [1, 3, 11])
+def test_bank_gradient_reduce_sums_partials_of_each_entry(splits):
+    """reduce_prefix_grads: each bank entry's gradient is the sum of its rows' partials over every
+    split (more splits than one load takes: the loop over them), in the bank's dtype; an entry no
+    row reads gets zeros."""
+    from prefix_kernels.ops.prefix_grads import reduce_prefix_grads
+    device = kernel_device()
+    b, n, hkv, p, d = 5, 4, 2, 7, 24
+    part_k = torch.randn(b, splits, hkv, p, d, device=device)
+    part_v = torch.randn(b, splits, hkv, p, d, device=device)
+    index = torch.tensor([2, 0, 2, 3, 0], device=device)
+    bank = torch.zeros(n, hkv, p, d, device=device, dtype=torch.float16)
+    dpk, dpv = reduce_prefix_grads(part_k, part_v, index, bank, bank, b, splits)
+    assert dpk.dtype == torch.float16 and dpk.shape == bank.shape
+    for entry in range(n):
+        rows = index == entry
+        for got, part in ((dpk, part_k), (dpv, part_v)):
+            want = part[rows].sum((0, 1)).half()
+            torch.testing.assert_close(got[entry], want, rtol=2e-3, atol=2e-3)
+    assert not dpk[1].any() and not dpv[1].any()
