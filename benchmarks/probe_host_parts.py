@@ -9,37 +9,47 @@ For an A/B against an older copy of the package, run this twice, alternating, wi
 PYTHONPATH pointing at each (the custom ops register under one name: one copy per process).
 
 usage: python benchmarks/probe_host_parts.py [--shape 8,32,4,1024,64,32,1] [--iters 100]
+       TRITON_INTERPRET=1 python benchmarks/probe_host_parts.py --cpu-smoke   (the script's own
+       check on the CPU: tiny shape, the interpreter's kernels; its times mean nothing)
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
+
+DEVICE = "cuda"
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def _timed(fn, iters, rounds=5):
     """Median over rounds of the host microseconds per call (no sync inside a round)."""
     per_call = []
     for _ in range(rounds):
-        torch.cuda.synchronize()
+        _sync()
         start = time.perf_counter()
         for _ in range(iters):
             fn()
         per_call.append((time.perf_counter() - start) / iters * 1e6)
-    torch.cuda.synchronize()
+    _sync()
     return statistics.median(per_call)
 
 
 def probe(pk, label, shape, iters):
     from prefix_kernels.bench.attention import make_inputs
-    ops = sys.modules[pk.__name__ + ".ops.prefix_attention"]
+    ops = importlib.import_module(pk.__name__ + ".ops.prefix_attention")
     b, h, hkv, s, d, p, n = shape
-    inputs, index = make_inputs(b, h, hkv, s, d, p, n, torch.bfloat16, "cuda")
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    inputs, index = make_inputs(b, h, hkv, s, d, p, n, dtype, DEVICE)
     grad = torch.randn_like(inputs[0])
     detached = [t.detach() for t in inputs]
 
@@ -77,17 +87,17 @@ def probe(pk, label, shape, iters):
         for _ in range(rounds):
             backward_only()
             fwd()
-        torch.cuda.synchronize()
+        _sync()
         out["launch_us"] = {name: t / rounds * 1e6 for name, t in spent.items()}
     finally:
         ops._launch = inner
 
     # building blocks
-    launch_mod = sys.modules[pk.__name__ + ".ops.launch"]
+    launch_mod = importlib.import_module(pk.__name__ + ".ops.launch")
     args = (q,) * 13 + tuple(range(3, 43)) + (0.125, 0.0, 0)
     out["specialization_key_us"] = _timed(lambda: launch_mod.specialization_key(args), 2000)
     out["empty_like_q_us"] = _timed(lambda: torch.empty_like(q), 2000)
-    out["empty_small_us"] = _timed(lambda: torch.empty((b, h, s), device="cuda"), 2000)
+    out["empty_small_us"] = _timed(lambda: torch.empty((b, h, s), device=DEVICE), 2000)
 
     class Identity(torch.autograd.Function):
         @staticmethod
@@ -97,8 +107,8 @@ def probe(pk, label, shape, iters):
         @staticmethod
         def backward(ctx, g):
             return g
-    leaf = torch.randn(16, device="cuda", requires_grad=True)
-    ones = torch.ones(16, device="cuda")
+    leaf = torch.randn(16, device=DEVICE, requires_grad=True)
+    ones = torch.ones(16, device=DEVICE)
     out["autograd_roundtrip_us"] = _timed(lambda: Identity.apply(leaf).backward(ones), iters)
     return out
 
@@ -108,12 +118,18 @@ def main():
     parser.add_argument("--shape", default="8,32,4,1024,64,32,1")
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--label", default="this")
+    parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=os.environ.get("PREFIX_KERNELS_RESULTS", "."))
     args = parser.parse_args()
+    global DEVICE
     shape = tuple(int(x) for x in args.shape.split(","))
+    if args.cpu_smoke:
+        DEVICE, shape, args.iters = "cpu", (1, 4, 2, 24, 16, 5, 1), 3
+        args.out = os.environ.get("TMPDIR", "/tmp")
     import prefix_kernels as pk
     r = probe(pk, args.label, shape, args.iters)
-    r.update(shape=shape, gpu=torch.cuda.get_device_name(), package=os.path.dirname(pk.__file__))
+    r.update(shape=shape, gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+             package=os.path.dirname(pk.__file__))
     print(json.dumps(r), flush=True)
     with open(os.path.join(args.out, f"probe_host_parts-{args.label}.json"), "a") as f:
         f.write(json.dumps(r) + "\n")
