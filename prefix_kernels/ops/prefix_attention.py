@@ -301,10 +301,11 @@ def _launch_backward(do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
 def atomic_dq_requested() -> Optional[str]:
     """PREFIX_KERNELS_BWD_DQ=atomic|tma (experimental, off by default): dQ accumulated in fp32 by
     the dK/dV kernel, 5 matmuls per (query, key) tile pair instead of 7: "atomic" by per-element
-    atomics, measured on an H100 (benchmarks/NOTES.md, issue 10) 1.3-1.6x slower than the dQ
-    kernel (atomic contention, more registers); "tma" by one TMA reduce-add per tile (Hopper and
-    later; "atomic" elsewhere), as FlashAttention 3 accumulates dQ. None (the dQ kernel) while
-    torch's deterministic algorithms are on: the atomics' order is not fixed."""
+    atomics, "tma" by one TMA reduce-add per tile (Hopper and later; "atomic" elsewhere), as
+    FlashAttention 3 accumulates dQ. Both lose to the dQ kernel at default configs (H100, 46a4328,
+    results/probe_dq_modes-h100.json): fwd+bwd 0.798 / 0.777 ms against 0.662 at B8 H32/4 S1024
+    D64, 1.452 / 1.294 against 1.094 at B8 H32/8 S1024 D128. None (the dQ kernel) while torch's
+    deterministic algorithms are on: the atomics' order is not fixed."""
     mode = env_get("PREFIX_KERNELS_BWD_DQ", "separate")
     if mode not in ("atomic", "tma") or torch.are_deterministic_algorithms_enabled():
         return None
