@@ -9,6 +9,13 @@ set -u
 export PYTHONUNBUFFERED=1 PREFIX_KERNELS_RESULTS=$OUT
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
+# wheels the device lacks (nvidia-cudnn-frontend for the cudnn_fe vendor), carried in .whl/; fetch
+# them here with: python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12
+#   --implementation cp --platform manylinux_2_28_x86_64 -d .whl nvidia-cudnn-frontend==1.27.0
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 summary() { grep -E "^(FAILED|ERROR)|^E  .*Error|passed|failed" "$1" | head -40; }
 for step in "$@"; do
   echo "=== $step $(date +%T)"
@@ -77,6 +84,9 @@ for step in "$@"; do
     # mkdir ab_old && git archive <commit> prefix_kernels | tar -x -C ab_old
     host-parts) for label in this old this old; do dir=.; [ $label = old ] && dir=ab_old; [ -d $dir/prefix_kernels ] || continue; PYTHONPATH=$dir timeout 120 python3 benchmarks/probe_host_parts.py --label $label --shape ${HOST_SHAPE:-8,32,4,1024,64,32,1} 2>&1 | grep -v Warn | cut -c1-400; done ;;
     kernel-configs-old) PYTHONPATH=ab_old timeout 200 python3 benchmarks/probe_kernel_configs.py --shapes ${CONFIG_SHAPES:-5,0,6} --kernels none --out /tmp > $OUT/kernel_configs_old.log 2>&1; echo "rc=$?"; grep -E "==" $OUT/kernel_configs_old.log | cut -c1-250 ;;
+    cudnnfe-tests) PREFIX_KERNELS_AUTOTUNE=0 timeout ${CUDNNFE_TIMEOUT:-240} python3 -m pytest -q -p no:logging tests/test_split_attention.py tests/test_prefix_rows.py -k "cudnn_fe or bottom_right or pad or rows or frontend" > $OUT/cudnnfe_tests.log 2>&1; summary $OUT/cudnnfe_tests.log ;;
+    probe-cudnnfe) timeout ${PROBE_TIMEOUT:-330} python3 benchmarks/probe_split.py --variants ${PROBE_VARIANTS:-cudnn_noprefix,auto,split_cudnnfe_pad,split_flash_pad} --budget-s ${PROBE_BUDGET:-290} --shapes ${PROBE_SHAPES:-5,6,0,3,1,2,4} > $OUT/probe_cudnnfe.log 2>&1; echo "rc=$?"; sed -n '/cuDNN frontend/p;/^== 2/,/^== 3/p;/^ratio =/,$p' $OUT/probe_cudnnfe.log | cut -c1-200 | head -60 ;;
+    training-cudnnfe) PREFIX_KERNELS_ATTENTION=split PREFIX_KERNELS_SPLIT_VENDOR=cudnn_fe PREFIX_KERNELS_SPLIT_MODE=pad timeout ${TRAINING_TIMEOUT:-280} python3 benchmarks/bench_training.py --cases prefix-kernels floor --out $OUT/training_cudnnfe > $OUT/training_cudnnfe.log 2>&1; echo "rc=$?"; grep -v "^$" $OUT/training_cudnnfe.log | tail -14 ;;
     dq-modes) timeout ${DQMODES_TIMEOUT:-90} python3 benchmarks/probe_kernel_configs.py --shapes ${CONFIG_SHAPES:-5,0} --dq-modes separate,tma,atomic --kernels none > $OUT/dq_modes.log 2>&1; echo "rc=$?"; grep -E "==|relative|Error" $OUT/dq_modes.log | cut -c1-250 ;;
     kernel-configs) timeout ${CONFIGS_TIMEOUT:-300} python3 benchmarks/probe_kernel_configs.py --shapes ${CONFIG_SHAPES:-5,0,6} --dq-modes ${DQ_MODES:-separate} --budget-s ${CONFIGS_BUDGET:-250} > $OUT/kernel_configs.log 2>&1; echo "rc=$?"; grep -E "==|best|sum of|budget|relative|Error|error" $OUT/kernel_configs.log | cut -c1-250 ;;
     *) echo "unknown step $step" ;;

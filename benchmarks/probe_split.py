@@ -51,6 +51,9 @@ CHECK_SHAPES = [        # (B, Hq, Hkv, S, D, P, N bank entries): odd lengths, GQ
 VARIANTS = {
     "cudnn_noprefix": None,
     "split_cudnn_pad": ("cudnn", "pad", "auto"),
+    # cuDNN through its frontend package: bottom-right causal over the prefix-prepended keys, q
+    # unpadded (ops/cudnn_frontend.py); needs nvidia-cudnn-frontend (gpu_run.sh installs .whl/)
+    "split_cudnnfe_pad": ("cudnn_fe", "pad", "auto"),
     "fused": None,
     "split_cudnn_merge": ("cudnn", "merge", "auto"),
     "split_cudnn_fused_forward": ("cudnn", "fused_forward", "auto"),
@@ -202,7 +205,9 @@ def build(name, tensors, index):
         config = config._replace(vendor="math")
     if VENDOR_RUNS.get((config.vendor, q.shape[-1])) is False:     # it may crash this process too
         raise RuntimeError(f"skipped: {config.vendor} failed at D={q.shape[-1]} in the subprocess probe")
-    reason = sa.ineligible_reason(q, k, None, True, config.vendor)
+    reason = sa.ineligible_reason(q, k, None, True, config.vendor, config.mode)
+    if reason is None and config.vendor == "cudnn_fe":
+        reason = sa.cudnn_fe_reason(q, k, bk, q.shape[-1] ** -0.5, True)
     if reason is not None:
         raise RuntimeError(f"ineligible: {reason}")
     scale = q.shape[-1] ** -0.5
@@ -380,6 +385,11 @@ def main(argv=None):
             log(f"  !! {vendor}: LSE has {dims} dims here, unlike vendor_attention.LSE_DIMS: using {dims}")
             va.LSE_DIMS[vendor] = dims
     log(f"  -> NATIVE_GQA used here: {va.NATIVE_GQA}; LSE_DIMS: {va.LSE_DIMS}")
+    if DEVICE == "cuda":
+        from prefix_kernels.ops import cudnn_frontend
+        reason = cudnn_frontend.unavailable_reason()
+        facts["cudnn_frontend"] = reason or f"cudnn-frontend {getattr(cudnn_frontend._module(), '__version__', '?')}"
+        log(f"  cuDNN frontend: {facts['cudnn_frontend']}")
     payload["native_gqa_used"] = dict(va.NATIVE_GQA)
     path = common.write_json("probe_split.json", payload)
 

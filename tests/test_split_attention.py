@@ -137,6 +137,39 @@ def test_out_of_range_entry_on_the_device_poisons_only_its_row(mode):
     torch.testing.assert_close(out[[0, 2]], want[[0, 2]], rtol=1e-4, atol=1e-5)
 
 
+PAD_CASES = ["base_gqa2", "s1", "p_gt_s", "mqa", "hf_strides", "head_dim_40"]
+
+
+@pytest.mark.parametrize("case", PAD_CASES)
+def test_pad_with_a_top_left_vendor_pads_the_queries(case, monkeypatch):
+    """PyTorch's cuDNN op aligns causal masks top-left: pad mode then prepends P zero query rows.
+    The stand-in made top-left runs that route on the CPU (bottom-right it runs the other)."""
+    from prefix_kernels.ops import padded_attention, vendor_attention
+    monkeypatch.setitem(vendor_attention.BOTTOM_RIGHT, "math", False)
+    assert padded_attention.pads_queries("math", True)
+    device = kernel_device()
+    tensors, index = make_inputs(device=device, **CASES[case])
+    grad_out = torch.randn_like(tensors[0])
+    out, grads = run_split(tensors, index, grad_out, sa.SplitConfig("math", "pad"))
+    ref_out, ref_grads = reference_fp64(tensors, index, grad_out)
+    for name, got, want in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=3e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("sq, sk", [(13, 29), (1, 17), (20, 21)])
+def test_pad_mode_bottom_right_vendor_takes_fewer_queries_than_keys(sq, sk):
+    """Causal with Sq < Sk (a continued sequence): the prefix-prepended keys under a bottom-right
+    mask are this op's alignment, so pad mode with such a vendor needs no fallback."""
+    device = kernel_device()
+    tensors, index = make_inputs(SQ=sq, SK=sk, device=device)
+    assert sa.ineligible_reason(tensors[0], tensors[1], None, True, "math", "pad") is None
+    grad_out = torch.randn_like(tensors[0])
+    out, grads = run_split(tensors, index, grad_out, sa.SplitConfig("math", "pad"))
+    ref_out, ref_grads = reference_fp64(tensors, index, grad_out)
+    for name, got, want in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=3e-5, msg=lambda m: f"{name}: {m}")
+
+
 # -- dispatch: prefix_attention(path=...) --------------------------------------------------------
 
 @pytest.fixture
@@ -186,6 +219,8 @@ def test_split_request_it_cannot_serve_runs_fused_with_one_warning(why, split_ca
         mask[0, :3] = False
     if why == "deterministic":
         monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    if why == "bottom_right":       # the merge mode's vendor call is square: causal needs Sq == Sk
+        monkeypatch.setenv("PREFIX_KERNELS_SPLIT_MODE", "merge")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
@@ -210,8 +245,12 @@ def test_ineligible_reasons():
     q20 = torch.randn(1, 2, 8, 20, device=device, dtype=dtype)
     assert "head_dim 20" in reason(q20, q20, None, True, vendor)
     assert "stand-in" in reason(q, q, None, True, other)
-    assert "Sq=8 != Sk=9" in reason(q, q[:, :, :1].expand(1, 2, 9, 32), None, True, vendor)
-    assert reason(q, q[:, :, :1].expand(1, 2, 9, 32), None, False, vendor) is None
+    more_keys = q[:, :, :1].expand(1, 2, 9, 32)
+    assert "Sq=8 != Sk=9" in reason(q, more_keys, None, True, vendor, "merge")
+    assert reason(q, more_keys, None, False, vendor, "merge") is None
+    # pad mode: a bottom-right vendor takes Sq < Sk as it is, a top-left one (PyTorch's cuDNN) not
+    assert (reason(q, more_keys, None, True, vendor, "pad") is None) == (vendor == "math")
+    assert "mode 'merge' with vendor 'cudnn_fe'" in reason(q, q, None, True, "cudnn_fe", "merge")
 
 
 def test_vendor_lse_layouts():
@@ -255,11 +294,15 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mode", ["pad", "merge", "fused_forward"])
-@pytest.mark.parametrize("vendor", ["cudnn", "flash"])
+@pytest.mark.parametrize("vendor", ["cudnn", "flash", "cudnn_fe"])
 @pytest.mark.parametrize("case", range(len(GPU_CASES)))
 def test_vendor_split_error_at_most_twice_pytorchs(case, vendor, mode, dtype):
+    if vendor == "cudnn_fe" and mode != "pad":
+        pytest.skip("the cuDNN frontend runs pad mode only")
     tensors, index = make_inputs(device="cuda", dtype=dtype, **GPU_CASES[case])
-    reason = sa.ineligible_reason(tensors[0], tensors[1], None, True, vendor)
+    reason = sa.ineligible_reason(tensors[0], tensors[1], None, True, vendor, mode)
+    if reason is None and vendor == "cudnn_fe":
+        reason = sa.cudnn_fe_reason(tensors[0], tensors[1], tensors[3], tensors[0].shape[-1] ** -0.5, True)
     if reason is not None:
         pytest.skip(reason)
     grad_out = torch.randn_like(tensors[0])
@@ -272,6 +315,31 @@ def test_vendor_split_error_at_most_twice_pytorchs(case, vendor, mode, dtype):
         ours = (got.double() - want).abs().max().item()
         theirs = (pt.double() - want).abs().max().item()
         assert math.isfinite(ours)
+        assert ours <= 2 * theirs + 1e-4 * want.abs().max().item(), f"{name}: {ours:.3e} vs torch {theirs:.3e}"
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("vendor", ["flash", "cudnn_fe"])
+def test_bottom_right_vendors_take_fewer_queries_than_keys(vendor):
+    """The vendors this path trusts to align causal masks bottom-right (vendor_attention.BOTTOM_RIGHT)
+    against the reference where it matters: Sq < Sk, so top-left would hide most keys."""
+    tensors, index = make_inputs(device="cuda", dtype=torch.bfloat16, B=2, H=8, HKV=2, SQ=100, SK=300, D=64,
+                                 P=24, N=3)
+    reason = sa.ineligible_reason(tensors[0], tensors[1], None, True, vendor, "pad")
+    if reason is None and vendor == "cudnn_fe":
+        reason = sa.cudnn_fe_reason(tensors[0], tensors[1], tensors[3], 0.125, True)
+    if reason is not None:
+        pytest.skip(reason)
+    grad_out = torch.randn_like(tensors[0])
+    out, grads = run_split(tensors, index, grad_out, sa.SplitConfig(vendor, "pad"))
+    ref_out, ref_grads = reference_fp64(tensors, index, grad_out)
+    low = [t.detach().clone().requires_grad_() for t in tensors]
+    pt_out = reference_prefix_attention(*low, index, None, upcast=False)
+    pt_grads = torch.autograd.grad(pt_out, low, grad_out)
+    for name, got, pt, want in zip(NAMES, (out, *grads), (pt_out, *pt_grads), (ref_out, *ref_grads)):
+        ours = (got.double() - want).abs().max().item()
+        theirs = (pt.double() - want).abs().max().item()
         assert ours <= 2 * theirs + 1e-4 * want.abs().max().item(), f"{name}: {ours:.3e} vs torch {theirs:.3e}"
 
 
@@ -305,6 +373,7 @@ import sys
 from triton_frontend import lower_to_ttir
 from prefix_kernels.ops import split_kernels as K
 from prefix_kernels.ops.prefix_attention_kernels import reduce_prefix_grads
+from prefix_kernels.ops import prefix_rows as R
 
 def lower(kernel, constexprs):
     fp32_ptrs = ("lse_own_ptr", "lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr")
@@ -325,7 +394,9 @@ def lower(kernel, constexprs):
 common = dict(HAS_PIDX=True, HEAD_DIM=80, BLOCK_D=128, PREC="tf32", BLOCK_M=64, BLOCK_N=32)
 jobs = {"merge": (K._split_fwd_merge, common), "dq": (K._split_bwd_dq, dict(common, DQ_GRAD=True)),
         "dprefix": (K._split_bwd_dprefix, common), "onepass": (K._split_bwd_onepass, dict(common, DQ_GRAD=True)),
-        "reduce": (reduce_prefix_grads, dict(HAS_PIDX=True, BLOCK=256, SPLITS_BLOCK=16))}
+        "reduce": (reduce_prefix_grads, dict(HAS_PIDX=True, BLOCK=256, SPLITS_BLOCK=16)),
+        "concat_rows": (R._concat_prefix_kv, dict(HAS_PIDX=True, HEAD_DIM=80, BLOCK_S=64, BLOCK_D=128)),
+        "sum_rows": (R._sum_prefix_rows, dict(HAS_PIDX=True, HEAD_DIM=80, BLOCK=256))}
 failed = 0
 for name, (kernel, constexprs) in jobs.items():
     try:
@@ -354,7 +425,7 @@ def test_split_kernels_pass_the_gpu_compiler_frontend():
     if res.returncode == 77 or "make_ir() takes" in res.stdout:   # not an import error of ours
         pytest.skip(f"this triton's compiler internals differ: {res.stderr.strip().splitlines()[-1:]}")
     assert res.returncode == 0, res.stdout + res.stderr[-2000:]
-    assert res.stdout.count("OK") == 5, res.stdout
+    assert res.stdout.count("OK") == 7, res.stdout
 
 
 def test_auto_rule_picks_merge_only_where_it_was_measured_faster():

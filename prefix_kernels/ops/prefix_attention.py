@@ -521,7 +521,7 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     if prefix_index is not None:
         prefix_index = prefix_index.to(q.device, non_blocking=True)
     dropout_p = float(dropout_p)
-    split = split_attention.split_plan(path, q, k, prefix_k, key_padding_mask, causal,
+    split = split_attention.split_plan(path, q, k, prefix_k, key_padding_mask, causal, scale=float(scale),
                                        dropout=dropout_p > 0, softcap=softcap, window=window,
                                        segments=segment_start is not None)
     if split is not None:

@@ -1,9 +1,10 @@
-"""Split prefix attention: the vendor's kernel (cuDNN, flash) for the own keys.
+"""Split prefix attention: the vendor's kernel (cuDNN, flash) for the own keys, or for all keys.
 
 Three modes (`SplitConfig.mode`), measured against each other by benchmarks/probe_split.py:
-  "pad"    no Triton at all (ops/padded_attention.py): P zero query rows and the row's prefix keys
-           are prepended, and the vendor's causal kernel on the square (P+S) problem computes
-           exactly our masking; the dummy rows are dropped.
+  "pad"    no attention kernel of ours (ops/padded_attention.py): the row's prefix keys are
+           prepended to its own; a vendor whose causal mask aligns bottom-right (cudnn_fe, flash)
+           computes our masking as it is, a top-left one (PyTorch's cuDNN op) gets P zero query
+           rows too (the square (P+S) problem), dropped after.
   "merge"  the vendor's causal kernel over the own keys -> (o, lse, natural log); one Triton kernel
            per query block computes the prefix part and merges both by log-sum-exp in place over
            the vendor's output (the merge reads O once). The backward calls the vendor's backward
@@ -16,12 +17,14 @@ Backward kinds of "merge" / "fused_forward" (`SplitConfig.backward`): "onepass" 
 (row, KV head, query split) adds the prefix dq and writes the bank partials, reading q, dO, O
 once; P <= ONEPASS_MAX_P), "twopass" (a dq kernel per query block, then a bank-gradient kernel per
 prefix block), "auto". Vendors: "cudnn" | "flash" (PyTorch's aten ops, ops/vendor_attention.py)
-| "math" (a plain PyTorch stand-in with their contract, for the CPU tests under the interpreter).
+| "cudnn_fe" (cuDNN through its frontend package, pad mode only: ops/cudnn_frontend.py) | "math"
+(a plain PyTorch stand-in with their contract, for the CPU tests under the interpreter).
 
 Only for what the vendor computes the same way (`split_plan` says when): CUDA fp16/bf16, causal
-with Sq == Sk (the vendors align causal masks top-left, ours is bottom-right) or not causal, no key
-padding, a head dim the vendor takes, determinism not requested (the vendors' backward need not
-be bitwise deterministic). Everything else runs the fused op (ops/prefix_attention.py).
+with Sq == Sk (merge's vendor call is over the own keys alone, aligned top-left) or not causal, or
+Sq < Sk in pad mode with a bottom-right vendor; no key padding, a head dim the vendor takes,
+determinism not requested (the vendors' backward need not be bitwise deterministic). Everything
+else runs the fused op (ops/prefix_attention.py).
 """
 from __future__ import annotations
 
@@ -36,10 +39,11 @@ from .prefix_grads import reduce_prefix_grads
 from .split_kernels import _split_bwd_dprefix, _split_bwd_dq, _split_bwd_onepass, _split_fwd_merge
 from .launch import TunedLauncher
 from .utils import LOG2E, cdiv, env_get, head_dim_class, interpreting, next_power_of_2, seq_bucket, sm_count, warn_once
-from .vendor_attention import VENDOR_MAX_HEAD_DIM, in_layout_of, lse_bhs, vendor_backward, vendor_forward
+from .vendor_attention import (BOTTOM_RIGHT, VENDOR_MAX_HEAD_DIM, in_layout_of, lse_bhs, vendor_backward,
+                               vendor_forward)
 
 LN2 = 0.6931471805599453
-VENDORS = ("cudnn", "flash", "math")
+VENDORS = ("cudnn", "flash", "math", "cudnn_fe")
 MODES = ("pad", "merge", "fused_forward")
 BACKWARDS = ("auto", "onepass", "twopass")
 PATHS = ("auto", "fused", "split")
@@ -337,11 +341,12 @@ def _checked(config: SplitConfig) -> SplitConfig:
     return config
 
 
-def ineligible_reason(q, k, key_padding_mask, causal, vendor, **features) -> Optional[str]:
+def ineligible_reason(q, k, key_padding_mask, causal, vendor, mode="pad", **features) -> Optional[str]:
     """Why the split path cannot compute this call exactly as the fused op, or None.
 
     `features`: keyword arguments of the fused op the vendor kernels lack (dropout, softcap,
-    sliding window, packed sequences...): any one set (not None, not 0/False) disqualifies."""
+    sliding window, packed sequences...): any one set (not None, not 0/False) disqualifies.
+    Whether cuDNN builds a graph for the shape (vendor "cudnn_fe") is `cudnn_fe_reason`'s."""
     set_features = sorted(name for name, value in features.items() if value is not None and value is not False
                           and not (isinstance(value, (int, float)) and value == 0))
     if set_features:
@@ -350,9 +355,13 @@ def ineligible_reason(q, k, key_padding_mask, causal, vendor, **features) -> Opt
         return "torch deterministic algorithms are on (the vendor backward is not bitwise deterministic)"
     if key_padding_mask is not None:
         return "a key padding mask (the vendor kernels take none here)"
-    if causal and q.shape[2] != k.shape[2]:
-        return (f"causal with Sq={q.shape[2]} != Sk={k.shape[2]} (the vendors align causal masks "
-                f"top-left, this op bottom-right)")
+    if causal and q.shape[2] != k.shape[2] and not (mode == "pad" and BOTTOM_RIGHT[vendor]):
+        return (f"causal with Sq={q.shape[2]} != Sk={k.shape[2]} (vendor {vendor!r} in mode {mode!r} aligns "
+                f"the causal mask top-left, this op bottom-right)")
+    if vendor == "cudnn_fe" and torch.compiler.is_compiling():
+        return "torch.compile (the cuDNN frontend's graphs run in eager mode only)"
+    if vendor == "cudnn_fe" and mode != "pad":
+        return f"mode {mode!r} with vendor 'cudnn_fe' (it runs mode 'pad')"
     if q.is_cuda:
         if q.dtype not in (torch.float16, torch.bfloat16):
             return f"dtype {q.dtype} (the vendor kernels take fp16/bf16)"
@@ -377,7 +386,7 @@ def _capability(device) -> tuple:
     return torch.cuda.get_device_capability(device)
 
 
-def split_plan(path, q, k, prefix_k, key_padding_mask, causal, **features) -> Optional[SplitConfig]:
+def split_plan(path, q, k, prefix_k, key_padding_mask, causal, scale=None, **features) -> Optional[SplitConfig]:
     """The split variant to run for this call, or None for the fused path.
 
     path: "auto" | "fused" | "split"; None reads PREFIX_KERNELS_ATTENTION (default "auto").
@@ -392,12 +401,30 @@ def split_plan(path, q, k, prefix_k, key_padding_mask, causal, **features) -> Op
     config = default_config(q) if path == "split" else _auto_config(q, k, prefix_k)
     if config is None:
         return None
-    reason = ineligible_reason(q, k, key_padding_mask, causal, config.vendor, **features)
+    reason = ineligible_reason(q, k, key_padding_mask, causal, config.vendor, config.mode, **features)
+    if reason is None and config.vendor == "cudnn_fe":
+        reason = cudnn_fe_reason(q, k, prefix_k, q.shape[-1] ** -0.5 if scale is None else scale, causal)
     if reason is not None:
         if path == "split":
             warn_once(f"prefix_attention: path='split' runs the fused kernels instead for {reason}")
         return None
     return config
+
+
+def cudnn_fe_reason(q, k, prefix_k, scale, causal) -> Optional[str]:
+    """Why the cuDNN frontend cannot run this call's concatenated attention, or None: the package
+    is missing, or cuDNN builds no graph for the shape (found once per shape, then cached)."""
+    from . import cudnn_frontend
+    reason = cudnn_frontend.unavailable_reason()
+    if reason is not None:
+        return reason
+    b, hkv, sk, d = k.shape
+    # the layouts the split path hands it: q as given (last dim contiguous), K/V concatenated
+    q_meta = (torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device="meta") if q.stride(-1) == 1
+              else torch.empty(q.shape, dtype=q.dtype, device="meta"))
+    kv_meta = torch.empty((b, hkv, prefix_k.shape[2] + sk, d), dtype=k.dtype, device="meta")
+    reason = cudnn_frontend.unsupported_reason(q_meta, kv_meta, kv_meta, float(scale), bool(causal), q.device)
+    return None if reason is None else f"cuDNN has no graph for this shape ({reason})"
 
 
 def split_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, scale: float, causal: bool,

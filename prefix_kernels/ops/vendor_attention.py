@@ -1,5 +1,6 @@
-"""The vendors' attention kernels, for the own keys only: PyTorch's cuDNN and flash aten ops, and
-a plain PyTorch stand-in with the same contract ("math") so the CPU tests can run the split path.
+"""The vendors' attention kernels: PyTorch's cuDNN and flash aten ops, cuDNN through NVIDIA's
+frontend package ("cudnn_fe", optional: ops/cudnn_frontend.py), and a plain PyTorch stand-in with
+the same contract ("math") so the CPU tests can run the split path.
 
 Contract (PyTorch's ring attention calls them the same way): forward (q, k, v) -> (o, lse), lse
 natural log in the vendor's layout; backward (dO, q, k, v, o, lse) -> (dq, dk, dv), where o and
@@ -15,13 +16,18 @@ import os
 
 import torch
 
-# Largest head dim each vendor takes here (D % 8 == 0 too).
-VENDOR_MAX_HEAD_DIM = {"cudnn": 256, "flash": 256, "math": 256}
+# Largest head dim each vendor takes here (D % 8 == 0 too); cudnn_fe: what cuDNN builds decides.
+VENDOR_MAX_HEAD_DIM = {"cudnn": 256, "flash": 256, "math": 256, "cudnn_fe": 256}
 # Whether the vendor op takes Hkv < Hq itself (else K/V are expanded to the query heads and dK/dV
 # summed over the group). PREFIX_KERNELS_SPLIT_NATIVE_GQA=cudnn,flash overrides.
-NATIVE_GQA = {"cudnn": True, "flash": True, "math": True}
+NATIVE_GQA = {"cudnn": True, "flash": True, "math": True, "cudnn_fe": True}
 # LSE layout each vendor returns and wants back: [B, H, S, 1] (cuDNN) or [B, H, S].
-LSE_DIMS = {"cudnn": 4, "flash": 3, "math": 4}
+LSE_DIMS = {"cudnn": 4, "flash": 3, "math": 4, "cudnn_fe": 4}
+# Where the vendor's causal mask sits when Sq < Sk: bottom-right (query i sees keys up to
+# i + Sk - Sq, this op's alignment: FlashAttention 2 and the frontend's cuDNN graphs) or top-left
+# (PyTorch's cuDNN op). With the prefix prepended to the keys, a bottom-right vendor computes
+# prefix attention as it is; a top-left one needs P padded query rows.
+BOTTOM_RIGHT = {"cudnn": False, "flash": True, "math": True, "cudnn_fe": True}
 
 
 def native_gqa(vendor: str) -> bool:
@@ -56,6 +62,9 @@ def vendor_forward(vendor, q, k, v, scale, causal):
     hq = q.shape[1]
     if k.shape[1] != hq and not native_gqa(vendor):
         k, v = _expand_heads(k, hq), _expand_heads(v, hq)
+    if vendor == "cudnn_fe":
+        from . import cudnn_frontend
+        return cudnn_frontend.forward(q, k, v, scale, causal)
     if vendor == "cudnn":
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal,
                                                                  False, scale=scale)
@@ -68,6 +77,9 @@ def vendor_forward(vendor, q, k, v, scale, causal):
 
 def vendor_backward(vendor, do, q, k, v, out, lse, scale, causal):
     """dq, dk, dv of the own keys given the MERGED out and lse (natural log, [B, H, Sq])."""
+    if vendor == "cudnn_fe":
+        from . import cudnn_frontend
+        return cudnn_frontend.backward(do, q, k, v, out, lse, scale, causal)
     b, hq, sq, _ = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     expand = hkv != hq and not native_gqa(vendor)

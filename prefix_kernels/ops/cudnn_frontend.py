@@ -1,0 +1,230 @@
+"""cuDNN's attention with a BOTTOM-RIGHT causal mask, through NVIDIA's cudnn-frontend Python
+package (`pip install nvidia-cudnn-frontend`, optional: the "cudnn_fe" vendor of the split path).
+
+Why: with the row's P prefix keys prepended to its own keys, prefix attention IS causal attention
+aligned bottom-right (query i sits at key position P + i, sees keys 0..P+i: the whole prefix and
+own keys 0..i). PyTorch's cuDNN op aligns its causal mask top-left, so it needs P padded query
+rows (the "pad" mode's copies of q and dO); the frontend exposes cuDNN's own bottom-right
+alignment, so the whole layer is one cuDNN call on the concatenated K/V, nothing padded. The
+prefix then costs its share of the scores (P*S of S^2/2) at cuDNN's speed.
+
+Contract as the other vendors' (ops/vendor_attention.py): forward (q, k, v) -> (o, lse) with lse
+natural log [B, H, Sq, 1] fp32; backward (dO, q, k, v, o, lse) -> (dq, dk, dv), GQA native
+(dK/dV summed over each group by cuDNN). Graphs are built once per shape, layout, dtype, scale
+and device (~0.1-1 s each, cuDNN's heuristics), and kept in a bounded cache.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Optional
+
+import torch
+
+# graphs kept per key (shape, strides, dtype, scale, causal, device); variable-length batches make
+# one per length: the oldest go first
+MAX_GRAPHS = 64
+# bottom-right causal masks in cuDNN's fused attention, forward and backward (cuDNN 9.3 release
+# notes); older backends are refused with this reason
+MIN_BACKEND = 90300
+
+
+@functools.lru_cache(maxsize=None)
+def _module():
+    """The cudnn package, or None when it cannot be imported."""
+    try:
+        import cudnn
+    except Exception:       # not installed, or its library failed to load
+        return None
+    return cudnn
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason() -> Optional[str]:
+    """Why the cuDNN frontend cannot run here, or None."""
+    cudnn = _module()
+    if cudnn is None:
+        return ("the cuDNN frontend is not installed (pip install 'prefix-kernels[cudnn]', i.e. "
+                "nvidia-cudnn-frontend)")
+    try:
+        version = int(cudnn.backend_version())
+    except Exception as exc:
+        return f"the cuDNN frontend could not load cuDNN ({type(exc).__name__}: {exc})"
+    if version < MIN_BACKEND:
+        return f"cuDNN {version} (bottom-right causal attention needs {MIN_BACKEND} or newer)"
+    return None
+
+
+_HANDLES: dict = {}
+
+
+def _handle(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    handle = _HANDLES.get(index)
+    if handle is None:
+        with torch.cuda.device(index):
+            handle = _HANDLES[index] = _module().create_handle()
+    return handle
+
+
+class _Graph:
+    """A built cuDNN graph: its input/output uids in call order and its workspace size."""
+
+    def __init__(self, graph, uids, workspace):
+        self.graph, self.uids, self.workspace = graph, uids, workspace
+
+    def run(self, tensors, device):
+        cudnn = _module()
+        handle = _handle(device)
+        cudnn.set_stream(handle, torch.cuda.current_stream(device).cuda_stream)
+        workspace = torch.empty(max(self.workspace, 1), device=device, dtype=torch.uint8)
+        self.graph.execute({uid: t.data_ptr() for uid, t in zip(self.uids, tensors)}, workspace.data_ptr(),
+                           handle=handle)
+
+
+_GRAPHS: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+
+
+def _io_type(dtype):
+    cudnn = _module()
+    return {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[dtype]
+
+
+def _new_graph(dtype, device):
+    cudnn = _module()
+    return cudnn.pygraph(io_data_type=_io_type(dtype), intermediate_data_type=cudnn.data_type.FLOAT,
+                         compute_data_type=cudnn.data_type.FLOAT, handle=_handle(device))
+
+
+def _tensor(graph, name, t, dtype=None):
+    return graph.tensor(name=name, dim=list(t.shape), stride=list(t.stride()),
+                        data_type=_io_type(t.dtype) if dtype is None else dtype)
+
+
+def _mask_kwargs(causal):
+    if not causal:
+        return {}
+    cudnn = _module()
+    return dict(diagonal_alignment=cudnn.diagonal_alignment.BOTTOM_RIGHT, diagonal_band_right_bound=0)
+
+
+def _finish(graph):
+    cudnn = _module()
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    return graph.get_workspace_size()
+
+
+def _lse_like(q, device=None):
+    b, h, s, _ = q.shape
+    return torch.empty((b, h, s, 1), device=q.device if device is None else device, dtype=torch.float32)
+
+
+class _Pair:
+    """The forward and backward graphs of one call signature, built together so that a shape
+    whose backward has no engine is refused before its forward runs."""
+
+    def __init__(self, forward, backward):
+        self.forward, self.backward = forward, backward
+
+
+def _graphs(q, k, v, scale, causal, device):
+    """The _Pair for this call, or the reason cuDNN cannot run it (cached either way). q, k, v
+    may be meta tensors: only their shapes, strides and dtype are read."""
+    # out, dq, dk, dv are empty_like(q, k, v) and dO is put in out's layout: q, k, v's layouts
+    # fix every tensor of both graphs
+    key = (q.dtype, tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), tuple(v.shape), v.stride(),
+           float(scale), bool(causal), device)
+    found = _GRAPHS.get(key)
+    if found is not None:
+        _GRAPHS.move_to_end(key)
+        return found
+    try:
+        found = _Pair(_build_forward(q, k, v, scale, causal, device),
+                      _build_backward(q, k, v, scale, causal, device))
+    except Exception as exc:        # no engine for this shape: the caller says so and runs fused
+        text = str(exc).strip()
+        found = f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+    if len(_GRAPHS) >= MAX_GRAPHS:
+        _GRAPHS.popitem(last=False)
+    _GRAPHS[key] = found
+    return found
+
+
+def _meta_like(t):
+    return torch.empty_like(t, device="meta")
+
+
+def _build_forward(q, k, v, scale, causal, device):
+    cudnn = _module()
+    out, lse = _meta_like(q), _lse_like(q, "meta")
+    g = _new_graph(q.dtype, device)
+    tq, tk, tv = _tensor(g, "q", q), _tensor(g, "k", k), _tensor(g, "v", v)
+    kwargs = dict(name="prefix_sdpa", attn_scale=float(scale), **_mask_kwargs(causal))
+    try:
+        to, tstats = g.sdpa(q=tq, k=tk, v=tv, generate_stats=True, **kwargs)
+    except TypeError:       # frontends before generate_stats
+        to, tstats = g.sdpa(q=tq, k=tk, v=tv, is_inference=False, **kwargs)
+    to.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride())).set_data_type(_io_type(q.dtype))
+    tstats.set_output(True).set_dim(list(lse.shape)).set_stride(list(lse.stride())).set_data_type(
+        cudnn.data_type.FLOAT)
+    workspace = _finish(g)
+    return _Graph(g, [t.get_uid() for t in (tq, tk, tv, to, tstats)], workspace)
+
+
+def _build_backward(q, k, v, scale, causal, device):
+    cudnn = _module()
+    out, lse = _meta_like(q), _lse_like(q, "meta")
+    g = _new_graph(q.dtype, device)
+    tq, tk, tv = _tensor(g, "q", q), _tensor(g, "k", k), _tensor(g, "v", v)
+    to, tdo = _tensor(g, "o", out), _tensor(g, "dO", out)
+    tstats = _tensor(g, "stats", lse, dtype=cudnn.data_type.FLOAT)
+    tdq, tdk, tdv = g.sdpa_backward(q=tq, k=tk, v=tv, o=to, dO=tdo, stats=tstats, attn_scale=float(scale),
+                                    name="prefix_sdpa_backward", **_mask_kwargs(causal))
+    for t, like in ((tdq, q), (tdk, k), (tdv, v)):
+        grad = _meta_like(like)
+        t.set_output(True).set_dim(list(grad.shape)).set_stride(list(grad.stride())).set_data_type(
+            _io_type(q.dtype))
+    workspace = _finish(g)
+    return _Graph(g, [t.get_uid() for t in (tq, tk, tv, to, tdo, tstats, tdq, tdk, tdv)], workspace)
+
+
+def unsupported_reason(q, k, v, scale, causal, device) -> Optional[str]:
+    """Why cuDNN cannot run this call on `device` (no frontend, or no engine for its shape), or
+    None. q, k, v may be meta tensors of the call's layouts. Builds and caches both graphs at the
+    first call of a signature."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    graphs = _graphs(q, k, v, scale, causal, device)
+    return graphs if isinstance(graphs, str) else None
+
+
+def forward(q, k, v, scale, causal):
+    """(o like q, lse [B, H, Sq, 1] fp32 natural log), causal aligned bottom-right."""
+    graphs = _graphs(q, k, v, scale, causal, q.device)
+    if isinstance(graphs, str):
+        raise RuntimeError(f"prefix_attention: cuDNN frontend: {graphs}")
+    out, lse = torch.empty_like(q), _lse_like(q)
+    graphs.forward.run((q, k, v, out, lse), q.device)
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, scale, causal):
+    """dq, dk, dv (laid out as q, k, v) given out (laid out as empty_like(q), as forward returns
+    it) and lse ([B, H, Sq] or [B, H, Sq, 1], natural log)."""
+    graphs = _graphs(q, k, v, scale, causal, q.device)
+    if isinstance(graphs, str):
+        raise RuntimeError(f"prefix_attention: cuDNN frontend: {graphs}")
+    b, h, sq, _ = q.shape
+    lse = lse.reshape(b, h, sq, 1)
+    if lse.stride() != (h * sq, sq, 1, 1):
+        lse = lse.contiguous()
+    if do.stride() != out.stride():       # the graph reads dO laid out as O
+        do = torch.empty_like(out).copy_(do)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    graphs.backward.run((q, k, v, out, do, lse, dq, dk, dv), q.device)
+    return dq, dk, dv
