@@ -5,7 +5,7 @@ package, so that its calls are checked here before a GPU runs them."""
 import pytest
 import torch
 
-from prefix_kernels.ops import cudnn_frontend
+from prefix_kernels.ops import cudnn_frontend, vendor_attention
 from prefix_kernels.ops.prefix_rows import concat_prefix_kv, sum_prefix_rows
 from utils import kernel_device
 
@@ -159,11 +159,25 @@ def fake_cudnn(monkeypatch):
     monkeypatch.setattr(cudnn_frontend, "_module", lambda: fake)
     cudnn_frontend.unavailable_reason.cache_clear()
     monkeypatch.setattr(cudnn_frontend, "_GRAPHS", type(cudnn_frontend._GRAPHS)())
-    monkeypatch.setattr(cudnn_frontend, "_HANDLES", {})
     monkeypatch.setattr(cudnn_frontend, "_handle", lambda device: 7)
-    monkeypatch.setattr(cudnn_frontend._Graph, "run", lambda self, tensors, device: (
-        fake.log.append(("run", [tuple(t.shape) for t in tensors])), self.graph.execute(
-            {uid: t.data_ptr() for uid, t in zip(self.uids, tensors)}, 0)))
+    monkeypatch.setattr(cudnn_frontend, "_io_type", lambda dtype: {torch.float32: "fp32"}.get(dtype, str(dtype)))
+
+    def run(self, tensors, device):
+        """What cuDNN would compute, by the PyTorch stand-in vendor (bottom-right causal too)."""
+        fake.log.append(("run", [tuple(t.shape) for t in tensors]))
+        self.graph.execute({uid: t.data_ptr() for uid, t in zip(self.uids, tensors)}, 0)
+        _, scale, mask = self.graph.op
+        causal = bool(mask)
+        if len(tensors) == 5:
+            q, k, v, out, lse = tensors
+            o, l = vendor_attention._math_forward(q, k, v, scale, causal)
+            out.copy_(o)
+            lse.copy_(l)
+        else:
+            q, k, v, out, do, lse, dq, dk, dv = tensors
+            for t, g in zip((dq, dk, dv), vendor_attention._math_backward(do, q, k, v, out, lse, scale, causal)):
+                t.copy_(g)
+    monkeypatch.setattr(cudnn_frontend._Graph, "run", run)
     yield fake
     cudnn_frontend.unavailable_reason.cache_clear()
 
@@ -172,7 +186,8 @@ def test_cudnn_frontend_builds_bottom_right_graphs_once_per_layout(fake_cudnn):
     q = torch.randn(2, 8, 10, 64, dtype=torch.bfloat16)
     k = torch.randn(2, 2, 17, 64, dtype=torch.bfloat16)      # the prefix-prepended keys: Sk > Sq
     assert cudnn_frontend.unavailable_reason() is None
-    assert cudnn_frontend.unsupported_reason(q.to("meta"), k.to("meta"), k.to("meta"), 0.125, True, q.device) is None
+    lay = cudnn_frontend.layout
+    assert cudnn_frontend.unsupported_reason(q.dtype, lay(q), lay(k), lay(k), 0.125, True, q.device) is None
     ops = [entry for entry in fake_cudnn.log if isinstance(entry, tuple) and entry[0].startswith("sdpa")]
     bottom_right = dict(diagonal_alignment="bottom_right", diagonal_band_right_bound=0)
     assert ops == [("sdpa", 0.125, bottom_right), ("sdpa_backward", 0.125, bottom_right)]
@@ -190,14 +205,15 @@ def test_cudnn_frontend_builds_bottom_right_graphs_once_per_layout(fake_cudnn):
 
 def test_cudnn_frontend_not_causal_has_no_mask_and_a_failed_build_is_a_reason(fake_cudnn, monkeypatch):
     q = torch.randn(1, 2, 4, 32, dtype=torch.float16)
-    cudnn_frontend.unsupported_reason(q, q, q, 0.5, False, q.device)
+    lay = cudnn_frontend.layout
+    cudnn_frontend.unsupported_reason(q.dtype, lay(q), lay(q), lay(q), 0.5, False, q.device)
     assert ("sdpa", 0.5, {}) in fake_cudnn.log
 
     def no_engine(self):
         raise RuntimeError("No valid execution plans built.")
     monkeypatch.setattr(_FakeGraph, "build_plans", no_engine)
     q2 = torch.randn(1, 2, 5, 32, dtype=torch.float16)
-    reason = cudnn_frontend.unsupported_reason(q2, q2, q2, 0.5, True, q2.device)
+    reason = cudnn_frontend.unsupported_reason(q2.dtype, lay(q2), lay(q2), lay(q2), 0.5, True, q2.device)
     assert "No valid execution plans" in reason
     with pytest.raises(RuntimeError, match="cuDNN frontend: RuntimeError: No valid execution plans"):
         cudnn_frontend.forward(q2, q2, q2, 0.5, True)
@@ -210,3 +226,30 @@ def test_cudnn_frontend_missing_says_how_to_install(monkeypatch):
         assert "pip install 'prefix-kernels[cudnn]'" in cudnn_frontend.unavailable_reason()
     finally:
         cudnn_frontend.unavailable_reason.cache_clear()
+
+
+def test_split_pad_mode_through_the_cudnn_frontend_matches_the_reference(fake_cudnn):
+    """The whole cudnn_fe route of the split path (layouts planned, graphs keyed, K/V
+    concatenated, q unpadded, the bank gradient summed) with cuDNN's math done by the stand-in."""
+    import math
+
+    import attention_utils
+    from prefix_kernels.ops import split_attention as sa
+    from prefix_kernels.ops.reference import reference_prefix_attention
+    kernel_device()
+    tensors, index, _ = attention_utils.make_inputs(B=3, H=4, HKV=2, SQ=11, SK=19, D=32, P=6, N=3, hf_layout=True)
+    scale = 1 / math.sqrt(32)
+    assert sa.cudnn_fe_reason(tensors[0], tensors[1], tensors[3], scale, True) is None
+    out = sa.split_prefix_attention(*tensors, index, scale, True, sa.SplitConfig("cudnn_fe", "pad"))
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, tensors, grad_out)
+    leaves = [t.detach().double().requires_grad_() for t in tensors]
+    want = reference_prefix_attention(*leaves, index, None, None, True)
+    want_grads = torch.autograd.grad(want, leaves, grad_out.double())
+    for name, got, ref in zip(attention_utils.NAMES, (out, *grads), (want, *want_grads)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=3e-5, msg=lambda m: f"{name}: {m}")
+    graphs = [e for e in fake_cudnn.log if isinstance(e, tuple) and e[0] == "pygraph"]
+    assert len(graphs) == 2         # planned once: the call reused the graphs the plan built
+    runs = [e[1] for e in fake_cudnn.log if isinstance(e, tuple) and e[0] == "run"]
+    assert runs[0][1] == (3, 2, 6 + 19, 32)      # the prefix-prepended keys, q unpadded
+    assert runs[0][0] == (3, 4, 11, 32)

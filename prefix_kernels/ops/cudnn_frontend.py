@@ -55,16 +55,22 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-_HANDLES: dict = {}
+_HANDLES: dict = {}         # device index -> [cuDNN handle, the stream it was last set to]
 
 
 def _handle(device: torch.device):
+    """The device's cuDNN handle, set to torch's current stream (cudnnSetStream only when it
+    changed: it queries the driver on every call)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    handle = _HANDLES.get(index)
-    if handle is None:
+    entry = _HANDLES.get(index)
+    if entry is None:
         with torch.cuda.device(index):
-            handle = _HANDLES[index] = _module().create_handle()
-    return handle
+            entry = _HANDLES[index] = [_module().create_handle(), None]
+    stream = torch.cuda.current_stream(index).cuda_stream
+    if entry[1] != stream:
+        _module().set_stream(entry[0], stream)
+        entry[1] = stream
+    return entry[0]
 
 
 class _Graph:
@@ -74,12 +80,18 @@ class _Graph:
         self.graph, self.uids, self.workspace = graph, uids, workspace
 
     def run(self, tensors, device):
-        cudnn = _module()
         handle = _handle(device)
-        cudnn.set_stream(handle, torch.cuda.current_stream(device).cuda_stream)
-        workspace = torch.empty(max(self.workspace, 1), device=device, dtype=torch.uint8)
-        self.graph.execute({uid: t.data_ptr() for uid, t in zip(self.uids, tensors)}, workspace.data_ptr(),
-                           handle=handle)
+        workspace = torch.empty(self.workspace, device=device, dtype=torch.uint8) if self.workspace else None
+        self.graph.execute({uid: t.data_ptr() for uid, t in zip(self.uids, tensors)},
+                           workspace.data_ptr() if workspace is not None else 0, handle=handle)
+
+
+class _Pair:
+    """The forward and backward graphs of one call signature, built together so that a shape
+    whose backward has no engine is refused before its forward runs."""
+
+    def __init__(self, forward, backward):
+        self.forward, self.backward = forward, backward
 
 
 _GRAPHS: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
@@ -96,9 +108,9 @@ def _new_graph(dtype, device):
                          compute_data_type=cudnn.data_type.FLOAT, handle=_handle(device))
 
 
-def _tensor(graph, name, t, dtype=None):
-    return graph.tensor(name=name, dim=list(t.shape), stride=list(t.stride()),
-                        data_type=_io_type(t.dtype) if dtype is None else dtype)
+def _tensor(graph, name, layout, data_type):
+    shape, stride = layout
+    return graph.tensor(name=name, dim=list(shape), stride=list(stride), data_type=data_type)
 
 
 def _mask_kwargs(causal):
@@ -118,33 +130,35 @@ def _finish(graph):
     return graph.get_workspace_size()
 
 
-def _lse_like(q, device=None):
-    b, h, s, _ = q.shape
-    return torch.empty((b, h, s, 1), device=q.device if device is None else device, dtype=torch.float32)
+def layout(t: torch.Tensor) -> tuple:
+    """(shape, strides) of a tensor: what a graph is built for."""
+    return tuple(t.shape), t.stride()
 
 
-class _Pair:
-    """The forward and backward graphs of one call signature, built together so that a shape
-    whose backward has no engine is refused before its forward runs."""
+def _like(shape_stride) -> tuple:
+    """The layout torch.empty_like gives a tensor of this layout (a permutation of a dense one:
+    the same strides; anything else: contiguous)."""
+    shape, stride = shape_stride
+    return layout(torch.empty_like(torch.empty_strided(shape, stride, device="meta")))
 
-    def __init__(self, forward, backward):
-        self.forward, self.backward = forward, backward
+
+def _lse_layout(q_layout) -> tuple:
+    b, h, s, _ = q_layout[0]
+    return (b, h, s, 1), (h * s, s, 1, 1)
 
 
-def _graphs(q, k, v, scale, causal, device):
-    """The _Pair for this call, or the reason cuDNN cannot run it (cached either way). q, k, v
-    may be meta tensors: only their shapes, strides and dtype are read."""
-    # out, dq, dk, dv are empty_like(q, k, v) and dO is put in out's layout: q, k, v's layouts
-    # fix every tensor of both graphs
-    key = (q.dtype, tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), tuple(v.shape), v.stride(),
-           float(scale), bool(causal), device)
+def _graphs(dtype, q, k, v, scale, causal, device):
+    """The _Pair for this call signature (q, k, v: layouts), or the reason cuDNN cannot run it,
+    cached either way. out, dq, dk, dv are empty_like(q, k, v) and dO is put in out's layout, so
+    q, k, v's layouts fix every tensor of both graphs."""
+    key = (dtype, q, k, v, scale, causal, device)
     found = _GRAPHS.get(key)
     if found is not None:
         _GRAPHS.move_to_end(key)
         return found
     try:
-        found = _Pair(_build_forward(q, k, v, scale, causal, device),
-                      _build_backward(q, k, v, scale, causal, device))
+        found = _Pair(_build_forward(dtype, q, k, v, scale, causal, device),
+                      _build_backward(dtype, q, k, v, scale, causal, device))
     except Exception as exc:        # no engine for this shape: the caller says so and runs fused
         text = str(exc).strip()
         found = f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
@@ -154,71 +168,69 @@ def _graphs(q, k, v, scale, causal, device):
     return found
 
 
-def _meta_like(t):
-    return torch.empty_like(t, device="meta")
-
-
-def _build_forward(q, k, v, scale, causal, device):
+def _build_forward(dtype, q, k, v, scale, causal, device):
     cudnn = _module()
-    out, lse = _meta_like(q), _lse_like(q, "meta")
-    g = _new_graph(q.dtype, device)
-    tq, tk, tv = _tensor(g, "q", q), _tensor(g, "k", k), _tensor(g, "v", v)
-    kwargs = dict(name="prefix_sdpa", attn_scale=float(scale), **_mask_kwargs(causal))
+    io, fp32 = _io_type(dtype), cudnn.data_type.FLOAT
+    g = _new_graph(dtype, device)
+    tq, tk, tv = _tensor(g, "q", q, io), _tensor(g, "k", k, io), _tensor(g, "v", v, io)
+    kwargs = dict(name="prefix_sdpa", attn_scale=scale, **_mask_kwargs(causal))
     try:
         to, tstats = g.sdpa(q=tq, k=tk, v=tv, generate_stats=True, **kwargs)
     except TypeError:       # frontends before generate_stats
         to, tstats = g.sdpa(q=tq, k=tk, v=tv, is_inference=False, **kwargs)
-    to.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride())).set_data_type(_io_type(q.dtype))
-    tstats.set_output(True).set_dim(list(lse.shape)).set_stride(list(lse.stride())).set_data_type(
-        cudnn.data_type.FLOAT)
+    for t, (shape, stride), data_type in ((to, _like(q), io), (tstats, _lse_layout(q), fp32)):
+        t.set_output(True).set_dim(list(shape)).set_stride(list(stride)).set_data_type(data_type)
     workspace = _finish(g)
     return _Graph(g, [t.get_uid() for t in (tq, tk, tv, to, tstats)], workspace)
 
 
-def _build_backward(q, k, v, scale, causal, device):
+def _build_backward(dtype, q, k, v, scale, causal, device):
     cudnn = _module()
-    out, lse = _meta_like(q), _lse_like(q, "meta")
-    g = _new_graph(q.dtype, device)
-    tq, tk, tv = _tensor(g, "q", q), _tensor(g, "k", k), _tensor(g, "v", v)
-    to, tdo = _tensor(g, "o", out), _tensor(g, "dO", out)
-    tstats = _tensor(g, "stats", lse, dtype=cudnn.data_type.FLOAT)
-    tdq, tdk, tdv = g.sdpa_backward(q=tq, k=tk, v=tv, o=to, dO=tdo, stats=tstats, attn_scale=float(scale),
+    io, fp32 = _io_type(dtype), cudnn.data_type.FLOAT
+    g = _new_graph(dtype, device)
+    tq, tk, tv = _tensor(g, "q", q, io), _tensor(g, "k", k, io), _tensor(g, "v", v, io)
+    to, tdo = _tensor(g, "o", _like(q), io), _tensor(g, "dO", _like(q), io)
+    tstats = _tensor(g, "stats", _lse_layout(q), fp32)
+    tdq, tdk, tdv = g.sdpa_backward(q=tq, k=tk, v=tv, o=to, dO=tdo, stats=tstats, attn_scale=scale,
                                     name="prefix_sdpa_backward", **_mask_kwargs(causal))
-    for t, like in ((tdq, q), (tdk, k), (tdv, v)):
-        grad = _meta_like(like)
-        t.set_output(True).set_dim(list(grad.shape)).set_stride(list(grad.stride())).set_data_type(
-            _io_type(q.dtype))
+    for t, of in ((tdq, q), (tdk, k), (tdv, v)):
+        shape, stride = _like(of)
+        t.set_output(True).set_dim(list(shape)).set_stride(list(stride)).set_data_type(io)
     workspace = _finish(g)
     return _Graph(g, [t.get_uid() for t in (tq, tk, tv, to, tdo, tstats, tdq, tdk, tdv)], workspace)
 
 
-def unsupported_reason(q, k, v, scale, causal, device) -> Optional[str]:
-    """Why cuDNN cannot run this call on `device` (no frontend, or no engine for its shape), or
-    None. q, k, v may be meta tensors of the call's layouts. Builds and caches both graphs at the
-    first call of a signature."""
+def unsupported_reason(dtype, q, k, v, scale: float, causal: bool, device) -> Optional[str]:
+    """Why cuDNN cannot run a call of these q, k, v layouts ((shape, strides) each) on `device`:
+    no frontend, or no engine for the shape; else None. Builds and caches both graphs at the
+    first call of a signature (~0.1-1 s)."""
     reason = unavailable_reason()
     if reason is not None:
         return reason
-    graphs = _graphs(q, k, v, scale, causal, device)
+    graphs = _graphs(dtype, q, k, v, float(scale), bool(causal), device)
     return graphs if isinstance(graphs, str) else None
+
+
+def _call_graphs(q, k, v, scale, causal):
+    graphs = _graphs(q.dtype, layout(q), layout(k), layout(v), float(scale), bool(causal), q.device)
+    if isinstance(graphs, str):
+        raise RuntimeError(f"prefix_attention: cuDNN frontend: {graphs}")
+    return graphs
 
 
 def forward(q, k, v, scale, causal):
     """(o like q, lse [B, H, Sq, 1] fp32 natural log), causal aligned bottom-right."""
-    graphs = _graphs(q, k, v, scale, causal, q.device)
-    if isinstance(graphs, str):
-        raise RuntimeError(f"prefix_attention: cuDNN frontend: {graphs}")
-    out, lse = torch.empty_like(q), _lse_like(q)
+    graphs = _call_graphs(q, k, v, scale, causal)
+    b, h, sq, _ = q.shape
+    out, lse = torch.empty_like(q), torch.empty((b, h, sq, 1), device=q.device, dtype=torch.float32)
     graphs.forward.run((q, k, v, out, lse), q.device)
     return out, lse
 
 
 def backward(do, q, k, v, out, lse, scale, causal):
-    """dq, dk, dv (laid out as q, k, v) given out (laid out as empty_like(q), as forward returns
-    it) and lse ([B, H, Sq] or [B, H, Sq, 1], natural log)."""
-    graphs = _graphs(q, k, v, scale, causal, q.device)
-    if isinstance(graphs, str):
-        raise RuntimeError(f"prefix_attention: cuDNN frontend: {graphs}")
+    """dq, dk, dv (laid out as empty_like(q, k, v)) given out (laid out as forward returns it)
+    and lse ([B, H, Sq] or [B, H, Sq, 1], natural log)."""
+    graphs = _call_graphs(q, k, v, scale, causal)
     b, h, sq, _ = q.shape
     lse = lse.reshape(b, h, sq, 1)
     if lse.stride() != (h * sq, sq, 1, 1):

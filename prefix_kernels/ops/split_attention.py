@@ -412,19 +412,29 @@ def split_plan(path, q, k, prefix_k, key_padding_mask, causal, scale=None, **fea
 
 
 def cudnn_fe_reason(q, k, prefix_k, scale, causal) -> Optional[str]:
-    """Why the cuDNN frontend cannot run this call's concatenated attention, or None: the package
-    is missing, or cuDNN builds no graph for the shape (found once per shape, then cached)."""
+    """Why the cuDNN frontend cannot run this call's attention over the prefix-prepended keys, or
+    None: the package is missing, or cuDNN builds no graph for the shape (found once per shape,
+    then cached)."""
     from . import cudnn_frontend
     reason = cudnn_frontend.unavailable_reason()
     if reason is not None:
         return reason
     b, hkv, sk, d = k.shape
-    # the layouts the split path hands it: q as given (last dim contiguous), K/V concatenated
-    q_meta = (torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device="meta") if q.stride(-1) == 1
-              else torch.empty(q.shape, dtype=q.dtype, device="meta"))
-    kv_meta = torch.empty((b, hkv, prefix_k.shape[2] + sk, d), dtype=k.dtype, device="meta")
-    reason = cudnn_frontend.unsupported_reason(q_meta, kv_meta, kv_meta, float(scale), bool(causal), q.device)
+    # the layouts the split path hands it: q as given with its last dim dense (else contiguous),
+    # K/V concatenated (ops/prefix_rows.py: contiguous)
+    q_layout = cudnn_frontend.layout(q) if q.stride(-1) == 1 else (tuple(q.shape), _dense_strides(q.shape))
+    kv_shape = (b, hkv, prefix_k.shape[2] + sk, d)
+    kv_layout = (kv_shape, _dense_strides(kv_shape))
+    reason = cudnn_frontend.unsupported_reason(q.dtype, q_layout, kv_layout, kv_layout, scale, causal, q.device)
     return None if reason is None else f"cuDNN has no graph for this shape ({reason})"
+
+
+def _dense_strides(shape) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def split_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, scale: float, causal: bool,
