@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
 # wheels the device lacks (nvidia-cudnn-frontend for the cudnn_fe vendor), carried in .whl/; fetch
 # them here with: python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12
-#   --implementation cp --platform manylinux_2_28_x86_64 -d .whl nvidia-cudnn-frontend==1.27.0
+#   --implementation cp --platform manylinux_2_28_x86_64 -d .whl nvidia-cudnn-frontend==1.26.0
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}

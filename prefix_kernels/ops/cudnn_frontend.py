@@ -113,6 +113,14 @@ def _tensor(graph, name, layout, data_type):
     return graph.tensor(name=name, dim=list(shape), stride=list(stride), data_type=data_type)
 
 
+def _number(tensors) -> list:
+    """Our own uids 1..n for the graph's inputs and outputs, in call order: the frontend leaves
+    them 0 until it validates (1.26 read before validate()), and execute binds pointers by uid."""
+    for uid, t in enumerate(tensors, start=1):
+        t.set_uid(uid)
+    return list(range(1, len(tensors) + 1))
+
+
 def _mask_kwargs(causal):
     if not causal:
         return {}
@@ -180,8 +188,8 @@ def _build_forward(dtype, q, k, v, scale, causal, device):
         to, tstats = g.sdpa(q=tq, k=tk, v=tv, is_inference=False, **kwargs)
     for t, (shape, stride), data_type in ((to, _like(q), io), (tstats, _lse_layout(q), fp32)):
         t.set_output(True).set_dim(list(shape)).set_stride(list(stride)).set_data_type(data_type)
-    workspace = _finish(g)
-    return _Graph(g, [t.get_uid() for t in (tq, tk, tv, to, tstats)], workspace)
+    uids = _number((tq, tk, tv, to, tstats))
+    return _Graph(g, uids, _finish(g))
 
 
 def _build_backward(dtype, q, k, v, scale, causal, device):
@@ -196,8 +204,8 @@ def _build_backward(dtype, q, k, v, scale, causal, device):
     for t, of in ((tdq, q), (tdk, k), (tdv, v)):
         shape, stride = _like(of)
         t.set_output(True).set_dim(list(shape)).set_stride(list(stride)).set_data_type(io)
-    workspace = _finish(g)
-    return _Graph(g, [t.get_uid() for t in (tq, tk, tv, to, tdo, tstats, tdq, tdk, tdv)], workspace)
+    uids = _number((tq, tk, tv, to, tdo, tstats, tdq, tdk, tdv))
+    return _Graph(g, uids, _finish(g))
 
 
 def unsupported_reason(dtype, q, k, v, scale: float, causal: bool, device) -> Optional[str]:
