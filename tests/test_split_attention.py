@@ -437,3 +437,37 @@ def test_auto_rule_picks_merge_only_where_it_was_measured_faster():
     assert sa.auto_rule(True, 32, 4096, 4096) is None            # D<64: never measured
     assert sa.auto_rule(True, 128, 4096, 8192) is None           # bottom-right causal: vendors can't
     assert sa.auto_rule(False, 128, 4096, 4096) is None          # CPU tensors: the fused kernels
+
+
+def test_auto_tries_the_cudnn_frontend_first_only_when_asked(monkeypatch):
+    from types import SimpleNamespace
+    gpu_q = SimpleNamespace(is_cuda=True, shape=(2, 32, 4096, 128))
+    gpu_k = SimpleNamespace(shape=(2, 8, 4096, 128))
+    merge = sa.SplitConfig("cudnn", "merge", "auto")
+    monkeypatch.delenv(sa.AUTO_CUDNN_FE_ENV, raising=False)
+    assert sa._auto_configs(gpu_q, gpu_k) == [merge]
+    monkeypatch.setenv(sa.AUTO_CUDNN_FE_ENV, "1")
+    assert sa._auto_configs(gpu_q, gpu_k) == [sa.SplitConfig("cudnn_fe", "pad", "auto"), merge]
+    short_q = SimpleNamespace(is_cuda=True, shape=(8, 32, 1024, 64))
+    assert sa._auto_configs(short_q, SimpleNamespace(shape=(8, 4, 1024, 64))) == [sa.SplitConfig("cudnn_fe", "pad", "auto")]
+    cpu_q = SimpleNamespace(is_cuda=False, shape=(2, 32, 4096, 128))
+    assert sa._auto_configs(cpu_q, gpu_k) == []
+
+
+def test_auto_falls_through_to_the_next_split_and_says_why_once(split_calls, monkeypatch):
+    """A variant auto cannot run (here the frontend's vendor on CPU tensors) hands the call to the
+    next one; the opt-in is told once why its variant did not run."""
+    device = kernel_device()
+    if device == "cuda":
+        pytest.skip("the CPU chain (the stand-in vendor)")
+    monkeypatch.setattr(sa, "_auto_configs", lambda q, k: [sa.SplitConfig("cudnn_fe", "pad"),
+                                                            sa.SplitConfig("math", "merge", "onepass")])
+    tensors, index = make_inputs(SQ=12, device=device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            out = pk.prefix_attention(*tensors, prefix_index=index, backend="triton", path="auto")
+    assert [c.vendor for c in split_calls] == ["math", "math"]
+    messages = [str(w.message) for w in caught if sa.AUTO_CUDNN_FE_ENV in str(w.message)]
+    assert len(messages) == 1 and "cudnn_fe" in messages[0]
+    torch.testing.assert_close(out, reference_prefix_attention(*tensors, index), rtol=1e-4, atol=1e-5)

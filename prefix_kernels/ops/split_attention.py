@@ -316,11 +316,24 @@ def auto_rule(is_cuda: bool, head_dim: int, seqlen_q: int, seqlen_k: int) -> Opt
     return None
 
 
-def _auto_config(q, k, prefix_k) -> Optional[SplitConfig]:
-    """path='auto': the split variant to run for this shape, or None (the fused op)."""
+# cuDNN through its frontend package (vendor "cudnn_fe", pad mode), tried first by path="auto"
+# where PREFIX_KERNELS_AUTO_CUDNN_FE=1: off by default until measured on a GPU. It predicts
+# 0.89-0.99x cuDNN without a prefix on issue 10's shapes (the prefix's P*S scores of S^2/2 at
+# cuDNN's speed, plus one K/V concatenation).
+AUTO_CUDNN_FE_ENV = "PREFIX_KERNELS_AUTO_CUDNN_FE"
+
+
+def _auto_configs(q, k) -> list:
+    """path='auto': the split variants to try for this shape in order (none: the fused op)."""
     if AUTO_SPLIT is not None:
-        return AUTO_SPLIT
-    return auto_rule(q.is_cuda, q.shape[-1], q.shape[2], k.shape[2])
+        return [AUTO_SPLIT]
+    configs = []
+    if q.is_cuda and env_get(AUTO_CUDNN_FE_ENV, "0") == "1":
+        configs.append(SplitConfig("cudnn_fe", "pad", "auto"))
+    rule = auto_rule(q.is_cuda, q.shape[-1], q.shape[2], k.shape[2])
+    if rule is not None:
+        configs.append(rule)
+    return configs
 
 
 def default_config(q) -> SplitConfig:
@@ -347,8 +360,7 @@ def ineligible_reason(q, k, key_padding_mask, causal, vendor, mode="pad", **feat
     `features`: keyword arguments of the fused op the vendor kernels lack (dropout, softcap,
     sliding window, packed sequences...): any one set (not None, not 0/False) disqualifies.
     Whether cuDNN builds a graph for the shape (vendor "cudnn_fe") is `cudnn_fe_reason`'s."""
-    set_features = sorted(name for name, value in features.items() if value is not None and value is not False
-                          and not (isinstance(value, (int, float)) and value == 0))
+    set_features = features_set(features)
     if set_features:
         return f"{', '.join(set_features)} (only the fused kernel has them)"
     if torch.are_deterministic_algorithms_enabled():
@@ -398,17 +410,26 @@ def split_plan(path, q, k, prefix_k, key_padding_mask, causal, scale=None, **fea
                          f"(keyword path= or env PREFIX_KERNELS_ATTENTION)")
     if path == "fused":
         return None
-    config = default_config(q) if path == "split" else _auto_config(q, k, prefix_k)
-    if config is None:
-        return None
-    reason = ineligible_reason(q, k, key_padding_mask, causal, config.vendor, config.mode, **features)
-    if reason is None and config.vendor == "cudnn_fe":
-        reason = cudnn_fe_reason(q, k, prefix_k, q.shape[-1] ** -0.5 if scale is None else scale, causal)
-    if reason is not None:
+    configs = [default_config(q)] if path == "split" else _auto_configs(q, k)
+    for config in configs:
+        reason = ineligible_reason(q, k, key_padding_mask, causal, config.vendor, config.mode, **features)
+        if reason is None and config.vendor == "cudnn_fe":
+            reason = cudnn_fe_reason(q, k, prefix_k, q.shape[-1] ** -0.5 if scale is None else scale, causal)
+        if reason is None:
+            return config
         if path == "split":
             warn_once(f"prefix_attention: path='split' runs the fused kernels instead for {reason}")
-        return None
-    return config
+        elif config.vendor == "cudnn_fe" and not features_set(features) and key_padding_mask is None:
+            # asked for by PREFIX_KERNELS_AUTO_CUDNN_FE, unusable for a reason of the setup or shape
+            warn_once(f"prefix_attention: {AUTO_CUDNN_FE_ENV}=1 but the cuDNN frontend cannot run this "
+                      f"call: {reason}; path='auto' runs without it")
+    return None
+
+
+def features_set(features: dict) -> list:
+    """The names of the fused-only features a call sets (not None, not 0/False)."""
+    return sorted(name for name, value in features.items() if value is not None and value is not False
+                  and not (isinstance(value, (int, float)) and value == 0))
 
 
 def cudnn_fe_reason(q, k, prefix_k, scale, causal) -> Optional[str]:
