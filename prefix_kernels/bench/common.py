@@ -25,11 +25,12 @@ def environment() -> dict:
     }
     from importlib.metadata import PackageNotFoundError, version
 
-    for name in ("triton", "transformers", "peft"):
+    for name in ("triton", "transformers", "peft", "nvidia-cudnn-frontend"):
         try:
             env[name] = version(name)         # without importing it (peft alone takes seconds)
         except PackageNotFoundError:
             env[name] = None
+    env["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     # the switches that choose what ran (PREFIX_KERNELS_ATTENTION=split, ..._AUTOTUNE=0, ...):
     # a figure without them cannot be traced to the path it measured
     env["settings"] = {k: v for k, v in sorted(os.environ.items())
