@@ -158,7 +158,7 @@ def fake_cudnn(monkeypatch):
     fake = _FakeCudnn()
     monkeypatch.setattr(cudnn_frontend, "_module", lambda: fake)
     cudnn_frontend.unavailable_reason.cache_clear()
-    monkeypatch.setattr(cudnn_frontend, "_GRAPHS", type(cudnn_frontend._GRAPHS)())
+    monkeypatch.setattr(cudnn_frontend, "_GRAPHS", {})
     monkeypatch.setattr(cudnn_frontend, "_handle", lambda device: 7)
     monkeypatch.setattr(cudnn_frontend, "_io_type", lambda dtype: {torch.float32: "fp32"}.get(dtype, str(dtype)))
 
@@ -237,7 +237,7 @@ def test_split_pad_mode_through_the_cudnn_frontend_matches_the_reference(fake_cu
     from prefix_kernels.ops import split_attention as sa
     from prefix_kernels.ops.reference import reference_prefix_attention
     kernel_device()
-    tensors, index, _ = attention_utils.make_inputs(B=3, H=4, HKV=2, SQ=11, SK=19, D=32, P=6, N=3, hf_layout=True)
+    tensors, index, _ = attention_utils.make_inputs(B=3, H=4, HKV=2, SQ=11, D=32, P=6, N=3, hf_layout=True)
     scale = 1 / math.sqrt(32)
     assert sa.cudnn_fe_reason(tensors[0], tensors[1], tensors[3], scale, True) is None
     out = sa.split_prefix_attention(*tensors, index, scale, True, sa.SplitConfig("cudnn_fe", "pad"))
@@ -251,5 +251,17 @@ def test_split_pad_mode_through_the_cudnn_frontend_matches_the_reference(fake_cu
     graphs = [e for e in fake_cudnn.log if isinstance(e, tuple) and e[0] == "pygraph"]
     assert len(graphs) == 2         # planned once: the call reused the graphs the plan built
     runs = [e[1] for e in fake_cudnn.log if isinstance(e, tuple) and e[0] == "run"]
-    assert runs[0][1] == (3, 2, 6 + 19, 32)      # the prefix-prepended keys, q unpadded
+    assert runs[0][1] == (3, 2, 6 + 11, 32)      # the prefix-prepended keys, q unpadded
     assert runs[0][0] == (3, 4, 11, 32)
+
+
+def test_cudnn_frontend_builds_graphs_for_a_bounded_number_of_shapes(fake_cudnn, monkeypatch):
+    """Variable-length batches make a graph per length: past MAX_GRAPHS signatures new shapes are
+    refused (and run fused), the first ones keep theirs."""
+    monkeypatch.setattr(cudnn_frontend, "MAX_GRAPHS", 3)
+    lay = cudnn_frontend.layout
+    shapes = [torch.empty(1, 2, s, 16, dtype=torch.float16) for s in (4, 5, 6, 7)]
+    reasons = [cudnn_frontend.unsupported_reason(t.dtype, lay(t), lay(t), lay(t), 0.25, True, t.device) for t in shapes]
+    assert reasons[:3] == [None, None, None] and "more than" in reasons[3]
+    assert cudnn_frontend.unsupported_reason(torch.float16, lay(shapes[0]), lay(shapes[0]), lay(shapes[0]), 0.25, True,
+                                             shapes[0].device) is None

@@ -11,18 +11,18 @@ prefix then costs its share of the scores (P*S of S^2/2) at cuDNN's speed.
 Contract as the other vendors' (ops/vendor_attention.py): forward (q, k, v) -> (o, lse) with lse
 natural log [B, H, Sq, 1] fp32; backward (dO, q, k, v, o, lse) -> (dq, dk, dv), GQA native
 (dK/dV summed over each group by cuDNN). Graphs are built once per shape, layout, dtype, scale
-and device (~0.1-1 s each, cuDNN's heuristics), and kept in a bounded cache.
+and device (~0.1-1 s each, cuDNN's heuristics), for at most MAX_GRAPHS signatures.
 """
 from __future__ import annotations
 
-import collections
 import functools
 from typing import Optional
 
 import torch
 
-# graphs kept per key (shape, strides, dtype, scale, causal, device); variable-length batches make
-# one per length: the oldest go first
+# call signatures (shapes, strides, dtype, scale, causal, device) given graphs: each costs a build
+# (~0.1-1 s) and stays; a signature past these runs fused (variable-length batches make one per
+# length: an LRU would rebuild forever where lengths cycle)
 MAX_GRAPHS = 64
 # bottom-right causal masks in cuDNN's fused attention, forward and backward (cuDNN 9.3 release
 # notes); older backends are refused with this reason
@@ -94,7 +94,7 @@ class _Pair:
         self.forward, self.backward = forward, backward
 
 
-_GRAPHS: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+_GRAPHS: dict = {}          # call signature -> _Pair, or the reason cuDNN could not build it
 
 
 def _io_type(dtype):
@@ -162,16 +162,16 @@ def _graphs(dtype, q, k, v, scale, causal, device):
     key = (dtype, q, k, v, scale, causal, device)
     found = _GRAPHS.get(key)
     if found is not None:
-        _GRAPHS.move_to_end(key)
         return found
+    if len(_GRAPHS) >= MAX_GRAPHS:
+        return (f"more than {MAX_GRAPHS} shapes seen (a cuDNN graph each): new shapes run fused; pad or "
+                "pack batches to fewer lengths")
     try:
         found = _Pair(_build_forward(dtype, q, k, v, scale, causal, device),
                       _build_backward(dtype, q, k, v, scale, causal, device))
     except Exception as exc:        # no engine for this shape: the caller says so and runs fused
         text = str(exc).strip()
         found = f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
-    if len(_GRAPHS) >= MAX_GRAPHS:
-        _GRAPHS.popitem(last=False)
     _GRAPHS[key] = found
     return found
 

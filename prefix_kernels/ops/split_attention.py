@@ -374,6 +374,9 @@ def ineligible_reason(q, k, key_padding_mask, causal, vendor, mode="pad", **feat
         return "torch.compile (the cuDNN frontend's graphs run in eager mode only)"
     if vendor == "cudnn_fe" and mode != "pad":
         return f"mode {mode!r} with vendor 'cudnn_fe' (it runs mode 'pad')"
+    if vendor == "cudnn_fe" and q.shape[2] != k.shape[2]:
+        return ("fewer queries than keys with vendor 'cudnn_fe' (a cuDNN graph per key length: decode "
+                "and cached prefill run fused)")
     if q.is_cuda:
         if q.dtype not in (torch.float16, torch.bfloat16):
             return f"dtype {q.dtype} (the vendor kernels take fp16/bf16)"
