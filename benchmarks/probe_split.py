@@ -205,9 +205,7 @@ def build(name, tensors, index):
         config = config._replace(vendor="math")
     if VENDOR_RUNS.get((config.vendor, q.shape[-1])) is False:     # it may crash this process too
         raise RuntimeError(f"skipped: {config.vendor} failed at D={q.shape[-1]} in the subprocess probe")
-    reason = sa.ineligible_reason(q, k, None, True, config.vendor, config.mode)
-    if reason is None and config.vendor == "cudnn_fe":
-        reason = sa.cudnn_fe_reason(q, k, bk, q.shape[-1] ** -0.5, True)
+    reason = sa.unusable_reason(config, q, k, bk)
     if reason is not None:
         raise RuntimeError(f"ineligible: {reason}")
     scale = q.shape[-1] ** -0.5

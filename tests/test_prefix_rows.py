@@ -240,6 +240,8 @@ def test_split_pad_mode_through_the_cudnn_frontend_matches_the_reference(fake_cu
     tensors, index, _ = attention_utils.make_inputs(B=3, H=4, HKV=2, SQ=11, D=32, P=6, N=3, hf_layout=True)
     scale = 1 / math.sqrt(32)
     assert sa.cudnn_fe_reason(tensors[0], tensors[1], tensors[3], scale, True) is None
+    # the whole eligibility: on CPU tensors the vendor is refused before the frontend is asked
+    assert "on the CPU" in sa.unusable_reason(sa.SplitConfig("cudnn_fe", "pad"), tensors[0], tensors[1], tensors[3])
     out = sa.split_prefix_attention(*tensors, index, scale, True, sa.SplitConfig("cudnn_fe", "pad"))
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, tensors, grad_out)

@@ -301,9 +301,7 @@ def test_vendor_split_error_at_most_twice_pytorchs(case, vendor, mode, dtype):
     if vendor == "cudnn_fe" and mode != "pad":
         pytest.skip("the cuDNN frontend runs pad mode only")
     tensors, index = make_inputs(device="cuda", dtype=dtype, **GPU_CASES[case])
-    reason = sa.ineligible_reason(tensors[0], tensors[1], None, True, vendor, mode)
-    if reason is None and vendor == "cudnn_fe":
-        reason = sa.cudnn_fe_reason(tensors[0], tensors[1], tensors[3], tensors[0].shape[-1] ** -0.5, True)
+    reason = sa.unusable_reason(sa.SplitConfig(vendor, mode), tensors[0], tensors[1], tensors[3])
     if reason is not None:
         pytest.skip(reason)
     grad_out = torch.randn_like(tensors[0])

@@ -84,7 +84,7 @@ def build_variant(name, inputs, index, p, device):
         path = {"prefix_kernels": None, "prefix_kernels_fused": "fused", "prefix_kernels_split": "split"}[name]
         if path == "split":
             from prefix_kernels.ops import split_attention
-            reason = split_attention.ineligible_reason(q, k, None, True, split_attention.default_config(q).vendor)
+            reason = split_attention.unusable_reason(split_attention.default_config(q), q, k, bank_k)
             if reason is not None:
                 raise RuntimeError(f"the split path cannot run this: {reason}")
         return lambda: pk.prefix_attention(q, k, v, bank_k, bank_v, prefix_index=index, path=path)

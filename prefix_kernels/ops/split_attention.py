@@ -415,9 +415,7 @@ def split_plan(path, q, k, prefix_k, key_padding_mask, causal, scale=None, **fea
         return None
     configs = [default_config(q)] if path == "split" else _auto_configs(q, k)
     for config in configs:
-        reason = ineligible_reason(q, k, key_padding_mask, causal, config.vendor, config.mode, **features)
-        if reason is None and config.vendor == "cudnn_fe":
-            reason = cudnn_fe_reason(q, k, prefix_k, q.shape[-1] ** -0.5 if scale is None else scale, causal)
+        reason = unusable_reason(config, q, k, prefix_k, key_padding_mask, causal, scale, **features)
         if reason is None:
             return config
         if path == "split":
@@ -433,6 +431,16 @@ def features_set(features: dict) -> list:
     """The names of the fused-only features a call sets (not None, not 0/False)."""
     return sorted(name for name, value in features.items() if value is not None and value is not False
                   and not (isinstance(value, (int, float)) and value == 0))
+
+
+def unusable_reason(config: SplitConfig, q, k, prefix_k, key_padding_mask=None, causal=True, scale=None,
+                    **features) -> Optional[str]:
+    """Why this split variant cannot run this call (ineligible_reason, and for cudnn_fe whether
+    cuDNN builds a graph for the shape), or None."""
+    reason = ineligible_reason(q, k, key_padding_mask, causal, config.vendor, config.mode, **features)
+    if reason is None and config.vendor == "cudnn_fe":
+        reason = cudnn_fe_reason(q, k, prefix_k, q.shape[-1] ** -0.5 if scale is None else scale, causal)
+    return reason
 
 
 def cudnn_fe_reason(q, k, prefix_k, scale, causal) -> Optional[str]:
