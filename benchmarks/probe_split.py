@@ -68,6 +68,10 @@ DEFAULT_VARIANTS = [name for name in VARIANTS if name not in ("split_cudnn_merge
 FUSED_ORDERS = {"fused_lpt": {"PREFIX_KERNELS_SCHEDULE": "lpt"},
                 "fused_lpt_one_section": {"PREFIX_KERNELS_SCHEDULE": "lpt", "PREFIX_KERNELS_LPT_ROWS": "1000000"}}
 VARIANTS.update({name: None for name in FUSED_ORDERS})
+# path="auto" under a setting: what users get with it (the forward and the backward read it)
+AUTO_SETTINGS = {"auto_cudnnfe": {"PREFIX_KERNELS_AUTO_CUDNN_FE": "1"}}
+VARIANTS.update({name: None for name in AUTO_SETTINGS})
+VARIANT_ENV = {**FUSED_ORDERS, **AUTO_SETTINGS}
 
 DEVICE, DTYPE = "cuda", torch.bfloat16
 VENDOR_RUNS = {}        # (vendor, head_dim) -> whether the subprocess probe ran it (expanded K/V)
@@ -198,7 +202,7 @@ def build(name, tensors, index):
         return floor_expanded
     if name == "fused" or name in FUSED_ORDERS:
         return lambda: pk.prefix_attention(q, k, v, bk, bv, prefix_index=index, path="fused")
-    if name == "auto":
+    if name == "auto" or name in AUTO_SETTINGS:
         return lambda: pk.prefix_attention(q, k, v, bk, bv, prefix_index=index, path="auto")
     config = sa.SplitConfig(*VARIANTS[name])
     if DEVICE == "cpu":
@@ -293,8 +297,8 @@ def time_shape(shape, names, out_of_time, profile=False):
         if out_of_time():
             row["error"] = "skipped: time budget"
             continue
-        saved_env = {key: os.environ.get(key) for key in FUSED_ORDERS.get(name, {})}
-        os.environ.update(FUSED_ORDERS.get(name, {}))      # forward and backward read it
+        saved_env = {key: os.environ.get(key) for key in VARIANT_ENV.get(name, {})}
+        os.environ.update(VARIANT_ENV.get(name, {}))      # forward and backward read it
         try:
             fn = build(name, tensors, index)
             if getattr(fn, "note", None):
