@@ -24,9 +24,11 @@ import torch
 # (~0.1-1 s) and stays; a signature past these runs fused (variable-length batches make one per
 # length: an LRU would rebuild forever where lengths cycle)
 MAX_GRAPHS = 64
-# bottom-right causal masks in cuDNN's fused attention, forward and backward (cuDNN 9.3 release
-# notes); older backends are refused with this reason
-MIN_BACKEND = 90300
+# cuDNN 9: the fused attention whose forward and backward take the bottom-right alignment (the
+# frontend added it in 1.5); which shapes a backend runs, its graph build says (check_support).
+# Known: a backward with s_kv not a multiple of 128 could fault under CUDA graph replay before
+# 9.15.1 (frontend 1.16 notes); this path is not captured (training, eager prefill).
+MIN_BACKEND = 90000
 
 
 @functools.lru_cache(maxsize=None)
