@@ -39,8 +39,12 @@ GPU_SHAPES = [
 ]
 CPU_SHAPES = [(2, 4, 2, 128, 64, 16, 1), (2, 4, 2, 96, 64, 8, 2)]
 VARIANTS = ["floor", "floor_cudnn", "peft_bool_mask", "concat_lower_right", "concat_flex", "prefix_kernels",
-            "prefix_kernels_fused", "prefix_kernels_split"]
-OURS = ("prefix_kernels", "prefix_kernels_fused", "prefix_kernels_split")
+            "prefix_kernels_fused", "prefix_kernels_split", "prefix_kernels_cudnn_fe"]
+# prefix_kernels_cudnn_fe: the split path through cuDNN's frontend (bottom-right causal over the
+# prefix-prepended keys; needs `pip install -e ".[cudnn]"`, else the row says why it did not run)
+OURS = ("prefix_kernels", "prefix_kernels_fused", "prefix_kernels_split", "prefix_kernels_cudnn_fe")
+PATH_COLUMNS = {"prefix_kernels_fused": "fused", "prefix_kernels_split": "split",
+                "prefix_kernels_cudnn_fe": "cudnn_fe"}
 # No prefix: what the same attention costs without one. SDPA's FLASH backend (FA2) and cuDNN's
 # fused attention, which torch 2.11 picks for SDPA inside HF models on the H200.
 FLOORS = ("floor", "floor_cudnn")
@@ -79,6 +83,14 @@ def build_variant(name, inputs, index, p, device):
     """A zero-argument function computing the variant's output, or raise with the reason."""
     q, k, v, bank_k, bank_v = inputs
     b, h, s, d = q.shape
+    if name == "prefix_kernels_cudnn_fe":
+        from prefix_kernels.ops import split_attention
+        config = split_attention.SplitConfig("cudnn_fe", "pad")
+        reason = split_attention.unusable_reason(config, q, k, bank_k)
+        if reason is not None:
+            raise RuntimeError(f"the cuDNN frontend path cannot run this: {reason}")
+        scale = d ** -0.5
+        return lambda: split_attention.split_prefix_attention(q, k, v, bank_k, bank_v, index, scale, True, config)
     if name in OURS:
         import prefix_kernels as pk
         path = {"prefix_kernels": None, "prefix_kernels_fused": "fused", "prefix_kernels_split": "split"}[name]
@@ -211,7 +223,7 @@ def add_ratios(rows, mode="fwd+bwd"):
         floor = next((r for r in group if r["variant"] == "floor" and f"{mode} ms" in r), None)
         cudnn = next((r for r in group if r["variant"] == "floor_cudnn" and f"{mode} ms" in r), None)
         paths = {name: next((r for r in group if r["variant"] == name and f"{mode} ms" in r), None)
-                 for name in ("prefix_kernels_fused", "prefix_kernels_split")}
+                 for name in PATH_COLUMNS}
         for r in group:
             if f"{mode} ms" in r:
                 r[f"ours speedup ({mode})"] = round(r[f"{mode} ms"] / ours[f"{mode} ms"], 3)
@@ -225,7 +237,7 @@ def add_ratios(rows, mode="fwd+bwd"):
             "speedup vs best": round(best[f"{mode} ms"] / ours[f"{mode} ms"], 3) if best else None,
             "speedup vs floor": round(floor[f"{mode} ms"] / ours[f"{mode} ms"], 3) if floor else None,
             "speedup vs cuDNN floor": round(cudnn[f"{mode} ms"] / ours[f"{mode} ms"], 3) if cudnn else None,
-            **{f"{name.split('_')[-1]} vs cuDNN floor": round(cudnn[f"{mode} ms"] / r[f"{mode} ms"], 3)
+            **{f"{PATH_COLUMNS[name]} vs cuDNN floor": round(cudnn[f"{mode} ms"] / r[f"{mode} ms"], 3)
                if cudnn and r else None for name, r in paths.items()},
             "ours extra MiB": ours.get("extra peak MiB"),
             "floor extra MiB": floor.get("extra peak MiB") if floor else None,
