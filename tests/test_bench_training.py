@@ -19,6 +19,9 @@ def test_quick_run_writes_every_case(tmp_path):
     for shape, rows in payload["results"].items():
         assert [r["case"] for r in rows] == bench.CASES, shape
         for row in rows:
+            if row["case"] == "prefix-kernels-cudnn-fe":     # CUDA and the frontend package only: says why
+                assert "cuDNN frontend" in row["error"], row
+                continue
             assert "error" not in row, row
             assert row["tokens_per_s"] > 0 and row["final_loss"] > 0
         assert payload["verdicts"][shape]

@@ -8,6 +8,8 @@
 A step is forward with labels + backward + AdamW on the trainable parameters (none for the
 floor). Cases, each on a freshly built model (random weights from the config, bf16, SDPA):
   prefix-kernels      patch_model(model, P): the fused op, prefix from the bank
+  prefix-kernels-cudnn-fe  the same, attention by cuDNN through its frontend package (the split
+                      path's cudnn_fe vendor; fails with the reason where it is not installed)
   peft-prefix         PEFT PrefixTuningConfig(num_virtual_tokens=P): prefix in the KV cache
   floor               frozen model, no prefix, activation grads only (inputs_embeds.requires_grad)
   peft-lora-r8        PEFT LoRA r=8 on q_proj, v_proj
@@ -29,7 +31,11 @@ import torch
 
 from prefix_kernels.bench import common
 
-CASES = ["prefix-kernels", "peft-prefix", "floor", "peft-lora-r8", "full-finetune"]
+CASES = ["prefix-kernels", "prefix-kernels-cudnn-fe", "peft-prefix", "floor", "peft-lora-r8", "full-finetune"]
+# settings a case runs under (the op reads them at every call)
+CASE_SETTINGS = {"prefix-kernels-cudnn-fe": {"PREFIX_KERNELS_ATTENTION": "split",
+                                             "PREFIX_KERNELS_SPLIT_VENDOR": "cudnn_fe",
+                                             "PREFIX_KERNELS_SPLIT_MODE": "pad"}}
 
 
 def model_config(quick: bool):
@@ -46,7 +52,11 @@ def build_case(case: str, config, prefix_len: int, device, dtype):
     with torch.device(device):     # initialize on the GPU: a CPU init of 1.1B weights takes tens of seconds
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     model.train()
-    if case == "prefix-kernels":
+    if case == "prefix-kernels-cudnn-fe":
+        from prefix_kernels.ops import cudnn_frontend
+        if device.type != "cuda" or cudnn_frontend.unavailable_reason() is not None:
+            raise RuntimeError(cudnn_frontend.unavailable_reason() or "the cuDNN frontend runs on CUDA tensors")
+    if case in ("prefix-kernels", "prefix-kernels-cudnn-fe"):
         import prefix_kernels as pk
 
         bank = pk.patch_model(model, prefix_len)
@@ -89,6 +99,17 @@ def make_step(model, optimizer, embeds: bool, ids):
 
 
 def run_case(case, config, batch, seq, prefix_len, device, dtype, warmup, steps) -> dict:
+    settings = CASE_SETTINGS.get(case, {})
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        return _run_case(case, config, batch, seq, prefix_len, device, dtype, warmup, steps)
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.update({key: value})
+
+
+def _run_case(case, config, batch, seq, prefix_len, device, dtype, warmup, steps) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -134,6 +155,11 @@ def verdicts(rows) -> list[str]:
         lines.append(f"required (vs peft-prefix): {'PASS' if faster and leaner else 'FAIL'} "
                      f"({ours['tokens_per_s'] / peft['tokens_per_s']:.2f}x tokens/s"
                      + (f", {ours['peak_gib']:.2f} vs {peft['peak_gib']:.2f} GiB)" if ours["peak_gib"] else ")"))
+    cudnn_fe = by.get("prefix-kernels-cudnn-fe")
+    if floor is not None and cudnn_fe is not None:
+        lines.append(f"prefix-kernels-cudnn-fe vs floor: {cudnn_fe['tokens_per_s'] / floor['tokens_per_s']:.3f}x "
+                     f"tokens/s" + (f", {cudnn_fe['peak_gib'] / floor['peak_gib']:.4f}x peak"
+                                    if cudnn_fe["peak_gib"] else ""))
     if floor is not None:
         speed = ours["tokens_per_s"] >= floor["tokens_per_s"]
         memory = ours["peak_gib"] is None or ours["peak_gib"] <= 1.01 * floor["peak_gib"]
