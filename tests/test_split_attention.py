@@ -367,12 +367,15 @@ def test_path_split_on_the_gpu_calls_the_vendor(split_calls):
 
 _FRONTEND_SCRIPT = r"""
 import sys
+from triton.runtime import Heuristics
 from triton_frontend import lower_to_ttir
 from prefix_kernels.ops import split_kernels as K
 from prefix_kernels.ops.prefix_attention_kernels import reduce_prefix_grads
 from prefix_kernels.ops import prefix_rows as R
 
 def lower(kernel, constexprs):
+    if isinstance(kernel, Heuristics):      # lower the JIT function under the heuristics wrapper
+        kernel = kernel.fn
     fp32_ptrs = ("lse_own_ptr", "lse_ptr", "delta_ptr", "part_k_ptr", "part_v_ptr")
     signature = {}
     for name in kernel.arg_names:

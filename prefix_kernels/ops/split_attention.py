@@ -82,7 +82,7 @@ _KERNELS = {"merge": _split_fwd_merge, "dq": _split_bwd_dq, "dprefix": _split_bw
             "onepass": _split_bwd_onepass}
 # In-place outputs: autotune must put them back after each timed run.
 _RESTORE = {"merge": ["o_ptr"], "dq": ["dq_ptr"], "dprefix": None, "onepass": ["dq_ptr"]}
-_TUNE_KEY = ["HEAD_DIM", "BLOCK_N", "SEQ_BUCKET", "HAS_PIDX", "PREC"]
+_TUNE_KEY = ["HEAD_DIM", "BLOCK_N", "seq_bucket", "HAS_PIDX", "PREC"]
 # All P keys of a one-pass program sit in one block of its registers.
 ONEPASS_MAX_P = {64: 128, 128: 64, 256: 32}
 # autotune once per key, then launch directly: see ops/launch.py
@@ -92,9 +92,8 @@ _launch = _LAUNCHER.launch
 
 
 def _meta(q, p, one_block=False):
-    d = q.shape[-1]
-    return dict(HEAD_DIM=d, BLOCK_D=max(16, next_power_of_2(d)),
-                PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+    d = q.shape[-1]          # BLOCK_D: derived by the kernels' heuristics (split_kernels._derive)
+    return dict(HEAD_DIM=d, PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
                 BLOCK_N=max(16, next_power_of_2(p)) if one_block else _prefix_block(p, d))
 
 

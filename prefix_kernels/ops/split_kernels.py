@@ -5,12 +5,16 @@ entry: the forward merge of the prefix part into the vendor's output by log-sum-
 backward's prefix share of dQ (added in place) and the fp32 bank-gradient partials.
 Softmax runs in base 2 like the fused kernels; the LSE that comes and goes is natural log.
 Naming as in prefix_attention_kernels.py: pointers end in `_ptr`, strides are
-`stride_<tensor>_<dim>` with dims b, h, s (query), n (bank entry), p (prefix slot), d.
+`stride_<tensor>_<dim>` with dims b, h, s (query), n (bank entry), p (prefix slot), d; sizes are
+num_heads, num_kv_heads, group, seqlen_q, prefix_len, num_entries.
 """
 import triton
 import triton.language as tl
 
-from .prefix_attention_kernels import _bank_entry
+from .prefix_attention_kernels import _bank_entry, _block_d
+
+# BLOCK_D, the head dim's power-of-two tile, derived from HEAD_DIM as in the fused kernels
+_derive = triton.heuristics({"BLOCK_D": _block_d})
 
 # Inside @triton.jit code a global must be a tl.constexpr: a plain float passes the interpreter but
 # fails compilation on the GPU ("CompilationError at 53:46", H200 probe, 2026-11-30).
@@ -18,6 +22,7 @@ KERNEL_LOG2E = tl.constexpr(1.4426950408889634)
 KERNEL_LN2 = tl.constexpr(0.6931471805599453)
 
 
+@_derive
 @triton.jit
 def _split_fwd_merge(
     q_ptr, pk_ptr, pv_ptr, pidx_ptr, o_ptr, lse_own_ptr, lse_ptr,
@@ -26,7 +31,7 @@ def _split_fwd_merge(
     stride_pv_n, stride_pv_h, stride_pv_p, stride_pv_d,
     stride_o_b, stride_o_h, stride_o_s, stride_o_d,
     stride_lo_b, stride_lo_h, stride_lo_s,
-    H, G, SQ, P, N_ENTRIES, qk_scale, SEQ_BUCKET,
+    num_heads, group, seqlen_q, prefix_len, num_entries, qk_scale, seq_bucket,
     HAS_PIDX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -35,13 +40,13 @@ def _split_fwd_merge(
     O is overwritten in place; lse_ptr [B*H, SQ] gets the merged natural-log LSE."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // G
-    entry, entry_ok = _bank_entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX=HAS_PIDX)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hk = h // group
+    entry, entry_ok = _bank_entry(pidx_ptr, b, num_entries, HAS_PIDX=HAS_PIDX)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < SQ
+    m_ok = offs_m < seqlen_q
     d_ok = offs_d < HEAD_DIM
     md_ok = m_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_s
@@ -53,13 +58,13 @@ def _split_fwd_merge(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     pk_base = pk_ptr + entry * stride_pk_n + hk * stride_pk_h
     pv_base = pv_ptr + entry * stride_pv_n + hk * stride_pv_h
-    for start_n in range(0, P, BLOCK_N):
+    for start_n in range(0, prefix_len, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        nd_ok = (offs_n < P)[:, None] & d_ok[None, :]
+        nd_ok = (offs_n < prefix_len)[:, None] & d_ok[None, :]
         pk = tl.load(pk_base + offs_n[:, None] * stride_pk_p + offs_d[None, :] * stride_pk_d,
                      mask=nd_ok, other=0.0)
         s = tl.dot(q, tl.trans(pk), input_precision=PREC) * qk_scale
-        s = tl.where((offs_n < P)[None, :], s, float("-inf"))
+        s = tl.where((offs_n < prefix_len)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
@@ -81,9 +86,10 @@ def _split_fwd_merge(
     if HAS_PIDX:
         out = tl.where(entry_ok, out, float("nan"))
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=md_ok)
-    tl.store(lse_ptr + pid_bh * SQ + offs_m, lse * KERNEL_LN2, mask=m_ok)
+    tl.store(lse_ptr + pid_bh * seqlen_q + offs_m, lse * KERNEL_LN2, mask=m_ok)
 
 
+@_derive
 @triton.jit
 def _split_bwd_dq(
     q_ptr, pk_ptr, pv_ptr, pidx_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -93,7 +99,7 @@ def _split_bwd_dq(
     stride_o_b, stride_o_h, stride_o_s, stride_o_d,
     stride_do_b, stride_do_h, stride_do_s, stride_do_d,
     stride_dq_b, stride_dq_h, stride_dq_s, stride_dq_d,
-    H, G, SQ, P, N_ENTRIES, qk_scale, sm_scale, SEQ_BUCKET,
+    num_heads, group, seqlen_q, prefix_len, num_entries, qk_scale, sm_scale, seq_bucket,
     DQ_GRAD: tl.constexpr, HAS_PIDX: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -101,13 +107,13 @@ def _split_bwd_dq(
     the prefix keys' share of dQ added in place to the vendor's dQ."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // G
-    entry, _ = _bank_entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX=HAS_PIDX)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hk = h // group
+    entry, _ = _bank_entry(pidx_ptr, b, num_entries, HAS_PIDX=HAS_PIDX)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < SQ
+    m_ok = offs_m < seqlen_q
     d_ok = offs_d < HEAD_DIM
     md_ok = m_ok[:, None] & d_ok[None, :]
     do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_s
@@ -115,17 +121,17 @@ def _split_bwd_dq(
     o = tl.load(o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_s
                 + offs_d[None, :] * stride_o_d, mask=md_ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(delta_ptr + pid_bh * SQ + offs_m, delta, mask=m_ok)
+    tl.store(delta_ptr + pid_bh * seqlen_q + offs_m, delta, mask=m_ok)
     if DQ_GRAD:
         q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_s
                     + offs_d[None, :] * stride_q_d, mask=md_ok, other=0.0)
-        lse = tl.load(lse_ptr + pid_bh * SQ + offs_m, mask=m_ok, other=0.0) * KERNEL_LOG2E
+        lse = tl.load(lse_ptr + pid_bh * seqlen_q + offs_m, mask=m_ok, other=0.0) * KERNEL_LOG2E
         pk_base = pk_ptr + entry * stride_pk_n + hk * stride_pk_h
         pv_base = pv_ptr + entry * stride_pv_n + hk * stride_pv_h
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, P, BLOCK_N):
+        for start_n in range(0, prefix_len, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < P
+            n_ok = offs_n < prefix_len
             nd_ok = n_ok[:, None] & d_ok[None, :]
             pk = tl.load(pk_base + offs_n[:, None] * stride_pk_p + offs_d[None, :] * stride_pk_d,
                          mask=nd_ok, other=0.0)
@@ -141,6 +147,7 @@ def _split_bwd_dq(
         tl.store(dq_ptrs, total.to(dq_ptr.dtype.element_ty), mask=md_ok)
 
 
+@_derive
 @triton.jit
 def _split_bwd_dprefix(
     q_ptr, pk_ptr, pv_ptr, pidx_ptr, do_ptr, lse_ptr, delta_ptr, part_k_ptr, part_v_ptr,
@@ -148,7 +155,7 @@ def _split_bwd_dprefix(
     stride_pk_n, stride_pk_h, stride_pk_p, stride_pk_d,
     stride_pv_n, stride_pv_h, stride_pv_p, stride_pv_d,
     stride_do_b, stride_do_h, stride_do_s, stride_do_d,
-    HKV, G, SQ, P, N_ENTRIES, SPLITS, qk_scale, sm_scale, SEQ_BUCKET,
+    num_kv_heads, group, seqlen_q, prefix_len, num_entries, splits, qk_scale, sm_scale, seq_bucket,
     HAS_PIDX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -156,49 +163,50 @@ def _split_bwd_dprefix(
     split of one (row, KV head), the GQA group's query heads looped over inside."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    entry, _ = _bank_entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX=HAS_PIDX)
-    split = pid_n % SPLITS
-    offs_n = (pid_n // SPLITS) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = pid_bh // num_kv_heads
+    hk = pid_bh % num_kv_heads
+    entry, _ = _bank_entry(pidx_ptr, b, num_entries, HAS_PIDX=HAS_PIDX)
+    split = pid_n % splits
+    offs_n = (pid_n // splits) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < P
+    n_ok = offs_n < prefix_len
     d_ok = offs_d < HEAD_DIM
     nd_ok = n_ok[:, None] & d_ok[None, :]
     pk = tl.load(pk_ptr + entry * stride_pk_n + hk * stride_pk_h + offs_n[:, None] * stride_pk_p
                  + offs_d[None, :] * stride_pk_d, mask=nd_ok, other=0.0)
     pv = tl.load(pv_ptr + entry * stride_pv_n + hk * stride_pv_h + offs_n[:, None] * stride_pv_p
                  + offs_d[None, :] * stride_pv_d, mask=nd_ok, other=0.0)
-    rows_per_split = tl.cdiv(tl.cdiv(SQ, SPLITS), BLOCK_M) * BLOCK_M
+    rows_per_split = tl.cdiv(tl.cdiv(seqlen_q, splits), BLOCK_M) * BLOCK_M
     lo = split * rows_per_split
-    hi = tl.minimum(lo + rows_per_split, SQ)
-    H = HKV * G
+    hi = tl.minimum(lo + rows_per_split, seqlen_q)
+    num_heads = num_kv_heads * group
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(0, G):
-        h = hk * G + g
-        bh = b * H + h
+    for g in range(0, group):
+        h = hk * group + g
+        bh = b * num_heads + h
         for start_m in range(lo, hi, BLOCK_M):
             # rows past SQ load as zeros (q = dO = lse = delta = 0) and add nothing
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < SQ
+            m_ok = offs_m < seqlen_q
             md_ok = m_ok[:, None] & d_ok[None, :]
             q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_s
                         + offs_d[None, :] * stride_q_d, mask=md_ok, other=0.0)
             do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_s
                          + offs_d[None, :] * stride_do_d, mask=md_ok, other=0.0)
-            lse = tl.load(lse_ptr + bh * SQ + offs_m, mask=m_ok, other=0.0) * KERNEL_LOG2E
-            delta = tl.load(delta_ptr + bh * SQ + offs_m, mask=m_ok, other=0.0)
+            lse = tl.load(lse_ptr + bh * seqlen_q + offs_m, mask=m_ok, other=0.0) * KERNEL_LOG2E
+            delta = tl.load(delta_ptr + bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
             pt = tl.math.exp2(tl.dot(pk, tl.trans(q), input_precision=PREC) * qk_scale - lse[None, :])
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
             dpt = tl.dot(pv, tl.trans(do), input_precision=PREC)
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
-    part = (((b * SPLITS + split) * HKV + hk) * P + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+    part = (((b * splits + split) * num_kv_heads + hk) * prefix_len + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
     tl.store(part_k_ptr + part, dk * sm_scale, mask=nd_ok)
     tl.store(part_v_ptr + part, dv, mask=nd_ok)
 
 
+@_derive
 @triton.jit
 def _split_bwd_onepass(
     q_ptr, pk_ptr, pv_ptr, pidx_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, part_k_ptr, part_v_ptr,
@@ -208,7 +216,7 @@ def _split_bwd_onepass(
     stride_o_b, stride_o_h, stride_o_s, stride_o_d,
     stride_do_b, stride_do_h, stride_do_s, stride_do_d,
     stride_dq_b, stride_dq_h, stride_dq_s, stride_dq_d,
-    HKV, G, SQ, P, N_ENTRIES, SPLITS, qk_scale, sm_scale, SEQ_BUCKET,
+    num_kv_heads, group, seqlen_q, prefix_len, num_entries, splits, qk_scale, sm_scale, seq_bucket,
     DQ_GRAD: tl.constexpr, HAS_PIDX: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -217,31 +225,31 @@ def _split_bwd_onepass(
     bank partials [B, SPLITS, HKV, P, D] accumulate over the GQA group's heads in registers."""
     split = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    entry, _ = _bank_entry(pidx_ptr, b, N_ENTRIES, HAS_PIDX=HAS_PIDX)
+    b = pid_bh // num_kv_heads
+    hk = pid_bh % num_kv_heads
+    entry, _ = _bank_entry(pidx_ptr, b, num_entries, HAS_PIDX=HAS_PIDX)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < P
+    n_ok = offs_n < prefix_len
     d_ok = offs_d < HEAD_DIM
     nd_ok = n_ok[:, None] & d_ok[None, :]
     pk = tl.load(pk_ptr + entry * stride_pk_n + hk * stride_pk_h + offs_n[:, None] * stride_pk_p
                  + offs_d[None, :] * stride_pk_d, mask=nd_ok, other=0.0)
     pv = tl.load(pv_ptr + entry * stride_pv_n + hk * stride_pv_h + offs_n[:, None] * stride_pv_p
                  + offs_d[None, :] * stride_pv_d, mask=nd_ok, other=0.0)
-    rows_per_split = tl.cdiv(tl.cdiv(SQ, SPLITS), BLOCK_M) * BLOCK_M
+    rows_per_split = tl.cdiv(tl.cdiv(seqlen_q, splits), BLOCK_M) * BLOCK_M
     lo = split * rows_per_split
-    hi = tl.minimum(lo + rows_per_split, SQ)
-    H = HKV * G
+    hi = tl.minimum(lo + rows_per_split, seqlen_q)
+    num_heads = num_kv_heads * group
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(0, G):
-        h = hk * G + g
-        bh = b * H + h
+    for g in range(0, group):
+        h = hk * group + g
+        bh = b * num_heads + h
         for start_m in range(lo, hi, BLOCK_M):
             # rows past SQ load as zeros (q = dO = O = lse = 0) and add nothing
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < SQ
+            m_ok = offs_m < seqlen_q
             md_ok = m_ok[:, None] & d_ok[None, :]
             q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_s
                         + offs_d[None, :] * stride_q_d, mask=md_ok, other=0.0)
@@ -250,7 +258,7 @@ def _split_bwd_onepass(
             o = tl.load(o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_s
                         + offs_d[None, :] * stride_o_d, mask=md_ok, other=0.0)
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-            lse = tl.load(lse_ptr + bh * SQ + offs_m, mask=m_ok, other=0.0) * KERNEL_LOG2E
+            lse = tl.load(lse_ptr + bh * seqlen_q + offs_m, mask=m_ok, other=0.0) * KERNEL_LOG2E
             s = tl.dot(q, tl.trans(pk), input_precision=PREC) * qk_scale
             p = tl.where(n_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(pv), input_precision=PREC)
@@ -263,7 +271,7 @@ def _split_bwd_onepass(
                 dq = tl.dot(ds.to(pk.dtype), pk, input_precision=PREC) * sm_scale
                 total = tl.load(dq_ptrs, mask=md_ok, other=0.0).to(tl.float32) + dq
                 tl.store(dq_ptrs, total.to(dq_ptr.dtype.element_ty), mask=md_ok)
-    part = (((b * SPLITS + split) * HKV + hk) * P + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+    part = (((b * splits + split) * num_kv_heads + hk) * prefix_len + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
     tl.store(part_k_ptr + part, dk * sm_scale, mask=nd_ok)
     tl.store(part_v_ptr + part, dv, mask=nd_ok)
 
