@@ -265,5 +265,6 @@ def test_cudnn_frontend_builds_graphs_for_a_bounded_number_of_shapes(fake_cudnn,
     shapes = [torch.empty(1, 2, s, 16, dtype=torch.float16) for s in (4, 5, 6, 7)]
     reasons = [cudnn_frontend.unsupported_reason(t.dtype, lay(t), lay(t), lay(t), 0.25, True, t.device) for t in shapes]
     assert reasons[:3] == [None, None, None] and "more than" in reasons[3]
+    assert cudnn_frontend.graph_counts() == {"built": 3, "refused": []}      # the refusal is not kept
     assert cudnn_frontend.unsupported_reason(torch.float16, lay(shapes[0]), lay(shapes[0]), lay(shapes[0]), 0.25, True,
                                              shapes[0].device) is None

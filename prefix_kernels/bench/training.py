@@ -103,7 +103,15 @@ def run_case(case, config, batch, seq, prefix_len, device, dtype, warmup, steps)
     saved = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)
     try:
-        return _run_case(case, config, batch, seq, prefix_len, device, dtype, warmup, steps)
+        result = _run_case(case, config, batch, seq, prefix_len, device, dtype, warmup, steps)
+        if case == "prefix-kernels-cudnn-fe":       # the split path falls back to the fused op, said once
+            from prefix_kernels.ops import cudnn_frontend
+            counts = cudnn_frontend.graph_counts()
+            if not counts["built"]:
+                raise RuntimeError("the cuDNN frontend path did not run: " + ("; ".join(counts["refused"])
+                                                                            or "no call reached it"))
+            result["cudnn_graphs"] = counts
+        return result
     finally:
         for key, value in saved.items():
             os.environ.pop(key) if value is None else os.environ.update({key: value})

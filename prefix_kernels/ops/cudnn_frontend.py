@@ -210,6 +210,13 @@ def _build_backward(dtype, q, k, v, scale, causal, device):
     return _Graph(g, uids, _finish(g))
 
 
+def graph_counts() -> dict:
+    """How many call signatures got graphs, and the reasons the others were refused (benchmarks
+    check with it that this path ran rather than the fused one it falls back to)."""
+    refused = sorted({g for g in _GRAPHS.values() if isinstance(g, str)})
+    return {"built": sum(not isinstance(g, str) for g in _GRAPHS.values()), "refused": refused}
+
+
 def unsupported_reason(dtype, q, k, v, scale: float, causal: bool, device) -> Optional[str]:
     """Why cuDNN cannot run a call of these q, k, v layouts ((shape, strides) each) on `device`:
     no frontend, or no engine for the shape; else None. Builds and caches both graphs at the
