@@ -228,7 +228,13 @@ def test_cudnn_frontend_missing_says_how_to_install(monkeypatch):
         cudnn_frontend.unavailable_reason.cache_clear()
 
 
-def test_split_pad_mode_through_the_cudnn_frontend_matches_the_reference(fake_cudnn):
+FE_CASES = {"gqa_hf_layout_mixed": (True, dict(B=3, H=4, HKV=2, SQ=11, D=32, P=6, N=3, hf_layout=True)),
+            "mqa_one_entry": (True, dict(B=2, H=4, HKV=1, SQ=9, D=16, P=13, N=1, mixed=False)),
+            "not_causal_mha": (False, dict(B=2, H=2, HKV=2, SQ=7, D=32, P=3, N=2))}
+
+
+@pytest.mark.parametrize("case", FE_CASES)
+def test_split_pad_mode_through_the_cudnn_frontend_matches_the_reference(fake_cudnn, case):
     """The whole cudnn_fe route of the split path (layouts planned, graphs keyed, K/V
     concatenated, q unpadded, the bank gradient summed) with cuDNN's math done by the stand-in."""
     import math
@@ -237,24 +243,28 @@ def test_split_pad_mode_through_the_cudnn_frontend_matches_the_reference(fake_cu
     from prefix_kernels.ops import split_attention as sa
     from prefix_kernels.ops.reference import reference_prefix_attention
     kernel_device()
-    tensors, index, _ = attention_utils.make_inputs(B=3, H=4, HKV=2, SQ=11, D=32, P=6, N=3, hf_layout=True)
-    scale = 1 / math.sqrt(32)
-    assert sa.cudnn_fe_reason(tensors[0], tensors[1], tensors[3], scale, True) is None
+    causal, shape = FE_CASES[case]
+    tensors, index, _ = attention_utils.make_inputs(**shape)
+    scale = 1 / math.sqrt(shape["D"])
+    assert sa.cudnn_fe_reason(tensors[0], tensors[1], tensors[3], scale, causal) is None
     # the whole eligibility: on CPU tensors the vendor is refused before the frontend is asked
     assert "on the CPU" in sa.unusable_reason(sa.SplitConfig("cudnn_fe", "pad"), tensors[0], tensors[1], tensors[3])
-    out = sa.split_prefix_attention(*tensors, index, scale, True, sa.SplitConfig("cudnn_fe", "pad"))
+    out = sa.split_prefix_attention(*tensors, index, scale, causal, sa.SplitConfig("cudnn_fe", "pad"))
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, tensors, grad_out)
     leaves = [t.detach().double().requires_grad_() for t in tensors]
-    want = reference_prefix_attention(*leaves, index, None, None, True)
+    want = reference_prefix_attention(*leaves, index, None, None, causal)
     want_grads = torch.autograd.grad(want, leaves, grad_out.double())
     for name, got, ref in zip(attention_utils.NAMES, (out, *grads), (want, *want_grads)):
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=3e-5, msg=lambda m: f"{name}: {m}")
     graphs = [e for e in fake_cudnn.log if isinstance(e, tuple) and e[0] == "pygraph"]
     assert len(graphs) == 2         # planned once: the call reused the graphs the plan built
     runs = [e[1] for e in fake_cudnn.log if isinstance(e, tuple) and e[0] == "run"]
-    assert runs[0][1] == (3, 2, 6 + 11, 32)      # the prefix-prepended keys, q unpadded
-    assert runs[0][0] == (3, 4, 11, 32)
+    b, h, hkv, sq, d, p = (shape[key] for key in ("B", "H", "HKV", "SQ", "D", "P"))
+    assert runs[0][1] == (b, hkv, p + sq, d)      # the prefix-prepended keys, q unpadded
+    assert runs[0][0] == (b, h, sq, d)
+    masks = [e[2] for e in fake_cudnn.log if isinstance(e, tuple) and e[0] in ("sdpa", "sdpa_backward")]
+    assert all(bool(mask) == causal for mask in masks)      # bottom-right band when causal, none else
 
 
 def test_cudnn_frontend_builds_graphs_for_a_bounded_number_of_shapes(fake_cudnn, monkeypatch):
